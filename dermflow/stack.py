@@ -1,0 +1,275 @@
+"""The embedded stack: a SeaweedFS S3 server, a Prefect server, and workers, as local processes.
+
+Used by `dermflow up|down|status` (and so `make up`/`make down`) and by the integration tests.
+Each service is a detached process whose pid and log live under `Settings.data_dir`, so `up`
+is idempotent (a healthy service is left alone) and `down` can stop what an earlier shell
+started. This module never imports Prefect: servers and workers are started as commands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+class StackError(RuntimeError):
+    """A service could not start, or is not answering."""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_block(count: int, start: int = 20000, stop: int = 40000, step: int = 10) -> int:
+    """A base port such that base..base+count-1 and their +10000 gRPC twins are all free."""
+    import random
+
+    candidates = list(range(start, stop, step))
+    random.shuffle(candidates)
+    for base in candidates:
+        ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]
+        if all(port_is_free(p) for p in ports):
+            return base
+    raise StackError("no free block of ports found")
+
+
+def venv_bin(name: str) -> str:
+    """An executable next to the running interpreter (the venv), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name!r} not found: install the project (pip install -e .) into the venv")
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class ManagedProcess:
+    """A detached service process tracked through a pid file."""
+
+    name: str
+    state_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,  # survives the shell that ran `make up`; killed as a group
+        )
+        log.close()
+        self.pid_file.write_text(str(process.pid))
+        self._popen = process
+        return process.pid
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(pid):
+            getattr(self, "_popen", None) and self._popen.poll()
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        getattr(self, "_popen", None) and self._popen.poll()
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class SeaweedServer:
+    """`weed server -s3` on 127.0.0.1 with access keys enforced and data under `data_dir`.
+
+    Ports: S3 on `s3_port`; master, volume and filer on the next three ports; their gRPC
+    ports are SeaweedFS's default (+10000). Iceberg and Lance endpoints are disabled.
+    """
+
+    data_dir: Path
+    s3_port: int
+    access_key: str
+    secret_key: str
+    buckets: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def ports(self) -> list[int]:
+        base = [self.s3_port + i for i in range(4)]
+        return base + [p + 10000 for p in base]
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess("seaweedfs", self.data_dir / "run")
+
+    def argv(self) -> list[str]:
+        storage = self.data_dir / "seaweedfs"
+        storage.mkdir(parents=True, exist_ok=True)
+        argv = [
+            venv_bin("weed"),
+            "server",
+            f"-dir={storage}",
+            "-ip=127.0.0.1",  # without it the volume server advertises another address
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-master.port={self.s3_port + 1}",
+            f"-volume.port={self.s3_port + 2}",
+            f"-filer.port={self.s3_port + 3}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
+        ]
+        return argv
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.process.pid() is not None:
+            self.wait_ready(timeout)
+            return
+        busy = [p for p in self.ports if not port_is_free(p)]
+        if busy:
+            raise StackError(
+                f"SeaweedFS cannot start: port(s) {busy} already in use on 127.0.0.1 "
+                f"(set DERMFLOW_S3_PORT to another port, or stop what holds them)"
+            )
+        self.process.start(
+            self.argv(),
+            env={"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key},
+        )
+        self.wait_ready(timeout)
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                          connect_timeout=2, read_timeout=10),
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Ready means a real write and read succeed (the volume server has registered)."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        probe_bucket = "dermflow-health"
+        while time.monotonic() < deadline:
+            if self.process.pid() is None and getattr(self.process, "_popen", None) is not None:
+                raise StackError(f"SeaweedFS exited at start:\n{self.process.log_tail()}")
+            try:
+                client = self.client()
+                for bucket in [probe_bucket, *self.buckets]:
+                    try:
+                        client.head_bucket(Bucket=bucket)
+                    except Exception:  # noqa: BLE001 - create it below
+                        client.create_bucket(Bucket=bucket)
+                client.put_object(Bucket=probe_bucket, Key="probe", Body=b"ok")
+                if client.get_object(Bucket=probe_bucket, Key="probe")["Body"].read() == b"ok":
+                    return
+            except Exception as error:  # noqa: BLE001 - retried until the deadline
+                last_error = error
+            time.sleep(0.5)
+        raise StackError(
+            f"SeaweedFS at {self.endpoint_url} not answering after {timeout:.0f}s: {last_error}\n"
+            f"log ({self.process.log_file}):\n{self.process.log_tail()}"
+        )
+
+    def healthy(self) -> bool:
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=30)
+
+
+def wait_http_ok(url: str, timeout: float, what: str, log: ManagedProcess | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            last = error
+        if log is not None and log.pid() is None and getattr(log, "_popen", None) is not None:
+            raise StackError(f"{what} exited at start:\n{log.log_tail()}")
+        time.sleep(0.5)
+    tail = f"\nlog ({log.log_file}):\n{log.log_tail()}" if log else ""
+    raise StackError(f"{what} at {url} not answering after {timeout:.0f}s: {last}{tail}")

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real SeaweedFS server for the session, a fresh bucket per test, and paths
+to the shared real data (skipped cleanly where `../shared` is absent)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+FULL_CSV = SHARED_DATA / "fitzpatrick17k.csv"
+ATLAS_DIR = SHARED_DATA / "atlas20"
+
+# Tests never read the developer's `.env` nor talk to the developer's stack.
+os.environ["DERMFLOW_ENV_FILE"] = str(PROJECT_ROOT / "tests" / ".env.does-not-exist")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def full_csv() -> Path:
+    if not FULL_CSV.exists():
+        pytest.skip(f"{FULL_CSV} is absent (../shared not laid beside the project)")
+    return FULL_CSV
+
+
+@pytest.fixture(scope="session")
+def atlas_dir() -> Path:
+    if not (ATLAS_DIR / "rows.csv").exists():
+        pytest.skip(f"{ATLAS_DIR} is absent (../shared not laid beside the project)")
+    return ATLAS_DIR
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real SeaweedFS S3 server on free ports, shared by the session."""
+    from dermflow.stack import SeaweedServer, free_port_block
+
+    server = SeaweedServer(
+        data_dir=tmp_path_factory.mktemp("seaweed"),
+        s3_port=free_port_block(4),
+        access_key="test-" + secrets.token_hex(4),
+        secret_key=secrets.token_hex(16),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """Environment (and so Settings) pointing at the test SeaweedFS with a fresh bucket."""
+    bucket = "t-" + uuid.uuid4().hex[:12]
+    seaweed.client().create_bucket(Bucket=bucket)
+    values = {
+        "AWS_ENDPOINT_URL": seaweed.endpoint_url,
+        "AWS_ACCESS_KEY_ID": seaweed.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DERMFLOW_BUCKET": bucket,
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    from dermflow.settings import get_settings
+
+    get_settings.cache_clear()
+    yield values
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def store(s3_env):
+    """An ObjectStore on a fresh bucket of the test SeaweedFS."""
+    from dermflow.settings import load_settings
+    from dermflow.storage import ObjectStore
+
+    return ObjectStore.from_settings(load_settings())
