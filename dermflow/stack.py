@@ -273,3 +273,172 @@ def wait_http_ok(url: str, timeout: float, what: str, log: ManagedProcess | None
         time.sleep(0.5)
     tail = f"\nlog ({log.log_file}):\n{log.log_tail()}" if log else ""
     raise StackError(f"{what} at {url} not answering after {timeout:.0f}s: {last}{tail}")
+
+
+# --- .env -----------------------------------------------------------------------------------
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a `.env` file (comments and blank lines skipped, quotes removed)."""
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):]
+        if "=" not in line:
+            raise StackError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def default_env_values(s3_port: int = 8333, prefect_port: int = 4200) -> dict[str, str]:
+    """What `make up` writes for keys the `.env` lacks: the embedded stack, fresh random keys."""
+    import secrets
+
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "AWS_ACCESS_KEY_ID": "dermflow-" + secrets.token_hex(6),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DERMFLOW_BUCKET": "dermflow",
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "DERMFLOW_ALLOWED_HOSTS": "",
+    }
+
+
+def ensure_env_file(path: Path, defaults: dict[str, str]) -> list[str]:
+    """Append every key of `defaults` that `path` (or the environment) lacks; keep the rest.
+
+    A key already set in the process environment is not written: the environment wins, and
+    writing it would pin today's value for tomorrow's shell. Returns the keys added.
+    """
+    existing = read_env_file(path)
+    missing = [key for key in defaults if key not in existing and key not in os.environ]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if not path.exists() or not path.read_text().strip():
+            lines.append("# dermflow settings: written by `make up` for missing keys, never overwritten.")
+        lines += [f"{key}={defaults[key]}" for key in missing]
+        prefix = "" if not path.exists() or path.read_text().endswith("\n") or not path.read_text() else "\n"
+        with path.open("a") as handle:
+            handle.write(prefix + "\n".join(lines) + "\n")
+        path.chmod(0o600)  # it holds the S3 secret
+    return missing
+
+
+# --- Prefect server and workers (as commands; the Prefect client side lives in cli.py) -------
+
+def is_local_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def url_port(url: str, default: int) -> int:
+    from urllib.parse import urlparse
+
+    return urlparse(url).port or default
+
+
+@dataclass
+class PrefectServer:
+    """`prefect server start` on 127.0.0.1 with its SQLite database under `data_dir`.
+
+    A `PREFECT_API_DATABASE_CONNECTION_URL` in the environment (Postgres) is used instead.
+    """
+
+    data_dir: Path
+    port: int = 4200
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess("prefect-server", self.data_dir / "run")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, timeout: float = 120.0) -> None:
+        if self.healthy():
+            return
+        if self.process.pid() is None and not port_is_free(self.port):
+            raise StackError(
+                f"Prefect server cannot start: port {self.port} is in use on 127.0.0.1 by "
+                f"something that does not answer {self.api_url}/health "
+                f"(set DERMFLOW_PREFECT_PORT and PREFECT_API_URL to another port, or stop it)"
+            )
+        if self.process.pid() is None:
+            database = self.data_dir / "prefect" / "prefect.db"
+            database.parent.mkdir(parents=True, exist_ok=True)
+            env = {
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_API_URL": self.api_url,
+                "PREFECT_API_URL": "",
+            }
+            if not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+                env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
+            self.process.start(
+                [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env,
+            )
+        wait_http_ok(f"{self.api_url}/health", timeout, "Prefect server", self.process)
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=30)
+
+
+@dataclass
+class Worker:
+    """A `prefect worker start` process polling some queues of a work pool."""
+
+    name: str
+    pool: str
+    queues: list[str]
+    state_dir: Path
+    limit: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(f"worker-{self.name}", self.state_dir)
+
+    def start(self, api_url: str, cwd: Path) -> bool:
+        """Start unless already running; True when started now."""
+        if self.process.pid() is not None:
+            return False
+        argv = [venv_bin("prefect"), "worker", "start", "--pool", self.pool, "--name", self.name,
+                "--type", "process"]
+        for queue in self.queues:
+            argv += ["--work-queue", queue]
+        if self.limit:
+            argv += ["--limit", str(self.limit)]
+        self.process.start(argv, env={**self.env, "PREFECT_API_URL": api_url}, cwd=cwd)
+        return True
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=30)
+
+
+def detected_gpus() -> int:
+    """GPUs visible through nvidia-smi (0 when there is none or no driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        output = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in output.splitlines() if line.startswith("GPU "))
