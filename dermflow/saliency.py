@@ -1,0 +1,188 @@
+"""Grad-CAM saliency maps: where in an image a classifier's decision came from.
+
+`grad_cam` works on any Keras 3 model run with the TensorFlow backend, including models that
+nest a `keras.applications` backbone as a single layer: it captures the chosen feature
+layer's output during an ordinary forward pass instead of rebuilding the graph, so the
+model's structure does not matter. `overlay_heatmap` renders the map over the image as PNG.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class SaliencyError(ValueError):
+    """No usable feature layer, or gradients could not be computed."""
+
+
+def iter_leaf_layers(model: Any) -> Iterator[Any]:
+    """The model's layers in order, descending into nested models (a backbone used as a
+    layer): the nested model itself is not yielded, its layers are."""
+    for layer in getattr(model, "layers", []):
+        if getattr(layer, "layers", None):
+            yield from iter_leaf_layers(layer)
+        else:
+            yield layer
+
+
+def _output_rank(layer: Any) -> int | None:
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    shape = getattr(output, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def find_feature_layer(model: Any, layer_name: str | None = None) -> Any:
+    """`layer_name` (searched in nested models too), else the last layer with a 4D
+    (batch, h, w, channels) output that is not an input layer."""
+    leaves = list(iter_leaf_layers(model))
+    if layer_name is not None:
+        for layer in leaves:
+            if layer.name == layer_name:
+                return layer
+        raise SaliencyError(
+            f"no layer named {layer_name!r}; 4D layers: "
+            f"{[layer.name for layer in leaves if _output_rank(layer) == 4]}"
+        )
+    for layer in reversed(leaves):
+        if type(layer).__name__ == "InputLayer":
+            continue
+        if _output_rank(layer) == 4:
+            return layer
+    raise SaliencyError(f"model {getattr(model, 'name', model)!r} has no layer with a 4D output")
+
+
+def _model_input_size(model: Any) -> tuple[int | None, int | None]:
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None, None
+    if isinstance(shape, list):
+        shape = shape[0]
+    return (shape[1], shape[2]) if shape is not None and len(shape) == 4 else (None, None)
+
+
+def _resize_float(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    if array.shape[:2] == (height, width):
+        return array.astype(np.float32)
+    if array.ndim == 2:
+        return np.asarray(
+            Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize((width, height), Image.Resampling.BILINEAR),
+            dtype=np.float32,
+        )
+    channels = [_resize_float(array[..., c], height, width) for c in range(array.shape[-1])]
+    return np.stack(channels, axis=-1)
+
+
+def _final_softmax_layer(model: Any) -> Any | None:
+    """The model's last layer when it applies softmax (its activation is swapped for the
+    identity during Grad-CAM: gradients of saturated probabilities vanish, logits do not)."""
+    leaves = list(iter_leaf_layers(model))
+    if not leaves:
+        return None
+    activation = getattr(leaves[-1], "activation", None)
+    return leaves[-1] if getattr(activation, "__name__", "") == "softmax" else None
+
+
+def grad_cam(
+    model: Any,
+    image: np.ndarray,
+    class_index: int | None = None,
+    layer_name: str | None = None,
+) -> np.ndarray:
+    """Grad-CAM heatmap (H, W) in [0, 1] for one image (H, W, 3), uint8 or float 0-255.
+
+    `class_index`: the class to explain (default: the predicted one). `layer_name`: the
+    feature layer (default: the last 4D layer, found inside nested backbones too). The image
+    is resized to the model's input size for the forward pass and the map back to (H, W).
+    All zeros when no region supports the class.
+    """
+    import keras
+    import tensorflow as tf
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise SaliencyError(f"image must be (H, W, 3); got shape {image.shape}")
+    height, width = image.shape[:2]
+    input_h, input_w = _model_input_size(model)
+    model_image = _resize_float(image.astype(np.float32), input_h or height, input_w or width)
+    batch = tf.convert_to_tensor(model_image[None, ...], dtype=tf.float32)
+
+    feature_layer = find_feature_layer(model, layer_name)
+    softmax_layer = _final_softmax_layer(model)
+    captured: dict[str, Any] = {}
+    original_call = feature_layer.call
+    had_own_call = "call" in feature_layer.__dict__
+
+    with tf.GradientTape() as tape:
+
+        def capturing_call(*args, **kwargs):
+            outputs = original_call(*args, **kwargs)
+            tape.watch(outputs)
+            captured["features"] = outputs
+            return outputs
+
+        # object.__setattr__: bypass Keras' attribute tracking; restored in `finally`.
+        object.__setattr__(feature_layer, "call", capturing_call)
+        if softmax_layer is not None:
+            object.__setattr__(softmax_layer, "activation", keras.activations.linear)
+        try:
+            outputs = model(batch, training=False)
+        finally:
+            if had_own_call:
+                object.__setattr__(feature_layer, "call", original_call)
+            else:
+                object.__delattr__(feature_layer, "call")
+            if softmax_layer is not None:
+                object.__setattr__(softmax_layer, "activation", keras.activations.softmax)
+        if isinstance(outputs, (list, tuple)):
+            outputs = outputs[0]
+        n_classes = int(outputs.shape[-1])
+        if class_index is None:
+            class_index = int(tf.argmax(outputs[0]))
+        if not 0 <= class_index < n_classes:
+            raise SaliencyError(f"class_index {class_index} is out of range for {n_classes} classes")
+        score = outputs[:, class_index]
+
+    features = captured.get("features")
+    if features is None:
+        raise SaliencyError(f"layer {feature_layer.name!r} was not called in the forward pass")
+    gradients = tape.gradient(score, features)
+    if gradients is None:
+        raise SaliencyError(f"the score of class {class_index} does not depend on layer {feature_layer.name!r}")
+    channel_weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * channel_weights, axis=-1))[0].numpy()
+    cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(cam.max()) if cam.size else 0.0
+    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    heatmap = _resize_float(cam, height, width)
+    return np.clip(np.nan_to_num(heatmap, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def overlay_heatmap(
+    image_uint8: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, colormap: str = "jet"
+) -> bytes:
+    """PNG bytes of the image with the heatmap blended over it in a matplotlib colormap."""
+    from matplotlib import colormaps
+
+    image = np.asarray(image_uint8)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3); got shape {image.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap must be (H, W); got shape {heat.shape}")
+    heat = _resize_float(heat, image.shape[0], image.shape[1])
+    colors = colormaps[colormap](heat)[..., :3] * 255.0
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
