@@ -1,0 +1,53 @@
+# dermflow: `make run` sets up everything and runs derm/full; `make test` sets up and tests.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extra `prefect deployment run` options, e.g. ARGS="-p limit_per_label=20 -p epochs=1"
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-quality clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+up: venv
+	$(BIN)/dermflow up
+
+down:
+	@if [ -x $(BIN)/dermflow ]; then $(BIN)/dermflow down; else echo "no venv: nothing to stop"; fi
+
+status: venv
+	$(BIN)/dermflow status
+
+# Runs the real job on the real dataset with the deployment's defaults (override with ARGS).
+run: up
+	set -a; source .env; set +a; $(BIN)/prefect deployment run derm/full --watch $(ARGS)
+
+test: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+test-integration: venv
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+bench-fetch: venv
+	$(BIN)/python bench/bench_fetch.py
+
+bench-train: venv
+	$(BIN)/python bench/bench_train.py
+
+bench-quality: venv
+	$(BIN)/python bench/bench_quality.py
+
+clean: down
+	rm -rf .dermflow test-artifacts

@@ -1,0 +1,388 @@
+"""`dermflow` command line: the stack (up, down, status), prediction, evaluation, reports.
+
+This is the one module of `dermflow/` that may import Prefect: it wires the embedded stack
+(SeaweedFS, Prefect server, work pool, workers, the `gpu` concurrency limit, deployments).
+Exit codes: 0 success, 1 a command failed (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dermflow.settings import PROJECT_ROOT, Settings, env_file_path, get_settings, load_settings
+
+NOT_FOR_CLINICAL_USE = (
+    "Research tool only: not a medical device and not for clinical use or diagnosis."
+)
+TRAINING_QUEUE = "gpu"
+ORCHESTRATION_QUEUE = "default"
+GPU_LIMIT = "gpu"
+PROFILE = "dermflow"
+
+
+class CommandError(RuntimeError):
+    """A command failed with a message for the user (exit code 1)."""
+
+
+# --- the stack -------------------------------------------------------------------------------
+
+def _stack_env(settings: Settings) -> dict[str, str]:
+    """Environment for the services and workers: `.env` values, the real environment winning."""
+    from dermflow.stack import read_env_file
+
+    values = read_env_file(env_file_path())
+    values.update({k: v for k, v in os.environ.items()})
+    values["DERMFLOW_PROJECT_ROOT"] = str(PROJECT_ROOT)
+    values["PREFECT_API_URL"] = settings.prefect_api_url
+    return values
+
+
+def _embedded_s3(settings: Settings) -> bool:
+    from dermflow.stack import is_local_url, url_port
+
+    endpoint = settings.aws_endpoint_url or ""
+    return bool(endpoint) and is_local_url(endpoint) and url_port(endpoint, 80) == settings.s3_port
+
+
+def _seaweed(settings: Settings):
+    from dermflow.stack import SeaweedServer
+
+    if not settings.aws_access_key_id or not settings.aws_secret_access_key:
+        raise CommandError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set (make up writes them to .env)")
+    return SeaweedServer(
+        data_dir=settings.data_dir,
+        s3_port=settings.s3_port,
+        access_key=settings.aws_access_key_id,
+        secret_key=settings.aws_secret_access_key.get_secret_value(),
+        buckets=[settings.bucket],
+    )
+
+
+def _prefect_server(settings: Settings):
+    from dermflow.stack import PrefectServer, is_local_url, url_port
+
+    if not is_local_url(settings.prefect_api_url):
+        return None
+    return PrefectServer(settings.data_dir, url_port(settings.prefect_api_url, settings.prefect_port))
+
+
+def gpu_slots(settings: Settings) -> int:
+    from dermflow.stack import detected_gpus
+
+    return settings.gpu_slots or max(detected_gpus(), 1)
+
+
+def _workers(settings: Settings) -> list:
+    """One orchestration worker, and one training worker per GPU slot, each with `--limit 1`
+    and, where GPUs exist, its own `CUDA_VISIBLE_DEVICES`: Prefect hands each training run to a
+    free worker, so each run sees exactly one GPU."""
+    from dermflow.stack import Worker, detected_gpus
+
+    state = settings.data_dir / "run"
+    workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state)]
+    gpus = detected_gpus()
+    for slot in range(gpu_slots(settings)):
+        env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+        workers.append(Worker(f"trainer-{slot}", settings.work_pool, [TRAINING_QUEUE], state, 1, env))
+    return workers
+
+
+def configure_prefect(settings: Settings) -> None:
+    """Work pool, its queues and the `gpu` global concurrency limit (created or resized)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+        WorkPoolCreate,
+    )
+    from prefect.exceptions import ObjectNotFound
+
+    slots = gpu_slots(settings)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(settings.work_pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=settings.work_pool, type="process"))
+        for queue in (ORCHESTRATION_QUEUE, TRAINING_QUEUE):
+            try:
+                client.read_work_queue_by_name(queue, work_pool_name=settings.work_pool)
+            except ObjectNotFound:
+                client.create_work_queue(name=queue, work_pool_name=settings.work_pool)
+        try:
+            existing = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            if existing.limit != slots:
+                client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots))
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+
+
+def _paused_deployments(names: list[str]) -> dict[str, bool]:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    paused = {}
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                paused[name] = bool(client.read_deployment_by_name(name).paused)
+            except ObjectNotFound:
+                pass
+    return paused
+
+
+def register_deployments(settings: Settings, env: dict[str, str], prefect_file: Path | None = None) -> None:
+    """`prefect deploy --all` from `deployments/prefect.yaml`; a deployment paused in the UI
+    (the weekly retrain, say) stays paused."""
+    from prefect.client.orchestration import get_client
+
+    prefect_file = prefect_file or PROJECT_ROOT / "deployments" / "prefect.yaml"
+    scheduled = ["derm/retrain"]
+    was_paused = _paused_deployments(scheduled)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise CommandError(f"registering deployments failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    with get_client(sync_client=True) as client:
+        for name, paused in was_paused.items():
+            if paused:
+                client.pause_deployment(client.read_deployment_by_name(name).id)
+
+
+def set_prefect_profile(api_url: str) -> None:
+    """A `dermflow` Prefect profile, made active, so `prefect deployment run` in any new shell
+    reaches this server rather than a throwaway ephemeral one."""
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run(prefect + ["profile", "create", PROFILE], capture_output=True, text=True)
+    subprocess.run(prefect + ["--profile", PROFILE, "config", "set", f"PREFECT_API_URL={api_url}"],
+                   capture_output=True, text=True, check=True)
+    subprocess.run(prefect + ["profile", "use", PROFILE], capture_output=True, text=True, check=True)
+
+
+def cmd_up(args) -> int:
+    from dermflow.stack import default_env_values, ensure_env_file
+
+    base = load_settings()
+    added = ensure_env_file(env_file_path(), default_env_values(base.s3_port, base.prefect_port))
+    if added:
+        print(f"wrote {', '.join(added)} to {env_file_path()}")
+    get_settings.cache_clear()
+    settings = load_settings()
+    env = _stack_env(settings)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "DERMFLOW_", "PREFECT_API_URL"))})
+
+    if _embedded_s3(settings):
+        print(f"SeaweedFS S3        {settings.aws_endpoint_url}  (data in {settings.data_dir / 'seaweedfs'})")
+        _seaweed(settings).start()
+    else:
+        print(f"S3 endpoint         {settings.aws_endpoint_url or 'AWS default'} (not embedded)")
+    from dermflow.storage import ObjectStore
+
+    ObjectStore.from_settings(settings).ensure_bucket()
+    print(f"bucket              s3://{settings.bucket}")
+
+    server = _prefect_server(settings)
+    if server is not None:
+        server.start()
+    print(f"Prefect API / UI    {settings.prefect_api_url}  /  {settings.prefect_api_url.removesuffix('/api')}")
+    set_prefect_profile(settings.prefect_api_url)
+    configure_prefect(settings)
+    print(f"work pool           {settings.work_pool} (process); gpu limit: {gpu_slots(settings)} slot(s)")
+    for worker in _workers(settings):
+        started = worker.start(settings.prefect_api_url, PROJECT_ROOT)
+        print(f"worker              {worker.name} ({'started' if started else 'running'})")
+    if not args.no_deploy:
+        register_deployments(settings, env)
+        print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default")
+    return 0
+
+
+def cmd_down(args) -> int:
+    settings = load_settings()
+    for worker in _workers(settings):
+        if worker.stop():
+            print(f"stopped worker {worker.name}")
+    # Workers started with more slots than today's setting are stopped too.
+    for pid_file in sorted((settings.data_dir / "run").glob("worker-*.pid")):
+        from dermflow.stack import ManagedProcess
+
+        if ManagedProcess(pid_file.stem, pid_file.parent).stop():
+            print(f"stopped {pid_file.stem}")
+    server = _prefect_server(settings)
+    if server is not None and server.stop():
+        print("stopped Prefect server")
+    if _embedded_s3(settings) and settings.aws_access_key_id and _seaweed(settings).stop():
+        print("stopped SeaweedFS")
+    return 0
+
+
+def cmd_status(args) -> int:
+    settings = load_settings()
+    rows = []
+    if _embedded_s3(settings):
+        seaweed = _seaweed(settings)
+        rows.append(("SeaweedFS", settings.aws_endpoint_url, seaweed.process.pid(), seaweed.healthy()))
+    server = _prefect_server(settings)
+    if server is not None:
+        rows.append(("Prefect server", settings.prefect_api_url, server.process.pid(), server.healthy()))
+    for worker in _workers(settings):
+        pid = worker.process.pid()
+        rows.append((f"worker {worker.name}", ",".join(worker.queues), pid, pid is not None))
+    ok = all(row[3] for row in rows)
+    if args.json:
+        print(json.dumps([dict(zip(("service", "address", "pid", "healthy"), row)) for row in rows], indent=2))
+    else:
+        for name, address, pid, healthy in rows:
+            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}")
+    return 0 if ok else 1
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def cmd_predict(args) -> int:
+    from dermflow.predict import load_model_bundle, predict_images
+    from dermflow.storage import ObjectStore
+
+    settings = get_settings()
+    store = ObjectStore.from_settings(settings)
+    bundle = load_model_bundle(store, args.model, args.arch, settings.local_cache_dir / "models")
+    results = predict_images(bundle, args.sources, top_k=args.top_k)
+    if args.explain:
+        from dermflow.predict import explain_image
+
+        explain_image(bundle, args.sources[0], Path(args.explain))
+    if args.json:
+        print(json.dumps({"model": bundle.describe(), "predictions": results,
+                          "note": NOT_FOR_CLINICAL_USE}, indent=2))
+    else:
+        print(f"model: {bundle.describe()}")
+        for result in results:
+            print(result["source"])
+            for rank, item in enumerate(result["top"], start=1):
+                print(f"  {rank}. {item['label']:<45} {item['probability']:.3f}")
+        if args.explain:
+            print(f"saliency map written to {args.explain}")
+        print(NOT_FOR_CLINICAL_USE)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from dermflow.predict import evaluate_dataset, load_model_bundle
+    from dermflow.storage import ObjectStore
+
+    settings = get_settings()
+    store = ObjectStore.from_settings(settings)
+    bundle = load_model_bundle(store, args.model, args.arch, settings.local_cache_dir / "models")
+    with tqdm(desc="evaluating", unit="img", disable=args.json or not sys.stderr.isatty()) as bar:
+        result = evaluate_dataset(bundle, Path(args.csv), Path(args.images), progress=bar.update, tta=args.tta)
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+        return 0
+    print(f"model: {bundle.describe()}")
+    print(f"images scored {result['n']}  " + "  ".join(f"{k}={v}" for k, v in result.get("skipped", {}).items()))
+    for key in ("accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "top5_accuracy"):
+        if key in result:
+            print(f"{key:15} {result[key]:.4f}")
+    for name, values in result.get("per_range", {}).items():
+        print(f"  range {name:8} n={values['n']:<5} accuracy={values['accuracy']:.4f} weighted_f1={values['weighted_f1']:.4f}")
+    print(NOT_FOR_CLINICAL_USE)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dermflow.storage import ObjectStore, StorageError
+
+    settings = get_settings()
+    store = ObjectStore.from_settings(settings)
+    run_id = args.run_id
+    key = f"runs/{run_id}/report.html"
+    try:
+        if args.output:
+            store.download_file(key, Path(args.output))
+            print(f"report written to {args.output}")
+        metrics = store.get_json(f"runs/{run_id}/metrics.json")
+    except StorageError as error:
+        runs = sorted({k.split("/")[1] for k in store.iter_keys("runs/") if k.endswith("/report.html")})
+        raise CommandError(f"{error}; runs with a report: {', '.join(runs[-10:]) or 'none'}") from error
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"report: {store.uri(key)}")
+    url = store.presign(key)
+    if url:
+        print(f"open:   {url}")
+    for arch, entry in metrics.get("architectures", {}).items():
+        test = entry.get("test") or {}
+        if entry.get("status") == "ok":
+            print(f"  {arch:20} accuracy={test.get('accuracy', float('nan')):.4f} weighted_f1={test.get('weighted_f1', float('nan')):.4f}")
+        else:
+            print(f"  {arch:20} FAILED: {entry.get('error')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start SeaweedFS, the Prefect server, workers; register deployments")
+    up.add_argument("--no-deploy", action="store_true", help="do not (re)register the deployments")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
+    status = sub.add_parser("status", help="show the stack's services (exit 1 if one is down)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    model_help = "a run id (20261126-101500-brave-otter) or the flow run's name; default: the champion"
+    predict = sub.add_parser("predict", help="top-5 conditions for images (paths or URLs)")
+    predict.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
+    predict.add_argument("--model", help=model_help)
+    predict.add_argument("--arch", help="architecture of that run (default: the run's best)")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--explain", metavar="OUT.png", help="write the first image with its Grad-CAM heatmap")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a labelled set you bring")
+    evaluate.add_argument("--csv", required=True, help="rows in the Fitzpatrick 17k schema")
+    evaluate.add_argument("--images", required=True, help="directory of <md5hash>.<ext> images")
+    evaluate.add_argument("--model", help=model_help)
+    evaluate.add_argument("--arch", help="architecture of that run (default: the run's best)")
+    evaluate.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = sub.add_parser("report", help="where a run's report is, and its headline metrics")
+    report.add_argument("run_id")
+    report.add_argument("--output", "-o", help="download report.html here")
+    report.add_argument("--json", action="store_true", help="print metrics.json")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as error:
+        print(f"dermflow {args.command}: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
+        from dermflow.stack import StackError
+        from dermflow.storage import StorageError
+
+        if isinstance(error, (StackError, StorageError, ValueError, FileNotFoundError)):
+            print(f"dermflow {args.command}: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Prefect tasks for the data stages: ingest, fetch shards, manifests, split.
+
+Thin wrappers: the work is in `dermflow.ingest`, `dermflow.fetch` and `dermflow.split`. Tasks
+exchange bucket keys and small row lists, never images.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from dermflow import fetch, ingest, split
+from dermflow.runs import content_hash
+from tasks.common import object_store, settings
+
+FETCH_MANIFEST_KEY = "manifests/fetch.csv"
+
+
+@task(name="ingest-csv", retries=2, retry_delay_seconds=5)
+def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
+    """Validate the CSV and store the dataset rows: returns their key and counts."""
+    store = object_store()
+    dataset = ingest.load_dataset(csv, store=store, limit_per_label=limit_per_label, seed=seed)
+    fingerprint = ingest.dataset_fingerprint(dataset)
+    key = f"manifests/datasets/{fingerprint[:12]}.csv"
+    store.put_dataframe_csv(key, dataset)
+    get_run_logger().info(
+        "ingested %d rows, %d labels, %d without URL from %s",
+        len(dataset), dataset["label"].nunique(), int(dataset["no_url"].sum()), csv,
+    )
+    return {"dataset_key": key, "rows": len(dataset), "labels": int(dataset["label"].nunique()),
+            "fingerprint": fingerprint}
+
+
+@task(name="plan-fetch")
+def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> list[list[dict]]:
+    """Shards of the rows still to fetch: one paginated listing of `images/`, not a HEAD each."""
+    store = object_store()
+    if only_failed:
+        previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY)
+        rows = fetch.failed_rows(previous)
+    else:
+        rows = store.get_dataframe_csv(dataset_key)
+    stored = fetch.stored_image_md5s(store)
+    shards = fetch.plan_shards(rows, stored, shard_size=shard_size)
+    get_run_logger().info(
+        "%d rows, %d already stored, %d shards to fetch",
+        len(rows), len(stored & set(rows["md5hash"])), len(shards),
+    )
+    return shards
+
+
+@task(name="fetch-shard", retries=2, retry_delay_seconds=10)
+def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float | None) -> list[dict]:
+    """Download one shard concurrently; a Prefect retry covers a crashed worker."""
+    options = fetch.FetchOptions.from_settings(
+        settings(), host_concurrency=host_concurrency, host_rate_limit=host_rate_limit
+    )
+    return fetch.fetch_shard(rows, object_store(), options)
+
+
+@task(name="write-fetch-manifest", retries=1)
+def write_fetch_manifest(dataset_key: str | None, results: list[dict], run_id: str) -> dict:
+    """The complete manifest (one row per dataset row), latest and history copies."""
+    store = object_store()
+    previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY) if store.exists(FETCH_MANIFEST_KEY) else None
+    if dataset_key is None:  # refetch: the dataset is the previous manifest's rows
+        dataset = previous
+    else:
+        dataset = store.get_dataframe_csv(dataset_key)
+    manifest = fetch.reconcile_manifest(dataset, store, previous, results)
+    store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
+    history_key = f"manifests/fetch/{run_id}.csv"
+    store.put_dataframe_csv(history_key, manifest)
+    summary = fetch.summarize_manifest(manifest)
+    get_run_logger().info("fetch manifest: %s", summary)
+    return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
+        manifest.sort_values("md5hash")[["md5hash", "status", "label", "fitzpatrick_range", "qc", "phash"]]
+        .to_dict("list"))}
+
+
+@task(name="split", retries=1)
+def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wrongly_labelled: bool) -> dict:
+    """70/15/15 split, stored as `manifests/split-<hash>.csv` and reused when unchanged."""
+    store = object_store()
+    manifest = store.get_dataframe_csv(manifest_key)
+    params = {"seed": seed, "dup_threshold": dup_threshold, "exclude_wrongly_labelled": exclude_wrongly_labelled}
+    fingerprint = split.split_fingerprint(manifest, params)[:12]
+    key = f"manifests/split-{fingerprint}.csv"
+    summary_key = f"manifests/split-{fingerprint}.json"
+    logger = get_run_logger()
+    if store.exists(key) and store.exists(summary_key):
+        logger.info("split unchanged: reusing %s", store.uri(key))
+        return {"split_key": key, "summary": store.get_json(summary_key), "reused": True, "hash": fingerprint}
+    frame, summary = split.split_dataset(
+        manifest, seed=seed, dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled
+    )
+    store.put_dataframe_csv(key, frame)
+    store.put_json(summary_key, summary)
+    logger.info("split %s: %s", store.uri(key), summary.get("sizes"))
+    return {"split_key": key, "summary": summary, "reused": False, "hash": fingerprint}

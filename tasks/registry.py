@@ -1,0 +1,77 @@
+"""Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
+
+`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.decide_promotion`):
+the first model of a label set becomes its champion; later ones only if they beat the
+champion's weighted F1 on the same test split.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from dermflow import registry
+from dermflow.runs import content_hash, model_key
+from tasks.common import object_store
+
+
+def training_key(split_hash: str, architecture: str, params: dict) -> str:
+    """What makes two trainings the same: the split and every parameter but the time budget."""
+    stable = {k: v for k, v in params.items() if k != "deadline"}
+    return content_hash(split_hash, architecture, stable)[:16]
+
+
+@task(name="find-reusable-training")
+def reusable_training(split_hash: str, architecture: str, params: dict) -> dict | None:
+    """A previous run's outcome for the same split and parameters, if its model still exists."""
+    store = object_store()
+    key = f"registry/trainings/{training_key(split_hash, architecture, params)}.json"
+    if not store.exists(key):
+        return None
+    record = store.get_json(key)
+    if not store.exists(model_key(record["run_id"], architecture)):
+        return None
+    return {**record, "reused": True}
+
+
+@task(name="register-and-promote")
+def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_hash: str,
+                      manifest_hash: str, train_params: dict, mode: str) -> dict | None:
+    """Register every new model, then promote this run's best if it beats the champion."""
+    store = object_store()
+    logger = get_run_logger()
+    fresh = [o for o in outcomes if o["status"] == "ok" and not o.get("reused")]
+    for outcome in fresh:
+        arch = outcome["architecture"]
+        params = store.get_json(model_key(run_id, arch, "params.json"))
+        registry.register_model(
+            store, run_id, arch, metrics={"test": outcome["test"], "verified_test": outcome.get("verified_test")},
+            params=params, data_manifest_hash=manifest_hash, split_hash=split_hash,
+            label_set=params["class_names"],
+        )
+        arch_params = {k: v for k, v in train_params.items()}
+        arch_params["hyperparameters"] = outcome.get("hyperparameters")
+        store.put_json(f"registry/trainings/{training_key(split_hash, arch, arch_params)}.json",
+                       {"architecture": arch, "status": "ok", "run_id": run_id, "test": outcome["test"],
+                        "verified_test": outcome.get("verified_test"), "model_key": outcome["model_key"]})
+    candidates = [o for o in outcomes if o["status"] == "ok"]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda o: o["test"]["weighted_f1"])
+    decision = registry.evaluate_challenger(
+        store, challenger_run=best["run_id"], challenger_arch=best["architecture"],
+        challenger_score=best["test"]["weighted_f1"], split_key=split_key, split_hash=split_hash,
+    )
+    if decision["promoted"]:
+        logger.info("promoted %s/%s: %s", best["run_id"], best["architecture"], decision["reason"])
+    else:
+        logger.info("champion kept: %s", decision["reason"])
+    create_markdown_artifact(
+        f"## Promotion decision ({mode})\n\n| | run | architecture | test weighted F1 |\n|---|---|---|---|\n"
+        f"| challenger | {best['run_id']} | {best['architecture']} | {decision.get('challenger_score')} |\n"
+        f"| champion | {decision.get('champion_run') or '-'} | {decision.get('champion_arch') or '-'} | "
+        f"{decision.get('champion_score')} |\n\n**{'Promoted' if decision['promoted'] else 'Kept champion'}**: "
+        f"{decision['reason']}\n",
+        key="derm-promotion", description=f"run {run_id}",
+    )
+    return decision

@@ -1,0 +1,82 @@
+"""Prefect task that builds the run report and publishes it as artifacts."""
+
+from __future__ import annotations
+
+import io
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from dermflow.runs import model_key
+from tasks.common import object_store
+
+
+def _load_arch_result(store, run_id: str, outcome: dict):
+    """An `ArchResult` from what the training run stored (keys only travel between tasks)."""
+    import numpy as np
+
+    from dermflow.report import ArchResult
+
+    arch = outcome["architecture"]
+    if outcome.get("status") != "ok":
+        return ArchResult(status="failed", error=outcome.get("error") or "unknown error")
+    source_run = outcome.get("run_id", run_id)  # a reused model lives under its own run
+    params = store.get_json(model_key(source_run, arch, "params.json"))
+    history = store.get_json(model_key(source_run, arch, "history.json"))
+    with np.load(io.BytesIO(store.get_bytes(model_key(source_run, arch, "predictions.npz"))),
+                 allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    test = arrays["split"] == "test"
+    verified = arrays["split"] == "verified_test"
+    return ArchResult(
+        status="ok",
+        class_names=list(params["class_names"]),
+        y_true=arrays["y_true"][test],
+        y_prob=arrays["y_prob"][test],
+        md5hash=arrays["md5hash"][test],
+        fitzpatrick_range=arrays["fitzpatrick_range"][test],
+        verified_y_true=arrays["y_true"][verified] if verified.any() else None,
+        verified_y_prob=arrays["y_prob"][verified] if verified.any() else None,
+        verified_fitzpatrick_range=arrays["fitzpatrick_range"][verified] if verified.any() else None,
+        history=history,
+        seconds=outcome.get("seconds"),
+    )
+
+
+@task(name="build-report", retries=1)
+def build_and_store_report(
+    run_id: str,
+    params: dict,
+    data_summary: dict,
+    outcomes: list[dict],
+    tuning_trials: list[dict] | None = None,
+    retrain_decision: dict | None = None,
+) -> dict:
+    """Report HTML, figures and metrics.json under `runs/<run_id>/`; Prefect artifacts."""
+    from dermflow.report import ReportInputs, build_report, write_report
+
+    store = object_store()
+    architectures = {o["architecture"]: _load_arch_result(store, run_id, o) for o in outcomes}
+    report_key = f"runs/{run_id}/report.html"
+    inputs = ReportInputs(
+        run_id=run_id,
+        params=params,
+        data_summary=data_summary,
+        architectures=architectures,
+        tuning_trials=tuning_trials,
+        retrain_decision=retrain_decision,
+        load_image=lambda md5: store.get_bytes(f"images/{md5}"),
+    )
+    report = build_report(inputs, report_uri=store.uri(report_key))
+    keys = write_report(report, store, run_id)
+    link = store.presign(report_key) or store.uri(report_key)
+    create_markdown_artifact(report.summary_markdown, key="derm-report-summary",
+                             description=f"dermflow run {run_id}")
+    if report.table_rows:
+        create_table_artifact(report.table_rows, key="derm-architectures",
+                              description=f"test metrics per architecture, run {run_id}")
+    create_link_artifact(link, link_text=f"report {run_id}", key="derm-report",
+                         description=store.uri(report_key))
+    get_run_logger().info("report: %s", store.uri(report_key))
+    return {"report_key": report_key, "metrics_key": f"runs/{run_id}/metrics.json", **keys,
+            "best_architecture": report.metrics.get("best_architecture")}

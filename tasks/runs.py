@@ -1,0 +1,38 @@
+"""Prefect tasks around a run: its parameters, training subflows' outcomes, the data summary."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from dermflow.runs import model_key, run_key
+from tasks.common import object_store
+
+
+@task(name="record-params")
+def record_params(run_id: str, params: dict) -> str:
+    return object_store().put_json(run_key(run_id, "params.json"), params)
+
+
+@task(name="collect-training-outcome")
+def training_outcome(run_id: str, architecture: str, state_name: str, state_message: str | None,
+                     completed: bool) -> dict:
+    """What a training subflow left in the bucket, or why it failed (it never stops the others)."""
+    store = object_store()
+    key = model_key(run_id, architecture, "metrics.json")
+    if completed and store.exists(key):
+        metrics = store.get_json(key)
+        return {"architecture": architecture, "status": "ok", "run_id": run_id,
+                "test": metrics.get("test"), "verified_test": metrics.get("verified_test"),
+                "model_key": model_key(run_id, architecture)}
+    reason = state_message or state_name
+    get_run_logger().warning("%s failed: %s", architecture, reason)
+    return {"architecture": architecture, "status": "failed", "error": f"{state_name}: {reason}"}
+
+
+def data_summary(dataset: dict | None, fetched: dict, split: dict) -> dict:
+    """Rows, fetch outcomes and split summary in one dict for the report and metrics.json."""
+    summary = {"rows": (dataset or {}).get("rows"), "labels": (dataset or {}).get("labels"),
+               "fetch": fetched.get("summary"), "fetch_manifest": fetched.get("manifest_key"),
+               "split_key": split.get("split_key"), "split_reused": split.get("reused")}
+    summary.update(split.get("summary") or {})
+    return summary
