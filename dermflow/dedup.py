@@ -1,0 +1,245 @@
+"""Near-duplicate and exact-duplicate detection over the dataset's images.
+
+The fetch stage stores every image's perceptual hash (`perceptual_hash`, the one
+implementation: imagehash pHash, 64 bits as 16 hex chars) in the manifest column `phash`.
+`group_near_duplicates` joins images whose hashes are within a Hamming distance into
+connected components, so that the split can keep every group inside one split: the
+Fitzpatrick 17k contains the same lesion photographed twice, re-encoded, resized or cropped,
+and a duplicate on both sides of a split inflates test scores.
+
+`DEFAULT_DUP_THRESHOLD` is chosen by `tests/integration/test_dedup_atlas.py` on real atlas
+images: re-encoded, resized and slightly cropped copies fall within it, while few distinct
+atlas images do.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+# Hamming distance (of 64 bits) at or under which two pHashes count as the same picture.
+# Chosen on atlas20 (see the module docstring and the test): >=95% of JPEG q30-re-encoded,
+# half-size and 4%-cropped copies land within it; pairs of distinct atlas images under it
+# are few and, looked at, mostly the same lesion shot twice.
+DEFAULT_DUP_THRESHOLD = 8
+
+PHASH_HEX_DIGITS = 16
+# JPEGs are decoded at a reduced scale (DCT scaling) no smaller than this on their short
+# side; pHash looks at 32x32 pixels, so this is ample and 5-20x faster than a full decode.
+DRAFT_MIN_SIDE = 256
+# Pairs compared per block: rows x all unique hashes; bounds memory at about 8 bytes x this.
+_BLOCK_ELEMENTS = 4_000_000
+# Edges accumulated before they are collapsed into a spanning forest (bounds memory on
+# duplicate-heavy input where almost every pair is within the threshold).
+_EDGE_COLLAPSE_AT = 4_000_000
+
+
+class NotAnImageError(ValueError):
+    """The bytes do not decode as an image."""
+
+
+def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
+    """imagehash pHash of an encoded image, as 16 lowercase hex chars.
+
+    With `draft`, JPEGs are decoded at a reduced scale (at least `DRAFT_MIN_SIDE` pixels on
+    the short side), which changes the hash by at most a couple of bits (tested on atlas20).
+    Raises `NotAnImageError` when the bytes do not decode.
+    """
+    import imagehash
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            if draft and image.format == "JPEG":
+                width, height = image.size
+                scale = max(1.0, min(width, height) / DRAFT_MIN_SIDE)
+                # draft keeps the image at least as large as the requested size
+                image.draft("RGB", (int(width / scale), int(height / scale)))
+            image.load()
+            return str(imagehash.phash(image))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise NotAnImageError(f"cannot decode image ({len(image_bytes)} bytes): {error}") from error
+
+
+def phash_to_uint64(phashes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, present): hashes as uint64 and a mask of rows that had a hash.
+
+    Empty strings (and None/NaN) are absent. Anything else that is not 16 hex digits raises
+    `ValueError` naming the position and value.
+    """
+    values = np.zeros(len(phashes), dtype=np.uint64)
+    present = np.zeros(len(phashes), dtype=bool)
+    for index, text in enumerate(phashes):
+        if text is None or (isinstance(text, float) and np.isnan(text)):
+            continue
+        text = str(text).strip()
+        if not text:
+            continue
+        if len(text) != PHASH_HEX_DIGITS:
+            raise ValueError(f"phash at position {index} is not {PHASH_HEX_DIGITS} hex digits: {text!r}")
+        try:
+            values[index] = int(text, 16)
+        except ValueError as error:
+            raise ValueError(f"phash at position {index} is not hexadecimal: {text!r}") from error
+        present[index] = True
+    return values, present
+
+
+def hamming_distance(first: str, second: str) -> int:
+    """Bits that differ between two 16-hex-digit pHashes."""
+    return (int(first, 16) ^ int(second, 16)).bit_count()
+
+
+def _components(n_nodes: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_nodes, n_nodes))
+    return connected_components(graph, directed=False)[1]
+
+
+def _collapse(n_nodes: int, rows: list[np.ndarray], cols: list[np.ndarray]) -> tuple[list, list]:
+    """Replace an edge list by a star forest with the same connected components."""
+    labels = _components(n_nodes, np.concatenate(rows), np.concatenate(cols))
+    order = np.arange(n_nodes)
+    # the smallest node of each component is its root
+    first_node = np.full(labels.max() + 1, n_nodes, dtype=np.int64)
+    np.minimum.at(first_node, labels, order)
+    roots = first_node[labels]
+    linked = roots != order
+    return [order[linked]], [roots[linked]]
+
+
+def near_duplicate_pairs(values: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i < j) of `values` (uint64) within Hamming distance `threshold`.
+
+    Brute force in blocks (XOR + popcount); meant for diagnostics on modest inputs, since
+    the number of pairs can grow quadratically.
+    """
+    rows_out, cols_out = [], []
+    n_values = len(values)
+    block = max(1, _BLOCK_ELEMENTS // max(n_values, 1))
+    for start in range(0, n_values, block):
+        stop = min(start + block, n_values)
+        distances = np.bitwise_count(values[start:stop, None] ^ values[None, :])
+        rows, cols = np.nonzero(distances <= threshold)
+        rows += start
+        upper = cols > rows
+        rows_out.append(rows[upper])
+        cols_out.append(cols[upper])
+    if not rows_out:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows_out), np.concatenate(cols_out)
+
+
+def group_near_duplicates(phashes: Sequence[str], threshold: int = DEFAULT_DUP_THRESHOLD) -> np.ndarray:
+    """Group ids (int64, 0..k-1 by first appearance): connected components of hash pairs
+    within Hamming distance `threshold`. Empty hashes get their own singleton groups.
+
+    Identical hashes are merged first, then the unique hashes are compared all against all
+    in blocks (uint64 XOR + `np.bitwise_count`); components come from scipy.
+    """
+    if not 0 <= threshold < 64:
+        raise ValueError(f"threshold must be between 0 and 63 bits, got {threshold}")
+    values, present = phash_to_uint64(phashes)
+    n_rows = len(values)
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    unique_values, inverse = np.unique(values[present], return_inverse=True)
+    n_unique = len(unique_values)
+
+    unique_labels = np.arange(n_unique)
+    if threshold > 0 and n_unique > 1:
+        edge_rows: list[np.ndarray] = []
+        edge_cols: list[np.ndarray] = []
+        n_edges = 0
+        block = max(1, _BLOCK_ELEMENTS // n_unique)
+        for start in range(0, n_unique, block):
+            stop = min(start + block, n_unique)
+            # compare the block only with later hashes: each pair once
+            distances = np.bitwise_count(unique_values[start:stop, None] ^ unique_values[None, start:])
+            rows, cols = np.nonzero(distances <= threshold)
+            keep = cols > rows  # drop the diagonal and the block's lower triangle
+            if keep.any():
+                edge_rows.append(rows[keep] + start)
+                edge_cols.append(cols[keep] + start)
+                n_edges += int(keep.sum())
+            if n_edges > _EDGE_COLLAPSE_AT:
+                edge_rows, edge_cols = _collapse(n_unique, edge_rows, edge_cols)
+                n_edges = len(edge_rows[0])
+        if n_edges:
+            unique_labels = _components(n_unique, np.concatenate(edge_rows), np.concatenate(edge_cols))
+
+    raw = np.empty(n_rows, dtype=np.int64)
+    raw[present] = unique_labels[inverse]
+    # rows without a hash: fresh labels past the hashed ones
+    raw[~present] = n_unique + np.arange(int((~present).sum()))
+    # renumber 0..k-1 in order of first appearance, so ids do not depend on hash values
+    _, first_index, dense = np.unique(raw, return_index=True, return_inverse=True)
+    order_of_first = np.argsort(np.argsort(first_index))
+    return order_of_first[dense].astype(np.int64)
+
+
+def merge_groupings(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Group ids of the finest grouping coarser than both (union of the two relations)."""
+    first = np.asarray(first, dtype=np.int64)
+    second = np.asarray(second, dtype=np.int64)
+    if len(first) != len(second):
+        raise ValueError(f"groupings differ in length: {len(first)} and {len(second)}")
+    if len(first) == 0:
+        return first
+    offset = int(first.max()) + 1
+    nodes = int(offset + second.max() + 1)
+    labels = _components(nodes, first, second + offset)[first]
+    _, first_index, dense = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first_index))[dense].astype(np.int64)
+
+
+def exact_duplicates(digests: Sequence[str]) -> list[list[int]]:
+    """Positions sharing the same non-empty content digest (e.g. MD5 of the image bytes),
+    as lists of 2 or more positions, ordered by first position."""
+    positions: dict[str, list[int]] = {}
+    for index, digest in enumerate(digests):
+        text = "" if digest is None else str(digest).strip().lower()
+        if text and text != "nan":
+            positions.setdefault(text, []).append(index)
+    return [members for members in positions.values() if len(members) > 1]
+
+
+def duplicate_report(
+    frame: pd.DataFrame,
+    group_ids: Sequence[int] | np.ndarray | None = None,
+    label_column: str = "label",
+) -> list[dict]:
+    """Near-duplicate groups whose members carry different labels.
+
+    `group_ids` defaults to the frame's `dup_group` column. Each entry: `dup_group`,
+    `labels` (sorted, distinct), `md5hashes`, and `splits` when the frame has a `split`.
+    """
+    groups = np.asarray(frame["dup_group"] if group_ids is None else group_ids)
+    if len(groups) != len(frame):
+        raise ValueError(f"{len(groups)} group ids for {len(frame)} rows")
+    work = pd.DataFrame(
+        {
+            "group": groups,
+            "label": frame[label_column].to_numpy(),
+            "md5hash": frame["md5hash"].to_numpy() if "md5hash" in frame else np.arange(len(frame)).astype(str),
+        }
+    )
+    if "split" in frame:
+        work["split"] = frame["split"].to_numpy()
+    n_labels = work.groupby("group")["label"].transform("nunique")
+    conflicts = []
+    for group, members in work[n_labels > 1].groupby("group", sort=True):
+        entry = {
+            "dup_group": int(group),
+            "labels": sorted(members["label"].unique().tolist()),
+            "md5hashes": members["md5hash"].tolist(),
+        }
+        if "split" in members:
+            entry["splits"] = sorted(members["split"].unique().tolist())
+        conflicts.append(entry)
+    return conflicts

@@ -1,0 +1,254 @@
+"""Read and validate the Fitzpatrick 17k CSV: the first stage of every pipeline run.
+
+`load_dataset` reads the CSV from an http(s) URL, a local path or an `s3://bucket/key` URI,
+checks it (`DatasetError` names the column and the rows of every problem found), adds
+`fitzpatrick_range` and `no_url`, and can sample at most N rows per label for quick runs.
+`dataset_fingerprint` is a content hash used as a cache/reuse key by later stages.
+
+Every column is kept as the CSV's text (`dtype=str`, blanks stay ""), so frames written back
+to CSV and read again compare equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from dermflow.storage import ObjectStore
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("md5hash", "fitzpatrick_scale", "label", "url")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "fitzpatrick_centaur",
+    "nine_partition_label",
+    "three_partition_label",
+    "qc",
+    "url_alphanum",
+)
+CSV_COLUMNS: tuple[str, ...] = (
+    "md5hash",
+    "fitzpatrick_scale",
+    "fitzpatrick_centaur",
+    "label",
+    "nine_partition_label",
+    "three_partition_label",
+    "qc",
+    "url",
+    "url_alphanum",
+)
+FITZPATRICK_RANGES: tuple[str, ...] = ("I-II", "III-IV", "V-VI", "unknown")
+UNKNOWN_RANGE = "unknown"
+_RANGE_OF_SCALE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
+
+# How many offending rows an error message lists before "... and N more".
+_ROWS_SHOWN = 5
+HTTP_TIMEOUT_SECONDS = 30.0
+
+
+class DatasetError(ValueError):
+    """The dataset CSV is malformed. `problems` holds one message per problem found."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid dataset{where}: " + "; ".join(self.problems))
+
+
+class DatasetSourceError(RuntimeError):
+    """The dataset CSV could not be read from its source (network, missing file, S3)."""
+
+
+# --------------------------------------------------------------------------- reading
+def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> bytes:
+    """The raw bytes of `source`: an http(s) URL, an `s3://bucket/key` URI or a local path.
+
+    `s3://` URIs are read through `store` (built from settings when None); a URI naming
+    another bucket than the store's is read with the store's client all the same.
+    """
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        return _read_http(text)
+    if text.startswith("s3://"):
+        return _read_s3(text, store)
+    path = Path(text).expanduser()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as error:
+        raise DatasetSourceError(f"dataset CSV not found: {path}") from error
+    except OSError as error:
+        raise DatasetSourceError(f"cannot read dataset CSV {path}: {error}") from error
+
+
+def _read_http(url: str) -> bytes:
+    import httpx
+
+    from dermflow.settings import get_settings
+
+    timeout = httpx.Timeout(HTTP_TIMEOUT_SECONDS, connect=10.0)
+    headers = {"User-Agent": get_settings().user_agent}
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True, headers=headers)
+    except httpx.TimeoutException as error:
+        raise DatasetSourceError(f"timed out reading dataset CSV from {url}: {error!r}") from error
+    except httpx.HTTPError as error:
+        raise DatasetSourceError(f"cannot reach dataset CSV at {url}: {error!r}") from error
+    if response.status_code != 200:
+        raise DatasetSourceError(f"dataset CSV at {url} answered HTTP {response.status_code}")
+    return response.content
+
+
+def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
+    from dermflow.storage import ObjectStore, StorageError, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    if not key:
+        raise DatasetSourceError(f"{uri} names a bucket but no object key")
+    store = store or ObjectStore.from_settings()
+    try:
+        if bucket == store.bucket:
+            return store.get_bytes(key)
+        return store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except StorageError as error:
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - botocore raises many types; report them all alike
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
+
+
+def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:
+    """The CSV at `source` as a frame of strings (blanks are "", never NaN). Not validated."""
+    data = read_source_bytes(source, store)
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError([f"not a readable CSV: {error}"], str(source)) from error
+
+
+# --------------------------------------------------------------------------- validation
+def fitzpatrick_range(scale: object) -> str:
+    """`I-II`, `III-IV`, `V-VI`, or `unknown` for anything that is not an integer 1..6."""
+    try:
+        number = float(str(scale).strip())
+    except ValueError:
+        return UNKNOWN_RANGE
+    if not number.is_integer():
+        return UNKNOWN_RANGE
+    return _RANGE_OF_SCALE.get(int(number), UNKNOWN_RANGE)
+
+
+def _line_list(line_numbers: Sequence[int]) -> str:
+    shown = ", ".join(str(number) for number in line_numbers[:_ROWS_SHOWN])
+    more = len(line_numbers) - _ROWS_SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
+    """Check a raw dataset frame and return a normalised copy with the derived columns.
+
+    Raises `DatasetError` listing every problem: missing required columns, malformed or
+    duplicate `md5hash`, empty `label`. Rows are named by CSV line number (the header is
+    line 1, so the first data row is line 2) and, for duplicates, by md5.
+    Unknown `fitzpatrick_scale` values (-1, blank, 7, text) are not errors: they map to the
+    `unknown` range. Rows without a URL are kept with `no_url=True`.
+    """
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    if missing:
+        raise DatasetError(
+            [f"missing required column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"],
+            source,
+        )
+    if len(frame) == 0:
+        raise DatasetError(["the CSV has a header but no rows"], source)
+
+    frame = frame.copy().reset_index(drop=True)
+    for column in frame.columns:
+        frame[column] = frame[column].fillna("").astype(str)
+    for column in OPTIONAL_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+    frame["md5hash"] = frame["md5hash"].str.strip().str.lower()
+    frame["label"] = frame["label"].str.strip()
+    frame["url"] = frame["url"].str.strip()
+    frame["qc"] = frame["qc"].str.strip()
+    line_numbers = frame.index.to_numpy() + 2
+
+    problems: list[str] = []
+    malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
+    if malformed.any():
+        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
+        problems.append(
+            f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
+            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
+        )
+    duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
+    if duplicated.any():
+        repeated = frame.loc[duplicated, "md5hash"]
+        hashes = list(dict.fromkeys(repeated))
+        shown = ", ".join(
+            f"{md5} (lines {_line_list(line_numbers[(frame['md5hash'] == md5).to_numpy()])})"
+            for md5 in hashes[:_ROWS_SHOWN]
+        )
+        more = f" and {len(hashes) - _ROWS_SHOWN} more" if len(hashes) > _ROWS_SHOWN else ""
+        problems.append(
+            f"column md5hash: {len(hashes)} value(s) appear on more than one row: {shown}{more}"
+        )
+    empty_label = frame["label"] == ""
+    if empty_label.any():
+        problems.append(
+            f"column label: {int(empty_label.sum())} row(s) have an empty label "
+            f"at line(s) {_line_list(line_numbers[empty_label.to_numpy()])}"
+        )
+    if problems:
+        raise DatasetError(problems, source)
+
+    frame["fitzpatrick_range"] = frame["fitzpatrick_scale"].map(fitzpatrick_range)
+    frame["no_url"] = frame["url"] == ""
+    ordered = [c for c in CSV_COLUMNS if c in frame.columns]
+    extra = [c for c in frame.columns if c not in ordered and c not in ("fitzpatrick_range", "no_url")]
+    return frame[ordered + extra + ["fitzpatrick_range", "no_url"]]
+
+
+# --------------------------------------------------------------------------- sampling
+def _seeded_rank_key(md5hashes: pd.Series, seed: int) -> pd.Series:
+    """A pseudo-random but reproducible sort key per row that depends only on (seed, md5)."""
+    return md5hashes.map(lambda md5: hashlib.blake2b(f"{seed}:{md5}".encode(), digest_size=8).hexdigest())
+
+
+def limit_rows_per_label(frame: pd.DataFrame, limit_per_label: int, seed: int = 0) -> pd.DataFrame:
+    """At most `limit_per_label` rows of each label, chosen reproducibly for `seed`.
+
+    The choice of a row depends only on (seed, md5hash), not on row order or on the other
+    labels, and a larger limit keeps every row a smaller limit chose. Row order is kept.
+    """
+    if limit_per_label < 1:
+        raise ValueError(f"limit_per_label must be at least 1, got {limit_per_label}")
+    keys = _seeded_rank_key(frame["md5hash"], seed)
+    rank = keys.groupby(frame["label"]).rank(method="first")
+    return frame[rank <= limit_per_label]
+
+
+def load_dataset(
+    source: str | Path,
+    store: ObjectStore | None = None,
+    limit_per_label: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Read, validate and optionally subsample the dataset CSV (see `validate_dataset`)."""
+    frame = validate_dataset(read_csv_source(source, store), source=str(source))
+    if limit_per_label is not None:
+        frame = limit_rows_per_label(frame, limit_per_label, seed).reset_index(drop=True)
+    return frame
+
+
+def dataset_fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 (hex) of the frame's content, independent of row and column order."""
+    columns = sorted(map(str, frame.columns))
+    canonical = frame[columns].astype(str).sort_values(columns, kind="mergesort")
+    buffer = io.StringIO()
+    canonical.to_csv(buffer, index=False, lineterminator="\n")
+    return hashlib.sha256(buffer.getvalue().encode()).hexdigest()
