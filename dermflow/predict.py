@@ -1,0 +1,446 @@
+"""Inference with trained models: image decoding shared with training, loading a registered
+model, predicting images (files or URLs), and evaluating a labelled set the user brings.
+
+`load_image_array` is THE decoder: training and inference both use it, so a model sees
+images prepared the same way in both. Models take float images 0-255 of shape
+(size, size, 3) and do their own preprocessing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dermflow.metrics import classification_metrics
+from dermflow.registry import resolve_model
+from dermflow.storage import ObjectStore, StorageError
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+MAX_DOWNLOAD_BYTES = 30 * 1024 * 1024
+REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
+_DECODE_THREADS = 4
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a decodable image."""
+
+
+class EvaluationError(ValueError):
+    """A labelled set that cannot be evaluated (bad CSV, nothing usable)."""
+
+
+# --- decoding -------------------------------------------------------------------------------
+def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
+    """Decode image bytes -> uint8 array (image_size, image_size, 3).
+
+    EXIF orientation applied, converted to RGB (alpha composited on white), the centred
+    square crop of the shorter side, resized bilinearly (Pillow, antialiased when shrinking).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"not a decodable image ({len(image_bytes)} bytes): {error}") from error
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    resized = image.resize(
+        (image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
+    )
+    return np.asarray(resized, dtype=np.uint8)
+
+
+# --- models ---------------------------------------------------------------------------------
+@dataclass
+class ModelBundle:
+    """A loaded model and what is needed to use it."""
+
+    model: Any
+    run_id: str
+    arch: str
+    class_names: list[str]
+    image_size: int
+    params: dict = field(default_factory=dict)
+    model_path: Path | None = None
+    model_key: str | None = None
+
+    def describe(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "arch": self.arch,
+            "model_key": self.model_key,
+            "image_size": self.image_size,
+            "n_classes": len(self.class_names),
+        }
+
+
+def load_keras_model(path: Path | str):
+    """`keras.saving.load_model` after registering dermflow's custom layers."""
+    import keras
+
+    try:
+        import dermflow.models  # noqa: F401 - registers custom layers/objects for deserialization
+    except ModuleNotFoundError as error:
+        if error.name != "dermflow.models":
+            raise
+    return keras.saving.load_model(str(path), compile=False)
+
+
+def bundle_from_model(model: Any, params: dict, *, run_id: str = "local", arch: str = "model") -> ModelBundle:
+    """A bundle around an in-memory model (tests, the training flow's evaluation)."""
+    class_names = [str(name) for name in params["class_names"]]
+    return ModelBundle(
+        model=model,
+        run_id=run_id,
+        arch=arch,
+        class_names=class_names,
+        image_size=int(params["image_size"]),
+        params=dict(params),
+    )
+
+
+def load_model_bundle(
+    store: ObjectStore,
+    run: str | None = None,
+    arch: str | None = None,
+    cache_dir: Path | str | None = None,
+) -> ModelBundle:
+    """Resolve a model (see `registry.resolve_model`), download its model.keras into
+    `cache_dir/<run_id>/<arch>/` once, and load it."""
+    run_id, arch, key, params = resolve_model(store, run, arch)
+    if cache_dir is None:
+        from dermflow.settings import get_settings
+
+        cache_dir = get_settings().local_cache_dir / "models"
+    local = Path(cache_dir) / run_id / arch / "model.keras"
+    if not local.exists():
+        store.download_file(key, local)  # atomic: an interrupted download leaves no model.keras
+    bundle = bundle_from_model(load_keras_model(local), params, run_id=run_id, arch=arch)
+    bundle.model_path = local
+    bundle.model_key = key
+    return bundle
+
+
+def _softmax_if_needed(outputs: np.ndarray) -> np.ndarray:
+    """Models end in softmax; if one returns logits instead, normalise them."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    rows_sum = outputs.sum(axis=1)
+    if outputs.size and (outputs.min() < -1e-6 or not np.allclose(rows_sum, 1.0, atol=1e-3)):
+        shifted = outputs - outputs.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        outputs = exp / exp.sum(axis=1, keepdims=True)
+    return outputs
+
+
+def predict_arrays(bundle: ModelBundle, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    """Class probabilities (n, classes) for a batch of uint8 images (n, size, size, 3).
+    `tta`: average with the horizontally flipped images."""
+    batch = np.asarray(images, dtype=np.float32)
+    if batch.ndim != 4 or batch.shape[1:] != (bundle.image_size, bundle.image_size, 3):
+        raise ValueError(
+            f"images have shape {batch.shape}; the model takes (n, {bundle.image_size}, {bundle.image_size}, 3)"
+        )
+    probs = np.asarray(bundle.model.predict_on_batch(batch))
+    if tta:
+        probs = (probs + np.asarray(bundle.model.predict_on_batch(batch[:, :, ::-1, :].copy()))) / 2.0
+    probs = _softmax_if_needed(probs)
+    if probs.shape != (len(batch), len(bundle.class_names)):
+        raise ValueError(
+            f"model output has shape {probs.shape}; params.json lists {len(bundle.class_names)} classes"
+        )
+    return probs
+
+
+def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- predicting sources ---------------------------------------------------------------------
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://"))
+
+
+def read_source(source: str, http_client=None) -> bytes:
+    """The bytes of a local path or an http(s) URL (size-capped, with timeouts)."""
+    if not is_url(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such image file: {source}")
+        return path.read_bytes()
+    import httpx
+
+    client = http_client or httpx.Client(
+        timeout=httpx.Timeout(20.0, connect=5.0), follow_redirects=True, max_redirects=5
+    )
+    try:
+        with client.stream("GET", source) as response:
+            if response.status_code != 200:
+                raise OSError(f"{source}: HTTP {response.status_code}")
+            chunks, total = [], 0
+            for chunk in response.iter_bytes():
+                total += len(chunk)
+                if total > MAX_DOWNLOAD_BYTES:
+                    raise OSError(f"{source}: larger than {MAX_DOWNLOAD_BYTES} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as error:
+        raise OSError(f"{source}: {type(error).__name__}: {error}") from error
+    finally:
+        if http_client is None:
+            client.close()
+
+
+def top_k_labels(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(class_names)))]
+    return [{"label": class_names[i], "probability": float(probs[i])} for i in order]
+
+
+def predict_images(
+    bundle: ModelBundle,
+    sources: list[str],
+    top_k: int = 5,
+    http_client=None,
+    *,
+    batch_size: int = 32,
+    tta: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[dict]:
+    """Predict local image files or http(s) URLs, in the order given.
+
+    Each result: `{"source", "top_k": [{"label", "probability"}...], "error"}`; a source that
+    cannot be read or decoded gets `top_k: []` and `error` saying why (the others still run).
+    """
+    results: list[dict] = [{"source": s, "top_k": [], "error": None} for s in sources]
+    own_client = None
+    if http_client is None and any(is_url(s) for s in sources):
+        import httpx
+
+        # one connection pool for all URLs of this call
+        own_client = http_client = httpx.Client(
+            timeout=httpx.Timeout(20.0, connect=5.0), follow_redirects=True, max_redirects=5
+        )
+
+    def decode(index: int) -> tuple[int, np.ndarray | None]:
+        try:
+            return index, load_image_array(read_source(sources[index], http_client), bundle.image_size)
+        except (OSError, ValueError) as error:
+            results[index]["error"] = str(error)
+            return index, None
+
+    done = 0
+    try:
+        with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+            for chunk in _batched(list(range(len(sources))), batch_size):
+                decoded = [(i, array) for i, array in pool.map(decode, chunk) if array is not None]
+                if decoded:
+                    probs = predict_arrays(bundle, np.stack([array for _, array in decoded]), tta=tta)
+                    for (i, _), row in zip(decoded, probs):
+                        results[i]["top_k"] = top_k_labels(row, bundle.class_names, top_k)
+                done += len(chunk)
+                if progress:
+                    progress(done, len(sources))
+    finally:
+        if own_client is not None:
+            own_client.close()
+    return results
+
+
+# --- evaluating a labelled set --------------------------------------------------------------
+def fitzpatrick_range(scale: object) -> str:
+    """Fitzpatrick 1-6 -> `I-II` / `III-IV` / `V-VI`; anything else (-1, blank) -> `unknown`."""
+    try:
+        value = int(float(str(scale).strip()))
+    except ValueError:
+        return "unknown"
+    return {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}.get(value, "unknown")
+
+
+def index_images(images_dir: Path | str) -> dict[str, Path]:
+    """`<md5hash>` (lower case, any extension or none) -> file, for the files in images_dir."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise EvaluationError(f"images directory {images_dir} does not exist")
+    index: dict[str, Path] = {}
+    with os.scandir(images_dir) as entries:
+        for entry in entries:
+            if entry.is_file() and not entry.name.startswith("."):
+                index.setdefault(entry.name.split(".", 1)[0].lower(), Path(entry.path))
+    return index
+
+
+def _score_rows(
+    bundle: ModelBundle,
+    read_bytes: Callable[[int], bytes],
+    n_rows: int,
+    *,
+    batch_size: int,
+    tta: bool,
+    progress: ProgressCallback | None,
+) -> tuple[list[int], np.ndarray, list[int]]:
+    """Decode and predict rows 0..n_rows-1 in batches -> (scored row indices, probs, unreadable)."""
+    scored: list[int] = []
+    unreadable: list[int] = []
+    probs: list[np.ndarray] = []
+
+    def decode(i: int) -> tuple[int, np.ndarray | None]:
+        try:
+            return i, load_image_array(read_bytes(i), bundle.image_size)
+        except (OSError, ValueError, StorageError):
+            return i, None
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+        for chunk in _batched(list(range(n_rows)), batch_size):
+            decoded = list(pool.map(decode, chunk))
+            unreadable += [i for i, array in decoded if array is None]
+            good = [(i, array) for i, array in decoded if array is not None]
+            if good:
+                probs.append(predict_arrays(bundle, np.stack([a for _, a in good]), tta=tta))
+                scored += [i for i, _ in good]
+            done += len(chunk)
+            if progress:
+                progress(done, n_rows)
+    y_prob = np.concatenate(probs) if probs else np.zeros((0, len(bundle.class_names)))
+    return scored, y_prob, unreadable
+
+
+def evaluate_dataset(
+    bundle: ModelBundle,
+    csv_path: Path | str,
+    images_dir: Path | str,
+    *,
+    batch_size: int = 32,
+    tta: bool = False,
+    progress: ProgressCallback | None = None,
+    max_examples: int = 10,
+) -> dict:
+    """Evaluate a model on a labelled set in the Fitzpatrick 17k schema.
+
+    Images are `<md5hash>.<any ext>` in `images_dir`. Rows whose image is missing or
+    unreadable, or whose label the model does not know, are counted under `skipped` (with
+    example md5hashes), never silently dropped. Returns `classification_metrics` keys at top
+    level (accuracy, weighted_f1, macro_f1, top3_accuracy, top5_accuracy, per_class,
+    per_range, range_gap_weighted_f1, n) plus `model`, `rows`, `evaluated`, `skipped`,
+    `skipped_examples`, `unknown_labels`, `tta`.
+    """
+    import pandas as pd
+
+    csv_path = Path(csv_path)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"cannot read {csv_path}: {error}") from error
+    missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise EvaluationError(
+            f"{csv_path} lacks column(s) {missing_columns}; it has {list(frame.columns)}"
+        )
+    images = index_images(images_dir)
+    class_index = {name: i for i, name in enumerate(bundle.class_names)}
+
+    skipped: dict[str, list[str]] = {"missing_image": [], "unknown_label": [], "unreadable_image": []}
+    unknown_labels: dict[str, int] = {}
+    usable: list[tuple[str, int, str, Path]] = []  # md5hash, class index, range, path
+    for row in frame.itertuples(index=False):
+        md5hash = str(row.md5hash).strip().lower()
+        label = str(row.label).strip()
+        if label not in class_index:
+            skipped["unknown_label"].append(md5hash)
+            unknown_labels[label] = unknown_labels.get(label, 0) + 1
+            continue
+        path = images.get(md5hash)
+        if path is None:
+            skipped["missing_image"].append(md5hash)
+            continue
+        usable.append((md5hash, class_index[label], fitzpatrick_range(row.fitzpatrick_scale), path))
+
+    scored, y_prob, unreadable = _score_rows(
+        bundle,
+        lambda i: usable[i][3].read_bytes(),
+        len(usable),
+        batch_size=batch_size,
+        tta=tta,
+        progress=progress,
+    )
+    skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
+    counts = {reason: len(hashes) for reason, hashes in skipped.items()}
+    if not scored:
+        raise EvaluationError(
+            f"none of the {len(frame)} rows of {csv_path} could be evaluated: "
+            f"{counts['missing_image']} without an image in {images_dir}, "
+            f"{counts['unknown_label']} with a label the model does not know, "
+            f"{counts['unreadable_image']} unreadable images"
+        )
+    metrics = classification_metrics(
+        [usable[i][1] for i in scored],
+        y_prob,
+        bundle.class_names,
+        ranges=[usable[i][2] for i in scored],
+    )
+    return {
+        **metrics,
+        "model": bundle.describe(),
+        "csv": str(csv_path),
+        "images_dir": str(images_dir),
+        "rows": int(len(frame)),
+        "evaluated": len(scored),
+        "skipped": counts,
+        "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in skipped.items()},
+        "unknown_labels": dict(sorted(unknown_labels.items(), key=lambda kv: -kv[1])),
+        "tta": tta,
+    }
+
+
+def evaluate_split(
+    bundle: ModelBundle,
+    store: ObjectStore,
+    split_key: str,
+    split: str = "test",
+    *,
+    batch_size: int = 32,
+    tta: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict:
+    """Score a model on one split of a split manifest in the bucket (`manifests/split-*.csv`),
+    e.g. to re-score a champion on a challenger's test split before deciding a promotion.
+    Rows whose label the model does not know are counted in `skipped.unknown_label`."""
+    frame = store.get_dataframe_csv(split_key)
+    frame = frame[frame["split"] == split]
+    class_index = {name: i for i, name in enumerate(bundle.class_names)}
+    known = frame[frame["label"].isin(class_index)].reset_index(drop=True)
+    keys = [key or f"images/{md5}" for key, md5 in zip(known["key"], known["md5hash"])]
+    scored, y_prob, unreadable = _score_rows(
+        bundle, lambda i: store.get_bytes(keys[i]), len(known), batch_size=batch_size, tta=tta, progress=progress
+    )
+    if not scored:
+        raise EvaluationError(f"no row of split {split!r} in {split_key} could be scored")
+    metrics = classification_metrics(
+        [class_index[known["label"][i]] for i in scored],
+        y_prob,
+        bundle.class_names,
+        ranges=[known["fitzpatrick_range"][i] for i in scored],
+    )
+    return {
+        **metrics,
+        "split_key": split_key,
+        "split": split,
+        "skipped": {"unknown_label": int(len(frame) - len(known)), "unreadable_image": len(unreadable)},
+    }
