@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dermflow.ingest import fitzpatrick_range
 from dermflow.metrics import classification_metrics
 from dermflow.registry import resolve_model
 from dermflow.storage import ObjectStore, StorageError
@@ -225,10 +226,11 @@ def predict_images(
 ) -> list[dict]:
     """Predict local image files or http(s) URLs, in the order given.
 
-    Each result: `{"source", "top_k": [{"label", "probability"}...], "error"}`; a source that
-    cannot be read or decoded gets `top_k: []` and `error` saying why (the others still run).
+    Each result: `{"source", "top": [{"label", "probability"}...] (the top_k most probable),
+    "error"}`; a source that cannot be read or decoded gets `top: []` and `error` saying why
+    (the others still run).
     """
-    results: list[dict] = [{"source": s, "top_k": [], "error": None} for s in sources]
+    results: list[dict] = [{"source": s, "top": [], "error": None} for s in sources]
     own_client = None
     if http_client is None and any(is_url(s) for s in sources):
         import httpx
@@ -253,7 +255,7 @@ def predict_images(
                 if decoded:
                     probs = predict_arrays(bundle, np.stack([array for _, array in decoded]), tta=tta)
                     for (i, _), row in zip(decoded, probs):
-                        results[i]["top_k"] = top_k_labels(row, bundle.class_names, top_k)
+                        results[i]["top"] = top_k_labels(row, bundle.class_names, top_k)
                 done += len(chunk)
                 if progress:
                     progress(done, len(sources))
@@ -263,16 +265,29 @@ def predict_images(
     return results
 
 
+def explain_image(
+    bundle: ModelBundle,
+    source: str,
+    out_path: Path | str,
+    *,
+    class_index: int | None = None,
+    http_client=None,
+) -> dict:
+    """Write a PNG of the image (as the model sees it) with its Grad-CAM heatmap for
+    `class_index` (default: the predicted class). Returns `{"path", "label", "class_index"}`."""
+    from dermflow.saliency import grad_cam, overlay_heatmap
+
+    image = load_image_array(read_source(source, http_client), bundle.image_size)
+    if class_index is None:
+        class_index = int(predict_arrays(bundle, image[None])[0].argmax())
+    heatmap = grad_cam(bundle.model, image, class_index=class_index)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(overlay_heatmap(image, heatmap))
+    return {"path": str(out_path), "label": bundle.class_names[class_index], "class_index": class_index}
+
+
 # --- evaluating a labelled set --------------------------------------------------------------
-def fitzpatrick_range(scale: object) -> str:
-    """Fitzpatrick 1-6 -> `I-II` / `III-IV` / `V-VI`; anything else (-1, blank) -> `unknown`."""
-    try:
-        value = int(float(str(scale).strip()))
-    except ValueError:
-        return "unknown"
-    return {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}.get(value, "unknown")
-
-
 def index_images(images_dir: Path | str) -> dict[str, Path]:
     """`<md5hash>` (lower case, any extension or none) -> file, for the files in images_dir."""
     images_dir = Path(images_dir)

@@ -117,6 +117,7 @@ def grad_cam(
 
     feature_layer = find_feature_layer(model, layer_name)
     softmax_layer = _final_softmax_layer(model)
+    original_activation = softmax_layer.activation if softmax_layer is not None else None
     captured: dict[str, Any] = {}
     original_call = feature_layer.call
     had_own_call = "call" in feature_layer.__dict__
@@ -141,7 +142,7 @@ def grad_cam(
             else:
                 object.__delattr__(feature_layer, "call")
             if softmax_layer is not None:
-                object.__setattr__(softmax_layer, "activation", keras.activations.softmax)
+                object.__setattr__(softmax_layer, "activation", original_activation)
         if isinstance(outputs, (list, tuple)):
             outputs = outputs[0]
         n_classes = int(outputs.shape[-1])

@@ -20,6 +20,7 @@ from dermflow.predict import (
     ImageDecodeError,
     evaluate_dataset,
     evaluate_split,
+    explain_image,
     load_image_array,
     load_model_bundle,
     predict_images,
@@ -134,10 +135,10 @@ def test_evaluate_agrees_with_predict_and_counts_what_it_skips(saved_model, labe
                               progress=lambda done, total: progress.append((done, total)))
 
     predictions = predict_images(bundle, [str(path) for path, _, _ in usable], top_k=3)
-    assert all(p["error"] is None and len(p["top_k"]) == 3 for p in predictions)
+    assert all(p["error"] is None and len(p["top"]) == 3 for p in predictions)
     # the colour model is right about every image's colour
-    assert [p["top_k"][0]["label"] for p in predictions] == [colour for _, _, colour in usable]
-    hits = [p["top_k"][0]["label"] == label for p, (_, label, _) in zip(predictions, usable)]
+    assert [p["top"][0]["label"] for p in predictions] == [colour for _, _, colour in usable]
+    hits = [p["top"][0]["label"] == label for p, (_, label, _) in zip(predictions, usable)]
     assert report["accuracy"] == pytest.approx(np.mean(hits))
     assert report["accuracy"] < 1.0  # the mislabelled rows count as misses
 
@@ -207,11 +208,21 @@ def test_predict_urls_and_report_bad_sources(saved_model, labelled_set, tmp_path
         server.shutdown()
         server.server_close()
     by_url, local, missing_url, missing_file = results
-    assert by_url["error"] is None and by_url["top_k"] == local["top_k"]
-    assert by_url["top_k"][0]["label"] == usable[0][2]
-    assert sum(item["probability"] for item in by_url["top_k"]) <= 1.0 + 1e-6
-    assert "404" in missing_url["error"] and missing_url["top_k"] == []
+    assert by_url["error"] is None and by_url["top"] == local["top"]
+    assert by_url["top"][0]["label"] == usable[0][2]
+    assert sum(item["probability"] for item in by_url["top"]) <= 1.0 + 1e-6
+    assert "404" in missing_url["error"] and missing_url["top"] == []
     assert "no such image file" in missing_file["error"]
+
+
+def test_explain_image_writes_a_saliency_png(saved_model, labelled_set, tmp_path):
+    _, _, usable = labelled_set
+    bundle = load_model_bundle(saved_model, RUN_ID, cache_dir=tmp_path / "cache")
+    path, _, colour = usable[2]
+    explained = explain_image(bundle, str(path), tmp_path / "out" / "cam.png")
+    assert explained["label"] == colour
+    with Image.open(explained["path"]) as png:
+        assert png.format == "PNG" and png.size == (SIZE, SIZE)
 
 
 def test_load_image_array_crops_the_centre_square_and_resizes():
