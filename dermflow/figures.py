@@ -265,7 +265,8 @@ def reliability_diagram(
         axes.bar(centers[has], bin_accuracy[has], width=width[has], color="#4c72b0", edgecolor="#222", label="accuracy in bin")
         gap_bottom = np.minimum(bin_accuracy, bin_confidence)[has]
         axes.bar(centers[has], np.abs(bin_confidence - bin_accuracy)[has], bottom=gap_bottom, width=width[has],
-                 color="#dd8452", alpha=0.45, edgecolor="#dd8452", hatch="//", label="gap to confidence")
+                 facecolor=(0.87, 0.52, 0.32, 0.25), edgecolor="#c0392b", hatch="//", linewidth=1,
+                 label="gap between accuracy and confidence")
         axes.plot([0, 1], [0, 1], "--", color="#333", label="perfect calibration")
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1)
@@ -450,7 +451,7 @@ def thumbnail_gallery(rows: Sequence[tuple[str, Sequence[Thumbnail]]], *, title:
         return to_png(figure)
 
 
-def decode_thumbnail(data: bytes, size: int = 160) -> np.ndarray:
+def decode_thumbnail(data: bytes, size: int = 256) -> np.ndarray:
     """Image bytes -> RGB uint8 array at most `size` pixels on its long side (JPEG decoded at reduced scale)."""
     from PIL import Image
 

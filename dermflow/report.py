@@ -8,10 +8,12 @@ only extra computed here is the expected calibration error, which that module do
 `build_report(inputs)` -> `Report` (html, figures, metrics, summary_markdown, table_rows);
 `write_report(report, store, run_id)` uploads it under `runs/<run_id>/`.
 
-Expected `data_summary` keys (all optional; missing ones are shown as "not recorded"):
-`rows`, `fetched_ok`, `failed_by_reason` {reason: n}, `split_sizes` {split: n},
-`split_by_label` {split: {label: n}}, `split_by_range` {split: {range: n}},
-`duplicates` {groups, images, cross_split, exact, label_conflicts}, `label_quality` {name: n}.
+`data_summary` is read as `tasks.runs.data_summary` builds it: `rows`, `fetch` (from
+`fetch.summarize_manifest`: ok, failed, by_reason, md5_mismatch, bytes), the split summary's
+`sizes`, `per_label` {label: {split: n}}, `per_range` {range: {split: n}}, `duplicates`,
+`label_quality`. Flat alternatives are accepted too: `fetched_ok`, `failed_by_reason`,
+`split_sizes`, `split_by_label` / `split_by_range` ({split: {label or range: n}}). Every key is
+optional; what is missing shows as "not recorded".
 """
 
 from __future__ import annotations
@@ -68,22 +70,27 @@ FIGURE_TITLES = {
 # --- inputs and outputs ---------------------------------------------------------------------
 @dataclass
 class Predictions:
-    """One split's predictions: class indices, probabilities (n x classes), image ids, ranges."""
+    """One split's predictions: class indices, probabilities (n x classes), image ids, ranges.
+
+    `md5hash` may be None (no thumbnails then); `fitzpatrick_range` may be None (no per-range metrics).
+    """
 
     y_true: np.ndarray
     y_prob: np.ndarray
-    md5hash: np.ndarray
-    fitzpatrick_range: np.ndarray
+    md5hash: np.ndarray | None = None
+    fitzpatrick_range: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.y_true = np.asarray(self.y_true, dtype=int)
         self.y_prob = np.asarray(self.y_prob, dtype=float)
-        self.md5hash = np.asarray(self.md5hash, dtype=str)
-        self.fitzpatrick_range = np.asarray(self.fitzpatrick_range, dtype=str)
         n = len(self.y_true)
+        self.md5hash = np.asarray(self.md5hash if self.md5hash is not None else [""] * n, dtype=str)
+        if self.fitzpatrick_range is not None:
+            self.fitzpatrick_range = np.asarray(self.fitzpatrick_range, dtype=str)
         for name in ("md5hash", "fitzpatrick_range"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"predictions: {name} has {len(getattr(self, name))} rows; y_true has {n}")
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"predictions: {name} has {len(value)} rows; y_true has {n}")
         if self.y_prob.ndim != 2 or self.y_prob.shape[0] != n:
             raise ValueError(f"predictions: y_prob has shape {self.y_prob.shape}; expected ({n}, classes)")
 
@@ -112,15 +119,50 @@ def predictions_from_npz(data: bytes | Mapping[str, np.ndarray]) -> dict[str, Pr
 
 @dataclass
 class ArchResult:
-    """One architecture's outcome. `status` "ok" needs `class_names` and `test`; "failed" needs `error`."""
+    """One architecture's outcome.
+
+    `status` "ok" needs `class_names` and the test predictions (`y_true`, `y_prob`, `md5hash`,
+    `fitzpatrick_range`); the `verified_*` arrays are optional. "failed" needs `error`.
+    """
 
     status: str
+    error: str | None = None
     class_names: Sequence[str] = ()
-    test: Predictions | None = None
-    verified_test: Predictions | None = None
+    y_true: np.ndarray | None = None
+    y_prob: np.ndarray | None = None
+    md5hash: np.ndarray | None = None
+    fitzpatrick_range: np.ndarray | None = None
+    verified_y_true: np.ndarray | None = None
+    verified_y_prob: np.ndarray | None = None
+    verified_md5hash: np.ndarray | None = None
+    verified_fitzpatrick_range: np.ndarray | None = None
     history: Mapping[str, Sequence[float]] = field(default_factory=dict)
     seconds: float | None = None
-    error: str | None = None
+
+    @property
+    def test(self) -> Predictions | None:
+        if self.y_true is None or self.y_prob is None:
+            return None
+        return Predictions(self.y_true, self.y_prob, self.md5hash, self.fitzpatrick_range)
+
+    @property
+    def verified_test(self) -> Predictions | None:
+        if self.verified_y_true is None or self.verified_y_prob is None:
+            return None
+        return Predictions(self.verified_y_true, self.verified_y_prob, self.verified_md5hash,
+                           self.verified_fitzpatrick_range)
+
+    @classmethod
+    def from_predictions(cls, class_names: Sequence[str], test: Predictions, verified_test: Predictions | None = None,
+                         **fields: Any) -> "ArchResult":
+        """An "ok" result from `Predictions` (e.g. from `predictions_from_npz`)."""
+        verified: dict[str, Any] = {}
+        if verified_test is not None:
+            verified = {"verified_y_true": verified_test.y_true, "verified_y_prob": verified_test.y_prob,
+                        "verified_md5hash": verified_test.md5hash,
+                        "verified_fitzpatrick_range": verified_test.fitzpatrick_range}
+        return cls(status="ok", class_names=list(class_names), y_true=test.y_true, y_prob=test.y_prob,
+                   md5hash=test.md5hash, fitzpatrick_range=test.fitzpatrick_range, **verified, **fields)
 
 
 @dataclass
@@ -325,7 +367,7 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
 
 def _thumbnail(inputs: ReportInputs, md5: str, caption: str, correct: bool) -> fig.Thumbnail:
     image = heatmap = None
-    if inputs.load_image is not None:
+    if inputs.load_image is not None and md5:
         try:
             image = fig.decode_thumbnail(inputs.load_image(md5))
         except Exception as error:  # noqa: BLE001 - one unreadable image must not sink the report
@@ -447,12 +489,43 @@ def build_figures(inputs: ReportInputs, metrics: Mapping[str, Any]) -> dict[str,
     trials = list(inputs.tuning_trials or [])
     if trials:
         figures["tuning"] = fig.tuning_chart(trials, _numeric_hyperparameters(trials))
-    data = inputs.data_summary
-    if data.get("failed_by_reason") is not None and data.get("fetched_ok") is not None:
+    data = data_view(inputs.data_summary)
+    if data["failed_by_reason"] is not None and data["fetched_ok"] is not None:
         figures["fetch_outcomes"] = fig.fetch_outcomes_chart(int(data["fetched_ok"]), dict(data["failed_by_reason"]))
     if data.get("split_by_range"):
         figures["split_by_range"] = fig.split_by_range_chart(dict(data["split_by_range"]), RANGE_ORDER)
     return figures
+
+
+def _transpose(nested: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for outer, inner in (nested or {}).items():
+        for key, value in inner.items():
+            out.setdefault(key, {})[outer] = value
+    return out
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def data_view(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The data summary in one shape, whichever of the accepted key sets it came with."""
+    fetch = data.get("fetch") or {}
+    return {
+        "rows": _first(data.get("rows"), fetch.get("rows")),
+        "fetched_ok": _first(data.get("fetched_ok"), fetch.get("ok")),
+        "failed_by_reason": _first(data.get("failed_by_reason"), fetch.get("by_reason")),
+        "md5_mismatch": fetch.get("md5_mismatch"),
+        "bytes": fetch.get("bytes"),
+        "split_sizes": _first(data.get("split_sizes"), data.get("sizes")),
+        "split_by_range": data.get("split_by_range") or _transpose(data.get("per_range")),
+        "split_by_label": data.get("split_by_label") or _transpose(data.get("per_label")),
+        "duplicates": data.get("duplicates") or {},
+        "label_quality": data.get("label_quality") or {},
+        "dropped_labels": data.get("dropped_labels") or [],
+        "label_repairs": data.get("label_repairs"),
+    }
 
 
 def _numeric_hyperparameters(trials: Sequence[Mapping]) -> list[str]:
@@ -479,8 +552,9 @@ body{margin:0;font:15px/1.5 "DejaVu Sans",system-ui,-apple-system,"Segoe UI",Rob
 header{background:#17324d;color:#fff;padding:22px 32px}
 header h1{margin:0 0 4px;font-size:26px}
 header p{margin:0;color:#c9d6e3}
-nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(--line);padding:8px 32px;font-size:13.5px}
-nav a{color:var(--accent);text-decoration:none;margin-right:14px;white-space:nowrap}
+nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(--line);padding:8px 32px;font-size:13.5px;
+ display:flex;flex-wrap:wrap;gap:4px 14px}
+nav a{color:var(--accent);text-decoration:none;white-space:nowrap}
 main{max-width:1280px;margin:0 auto;padding:8px 32px 48px}
 section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:18px 24px;margin:18px 0}
 h2{margin:0 0 10px;font-size:21px;color:#17324d}
@@ -492,7 +566,7 @@ h3{margin:18px 0 8px;font-size:16.5px}
 .card .k{color:var(--muted);font-size:12.5px;text-transform:uppercase;letter-spacing:.03em}
 table{border-collapse:collapse;margin:8px 0;font-size:13.5px}
 th,td{border-bottom:1px solid var(--line);padding:5px 10px;text-align:left;vertical-align:top}
-th{background:#eef2f6;position:sticky;top:38px}
+th{background:#eef2f6}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th::after{content:" \\2195";color:#9aa5b1;font-size:11px}
@@ -501,7 +575,7 @@ table.sortable th[aria-sort=descending]::after{content:" \\25BC";color:var(--acc
 tr.best td{background:#eef7f0;font-weight:bold}
 tr.failed td{color:var(--bad)}
 .scroll{max-height:560px;overflow:auto;border:1px solid var(--line);border-radius:6px}
-.scroll th{top:0}
+.scroll th{position:sticky;top:0}
 figure{margin:12px 0}
 figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px;background:#fff}
 .frame{overflow:auto;max-height:1100px;border:1px solid var(--line);border-radius:6px}
@@ -543,7 +617,12 @@ def _e(value: Any) -> str:
 def _num_cell(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         return f'<td class="n" data-v="-1">{_e(_fmt(value, digits))}</td>'
-    text = f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+    if isinstance(value, int):
+        text = f"{value:,}"
+    elif value != 0 and abs(value) < 0.01:  # learning rates and the like
+        text = f"{value:.3g}"
+    else:
+        text = f"{value:.{digits}f}"
     return f'<td class="n" data-v="{value}">{text}</td>'
 
 
@@ -615,20 +694,27 @@ def _html_summary(metrics: Mapping, inputs: ReportInputs) -> str:
                     f'All metrics are computed on held-out test rows.</p>')
 
 
-def _html_data(data: Mapping, figures: Mapping[str, bytes]) -> str:
+def _html_data(summary: Mapping, figures: Mapping[str, bytes]) -> str:
+    data = data_view(summary)
     parts = []
-    overview = {"dataset rows": data.get("rows"), "images fetched": data.get("fetched_ok")}
-    failed = data.get("failed_by_reason")
+    overview = {"dataset rows": data["rows"], "images fetched": data["fetched_ok"]}
+    failed = data["failed_by_reason"]
     if failed is not None:
         overview["fetch failures"] = int(sum(failed.values()))
-    parts.append(_table(["", "rows"], [[k, v if v is not None else "not recorded"] for k, v in overview.items()],
+    if data["md5_mismatch"] is not None:
+        overview["fetched images whose MD5 differs from the dataset's"] = data["md5_mismatch"]
+    if data["bytes"] is not None:
+        overview["image megabytes stored"] = int(round(data["bytes"] / 1e6))
+    parts.append(_table(["", "count"], [[k, v if v is not None else "not recorded"] for k, v in overview.items()],
                         numeric=[False, True]))
+    if data["dropped_labels"]:
+        parts.append(f'<p class="bad">Labels dropped for too few images: {_e(", ".join(map(str, data["dropped_labels"])))}</p>')
     if failed:
         parts.append("<h3>Fetch failures by reason</h3>")
         parts.append(_table(["reason", "rows"], sorted(failed.items(), key=lambda kv: -kv[1]), numeric=[False, True]))
     parts.append(_img(figures, "fetch_outcomes", "Every dataset row's fetch outcome; failed rows are excluded from training and evaluation."))
-    split_by_range = data.get("split_by_range") or {}
-    split_sizes = data.get("split_sizes") or {s: int(sum(v.values())) for s, v in split_by_range.items()}
+    split_by_range = data["split_by_range"]
+    split_sizes = data["split_sizes"] or {s: int(sum(v.values())) for s, v in split_by_range.items()}
     if split_sizes:
         parts.append("<h3>Split sizes</h3>")
         ranges = [r for r in RANGE_ORDER if any(r in v for v in split_by_range.values())]
@@ -636,7 +722,7 @@ def _html_data(data: Mapping, figures: Mapping[str, bytes]) -> str:
         rows = [[s, n, *[split_by_range.get(s, {}).get(r, 0) for r in ranges]] for s, n in split_sizes.items()]
         parts.append(_table(headers, rows, numeric=[False] + [True] * (len(headers) - 1)))
     parts.append(_img(figures, "split_by_range", "Rows per split, stacked by Fitzpatrick skin-type range."))
-    split_by_label = data.get("split_by_label") or {}
+    split_by_label = data["split_by_label"]
     if split_by_label:
         splits = list(split_by_label)
         labels = sorted({lab for v in split_by_label.values() for lab in v},
@@ -645,18 +731,30 @@ def _html_data(data: Mapping, figures: Mapping[str, bytes]) -> str:
         parts.append(f"<details><summary>Split sizes per label ({len(labels)} labels; click to open, headers sort)</summary>"
                      f'<div class="scroll">{_table(["label", *splits], rows, sortable=True, table_id="split-by-label", numeric=[False] + [True] * len(splits))}</div></details>')
     quality = []
-    duplicates = data.get("duplicates")
-    if duplicates:
-        names = {"groups": "near-duplicate groups", "images": "images in those groups",
-                 "cross_split": "groups spanning splits (before assignment)", "exact": "exact duplicates",
-                 "label_conflicts": "groups with conflicting labels"}
-        quality += [[names.get(k, k), v] for k, v in duplicates.items()]
-    label_quality = data.get("label_quality")
-    if label_quality:
-        quality += [[f"label quality: {k}", v] for k, v in label_quality.items()]
+    duplicates = data["duplicates"]
+    names = {"groups": "near-duplicate groups", "images": "images in near-duplicate groups",
+             "cross_split": "groups spanning train/val/test splits", "exact": "groups of exact (byte-identical) duplicates",
+             "label_conflict_groups": "groups whose members carry different labels",
+             "label_conflicts": "groups whose members carry different labels"}
+    conflicts = []
+    for key, value in duplicates.items():
+        if isinstance(value, (list, tuple)):  # the listed conflicting groups themselves
+            conflicts = list(value)
+            if "label_conflict_groups" not in duplicates:
+                quality.append([names.get(key, key), len(value)])
+        elif not isinstance(value, Mapping):
+            quality.append([names.get(key, key.replace("_", " ")), value])
+    for key, value in data["label_quality"].items():
+        quality.append([f"label quality: {key.replace('_', ' ')}", value])
     parts.append('<h3 id="duplicates">Duplicates and label quality</h3>')
     parts.append(_table(["check", "count"], quality, numeric=[False, True]) if quality
                  else _not_recorded("Duplicate and label-quality counts"))
+    if conflicts:
+        rows = [[c.get("dup_group", ""), ", ".join(map(str, c.get("labels", []))),
+                 ", ".join(map(str, c.get("splits", []))), len(c.get("md5hashes", []))]
+                for c in conflicts if isinstance(c, Mapping)]
+        parts.append(f"<details><summary>Near-duplicate groups with conflicting labels ({len(rows)} listed)</summary>"
+                     + _table(["group", "labels", "splits", "images"], rows) + "</details>")
     return _section("data", "".join(parts))
 
 

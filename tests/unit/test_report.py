@@ -81,9 +81,8 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
     architectures = {}
     for name, skill in (("efficientnetb0", 0.55), ("resnet50", 0.4), ("mobilenetv3", 0.3)):
         epochs = 6
-        architectures[name] = ArchResult(
-            status="ok",
-            class_names=names,
+        architectures[name] = ArchResult.from_predictions(
+            names,
             test=_predictions(rng, y_true, skill, md5, ranges, n_classes),
             verified_test=_predictions(rng, y_verified, skill + 0.1, md5_verified, ranges_verified, n_classes)
             if name != "mobilenetv3" else None,
@@ -96,10 +95,19 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
             },
             seconds=120.0 + 10 * skill,
         )
+    # the orchestrator fills the flat fields itself, without verified image ids
+    resnet = architectures["resnet50"]
+    architectures["resnet50"] = ArchResult(
+        status="ok", class_names=names, y_true=resnet.y_true, y_prob=resnet.y_prob, md5hash=resnet.md5hash,
+        fitzpatrick_range=resnet.fitzpatrick_range, verified_y_true=resnet.verified_y_true,
+        verified_y_prob=resnet.verified_y_prob, verified_fitzpatrick_range=resnet.verified_fitzpatrick_range,
+        history=resnet.history, seconds=resnet.seconds)
     architectures["inceptionv3"] = ArchResult(status="failed", error="ResourceExhaustedError: OOM when allocating "
                                               "tensor with shape [64,299,299,3] | while training epoch 2")
-    split_by_label = {s: {n: int(rng.integers(1, 40)) for n in names} for s in ("train", "val", "test", "verified_test")}
-    split_by_range = {s: {r: int(rng.integers(10, 3000)) for r in RANGE_ORDER} for s in ("train", "val", "test", "verified_test", "excluded")}
+    splits = ("train", "val", "test", "verified_test", "excluded")
+    per_label = {n: {s: int(rng.integers(1, 40)) for s in splits} for n in names}
+    per_range = {r: {s: int(rng.integers(10, 3000)) for s in splits} for r in RANGE_ORDER}
+    failed_by_reason = {"http_404": 2000, "timeout": 300, "no_url": 41, "not_an_image": 236}
     trials = [{"trial_id": f"{i:02d}", "score": float(rng.uniform(0.2, 0.5)),
                "hyperparameters": {"learning_rate": float(10 ** rng.uniform(-5, -2)), "dropout": float(rng.uniform(0, 0.5)),
                                    "dense_units": int(rng.choice([128, 256, 512])), "optimizer": "adam"}}
@@ -108,12 +116,18 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
         run_id=f"20261126-101500-synthetic-{seed}",
         params={"architectures": list(architectures), "epochs": 6, "image_size": 224, "seed": seed,
                 "tuning": {"max_trials": 8}},
+        # the shape tasks.runs.data_summary gives: fetch.summarize_manifest + split.split_summary
         data_summary={
-            "rows": 16577, "fetched_ok": 14000,
-            "failed_by_reason": {"http_404": 2000, "timeout": 300, "no_url": 41, "not_an_image": 236},
-            "split_by_label": split_by_label, "split_by_range": split_by_range,
-            "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflicts": 25},
-            "label_quality": {"qc_wrongly_labelled": 20, "qc_reviewed": 504},
+            "rows": 16577, "labels": n_classes,
+            "fetch": {"rows": 16577, "ok": 14000, "failed": 2577, "by_status": {"ok": 14000, "failed": 2577},
+                      "by_reason": failed_by_reason, "md5_mismatch": 3, "bytes": 1_234_000_000},
+            "sizes": {s: int(sum(per_range[r][s] for r in RANGE_ORDER)) for s in splits},
+            "per_label": per_label, "per_range": per_range,
+            "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflict_groups": 1,
+                           "label_conflicts": [{"dup_group": 17, "labels": [names[0], names[5]],
+                                                "md5hashes": ["a" * 32, "b" * 32], "splits": ["train", "test"]}]},
+            "label_quality": {"wrongly_labelled_excluded": 20, "diagnostic_verified_test": 504},
+            "dropped_labels": [],
         },
         architectures=architectures,
         tuning_trials=trials,
@@ -153,6 +167,9 @@ def test_every_section_and_figure_is_present(built):
     assert "not for clinical use" in built.html.lower()
     # failed architecture and its reason, escaped
     assert "inceptionv3" in built.html and "ResourceExhaustedError" in built.html
+    # the data summary as the pipeline gives it: fetch outcomes, split tables, duplicates, label quality
+    assert "groups whose members carry different labels" in built.html and "wrongly labelled excluded" in built.html
+    assert 'id="split-by-label"' in built.html and "2,000" in built.html
 
 
 def test_html_is_self_contained(built):
@@ -265,6 +282,16 @@ def test_all_failed_still_builds_a_report():
     for section_id in SECTION_IDS:
         assert f'id="{section_id}"' in report.html
     assert "confusion_all_labels" not in report.figures
+
+
+def test_flat_data_summary_keys_are_accepted_too():
+    inputs = make_inputs(n_rows=60, n_classes=10, with_images=False)
+    inputs.data_summary = {"rows": 100, "fetched_ok": 90, "failed_by_reason": {"http_404": 10},
+                           "split_by_range": {"train": {"I-II": 50}, "test": {"V-VI": 40}}}
+    report = build_report(inputs)
+    assert {"fetch_outcomes", "split_by_range"} <= set(report.figures)
+    assert report.metrics["duplicates"] is None
+    assert "Duplicate and label-quality counts: not recorded" in report.html
 
 
 def test_missing_images_give_placeholders_not_errors():

@@ -1,0 +1,182 @@
+"""The report page in a real headless Chromium: loads offline, every image decodes, tables sort.
+
+Chromium is driven over the DevTools protocol (a small websocket client) so that failed
+requests, script errors and image sizes come from the browser itself. Screenshots go to
+`test-artifacts/` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1366,900",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        script = PROJECT_ROOT / "scripts" / "install-chromium.sh"
+        try:
+            result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.skip("chromium is missing and scripts/install-chromium.sh timed out")
+        if result.returncode != 0 or not CHROMIUM.exists():
+            pytest.skip(f"chromium is missing and scripts/install-chromium.sh failed: {result.stderr.strip()[-300:]}")
+    return CHROMIUM
+
+
+class DevTools:
+    """Just enough of the DevTools protocol: commands by id, events collected while waiting."""
+
+    def __init__(self, websocket_url: str):
+        from websockets.sync.client import connect
+
+        self.socket = connect(websocket_url, max_size=None, open_timeout=20)
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def send(self, method: str, timeout: float = 60, **params) -> dict:
+        self.next_id += 1
+        command_id = self.next_id
+        self.socket.send(json.dumps({"id": command_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.socket.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if message.get("id") == command_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            if "method" in message:
+                self.events.append(message)
+
+    def wait_for(self, event: str, timeout: float = 60) -> dict:
+        for seen in self.events:
+            if seen["method"] == event:
+                return seen
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.socket.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if "method" in message:
+                self.events.append(message)
+                if message["method"] == event:
+                    return message
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path))
+    process = subprocess.Popen(
+        [str(chromium), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if process.poll() is not None:
+                pytest.fail(f"chromium exited with {process.returncode}: {process.stderr.read().decode()[-500:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("chromium did not open its DevTools port within 60 s")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            pages = [t for t in json.load(response) if t["type"] == "page"]
+        devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        yield devtools
+        devtools.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _save_screenshot(devtools: DevTools, path: Path, *, full_page: bool) -> None:
+    import base64
+
+    params: dict = {"format": "png"}
+    if full_page:
+        size = devtools.send("Page.getLayoutMetrics")["cssContentSize"]
+        params.update(captureBeyondViewport=True,
+                      clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 0.5})
+    data = devtools.send("Page.captureScreenshot", timeout=120, **params)["data"]
+    path.write_bytes(base64.b64decode(data))
+
+
+def test_report_page_loads_offline_and_every_figure_decodes(browser, tmp_path):
+    from tests.unit.test_report import make_inputs
+
+    from dermflow.report import build_report
+
+    report = build_report(make_inputs(seed=2))
+    page = tmp_path / "report.html"
+    page.write_text(report.html, encoding="utf-8")
+
+    for domain in ("Page", "Network", "Runtime", "Log"):
+        browser.send(f"{domain}.enable")
+    browser.send("Page.navigate", url=page.as_uri())
+    browser.wait_for("Page.loadEventFired", timeout=90)
+
+    requests = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
+    failed = [e["params"] for e in browser.events if e["method"] == "Network.loadingFailed"]
+    errors = [e["params"] for e in browser.events
+              if e["method"] == "Runtime.exceptionThrown"
+              or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert failed == [], failed
+    assert errors == [], errors
+    assert [url for url in requests if not url.startswith(("file:", "data:"))] == []
+
+    images = browser.evaluate(
+        "Array.from(document.images).map(i => ({name: i.dataset.figure, complete: i.complete,"
+        " w: i.naturalWidth, h: i.naturalHeight}))")
+    assert len(images) == len(report.figures)
+    assert {i["name"] for i in images} == set(report.figures)
+    for image in images:
+        assert image["complete"] and image["w"] > 0 and image["h"] > 0, image
+
+    sections = browser.evaluate("Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)")
+    assert "Per class" in sections and "Licence & use" in sections
+
+    # header click sorts the per-class table by support, descending on the second click
+    order = browser.evaluate("""(() => {
+        const th = document.querySelectorAll('#per-class-table th')[1];
+        th.click(); th.click();
+        return Array.from(document.querySelectorAll('#per-class-table tbody tr'))
+            .map(r => parseFloat(r.cells[1].dataset.v));
+    })()""")
+    assert order == sorted(order, reverse=True) and order[0] > order[-1]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.evaluate("window.scrollTo(0, 0)")
+    _save_screenshot(browser, ARTIFACTS / "report-browser-top.png", full_page=False)
+    _save_screenshot(browser, ARTIFACTS / "report-browser-full.png", full_page=True)
+    (ARTIFACTS / "report-browser.html").write_text(report.html, encoding="utf-8")
+    assert (ARTIFACTS / "report-browser-top.png").stat().st_size > 10_000
