@@ -332,6 +332,80 @@ def challenge_champion(
     return {"promoted": promoted, "reason": reason, "scores": scores, "champion": champion}
 
 
+def evaluate_challenger(
+    store: ObjectStore,
+    *,
+    challenger_run: str,
+    challenger_arch: str,
+    challenger_score: float | None = None,
+    split_key: str | None = None,
+    split_hash: str | None = None,
+    min_improvement: float = 0.0,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """The promotion step of a flow: compare a registered model with its label set's champion
+    on the same test split, promote it if it wins, and say why.
+
+    The champion's registered score is used when it was scored on `split_hash`; otherwise the
+    champion model is downloaded and re-scored on the test rows of `split_key` (the
+    challenger's split manifest). Returns `{"promoted", "reason", "challenger_run",
+    "challenger_arch", "challenger_score", "champion_run", "champion_arch", "champion_score",
+    "champion_rescored", "champion"}` where the champion fields describe the champion the
+    challenger was compared with and `champion` is the pointer after the decision.
+    """
+    entry = get_registered_model(store, challenger_run, challenger_arch)
+    if entry is None:
+        registered = [f"{e['run_id']}/{e['arch']}" for e in list_registered_models(store)][-20:]
+        raise RegistryError(
+            f"{challenger_run}/{challenger_arch} is not registered (register_model first); "
+            f"registered: {', '.join(registered) or 'none'}"
+        )
+    if challenger_score is None:
+        challenger_score = (entry.get("score") or {}).get("value")
+    split_hash = split_hash if split_hash is not None else entry.get("split_hash")
+    champion = get_champion(store, entry["label_set_id"])
+    result = {
+        "challenger_run": challenger_run,
+        "challenger_arch": challenger_arch,
+        "challenger_score": challenger_score,
+        "champion_run": champion["run_id"] if champion else None,
+        "champion_arch": champion["arch"] if champion else None,
+        "champion_score": None,
+        "champion_rescored": False,
+    }
+    if champion and (champion["run_id"], champion["arch"]) == (challenger_run, challenger_arch):
+        return {**result, "champion_score": champion.get("score"), "promoted": False,
+                "reason": "this model is already the champion", "champion": champion}
+    champion_score = champion_score_on_split(champion, split_hash)
+    if champion is not None and champion_score is None:
+        if not split_key:
+            raise RegistryError(
+                f"champion {champion['run_id']}/{champion['arch']} was scored on split "
+                f"{champion.get('split_hash')!r}, not {split_hash!r}: pass split_key to re-score it"
+            )
+        from dermflow.predict import evaluate_split, load_model_bundle
+
+        bundle = load_model_bundle(store, champion["run_id"], champion["arch"], cache_dir)
+        champion_score = evaluate_split(bundle, store, split_key, "test")[PROMOTION_METRIC]
+        result["champion_rescored"] = True
+    result["champion_score"] = champion_score
+    promoted, reason = decide_promotion(champion_score, challenger_score, min_improvement)
+    if result["champion_rescored"]:
+        reason += f" (champion re-scored on split {split_hash})"
+    if promoted:
+        scores = {
+            "metric": f"test.{PROMOTION_METRIC}",
+            "challenger": challenger_score,
+            "champion": champion_score,
+            "champion_model": f"{champion['run_id']}/{champion['arch']}" if champion else None,
+            "champion_rescored": result["champion_rescored"],
+            "split_hash": split_hash,
+            "min_improvement": min_improvement,
+        }
+        champion = promote(store, entry, reason, scores)
+    return {**result, "promoted": promoted, "reason": reason, "champion": champion}
+
+
 # --- runs and resolution ---------------------------------------------------------------------
 def _child_prefixes(store: ObjectStore, prefix: str) -> list[str]:
     """Names of the 'folders' directly under `prefix` (a delimiter listing)."""

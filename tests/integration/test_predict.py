@@ -243,3 +243,48 @@ def test_load_image_array_crops_the_centre_square_and_resizes():
 
     with pytest.raises(ImageDecodeError, match="not a decodable image"):
         load_image_array(b"<html>not an image</html>", 8)
+
+
+def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(saved_model, labelled_set, tmp_path):
+    import pandas as pd
+
+    from dermflow.registry import evaluate_challenger, get_champion_history, register_model
+
+    _, _, usable = labelled_set
+    rows = []
+    for path, label, _ in usable:
+        md5 = path.name.split(".")[0]
+        saved_model.put_bytes(f"images/{md5}", path.read_bytes())
+        rows.append({"md5hash": md5, "label": label, "fitzpatrick_scale": "3", "fitzpatrick_range": "III-IV",
+                     "qc": "", "split": "test", "dup_group": "0", "key": f"images/{md5}"})
+    saved_model.put_dataframe_csv("manifests/split-new.csv", pd.DataFrame(rows))
+    params = {"class_names": CLASSES, "image_size": SIZE, "architecture": "cnn"}
+
+    def register(run_id, score, split_hash):
+        return register_model(saved_model, run_id, "cnn", metrics={"test": {"weighted_f1": score}},
+                              params=params, data_manifest_hash="m", split_hash=split_hash, label_set=CLASSES)
+
+    register(RUN_ID, 0.95, "split-old")
+    first = evaluate_challenger(saved_model, challenger_run=RUN_ID, challenger_arch="cnn")
+    assert first["promoted"] and first["champion_run"] is None
+
+    bundle = load_model_bundle(saved_model, RUN_ID, cache_dir=tmp_path / "cache")
+    true_score = evaluate_split(bundle, saved_model, "manifests/split-new.csv")["weighted_f1"]
+    assert true_score < 0.95  # its registered score was on another split
+
+    register("20261127-090000-weak-owl", true_score - 0.05, "split-new")
+    weak = evaluate_challenger(saved_model, challenger_run="20261127-090000-weak-owl", challenger_arch="cnn",
+                               split_key="manifests/split-new.csv", split_hash="split-new",
+                               cache_dir=tmp_path / "cache")
+    assert not weak["promoted"] and weak["champion_rescored"]
+    assert weak["champion_score"] == pytest.approx(true_score)
+
+    register("20261127-100000-keen-elk", true_score + 0.05, "split-new")
+    strong = evaluate_challenger(saved_model, challenger_run="20261127-100000-keen-elk", challenger_arch="cnn",
+                                 split_key="manifests/split-new.csv", split_hash="split-new",
+                                 cache_dir=tmp_path / "cache")
+    assert strong["promoted"] and "re-scored" in strong["reason"]
+    assert strong["champion"]["run_id"] == "20261127-100000-keen-elk"
+    assert strong["champion"]["split_hash"] == "split-new"
+    history = get_champion_history(saved_model, strong["champion"]["label_set_id"])
+    assert [h["run_id"] for h in history] == [RUN_ID, "20261127-100000-keen-elk"]
