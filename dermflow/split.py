@@ -9,9 +9,10 @@ rows with `status == "ok"`, and assigns each to `train`, `val`, `test`, `verifie
   two splits, so no lesion photographed twice trains and tests at once.
 - **Stratified** jointly by `label` x `fitzpatrick_range`. Cells with fewer than
   `MIN_CELL_IMAGES` images are pooled per label (so the label is still stratified).
-  Groups are dealt out stratum by stratum, largest first, each to the split furthest
-  below its target share; the targets are cumulative over all strata, so rounding in one
-  small stratum is made up in the next and the global fractions stay exact to a group.
+  Groups are dealt out largest first, each to the split furthest below its target share
+  summed over the scopes its images belong to (stratum, label, range, everything), so a
+  group mixing labels or ranges counts for each of them; every scope stays within a group
+  or two of its targets.
 - **Complete.** Every label with at least 3 groups ends up in each of train/val/test
   (the smallest group of an over-served split is moved where one is missing).
 - **Deterministic.** The order of groups within a stratum comes from a hash of
@@ -155,34 +156,53 @@ def _strata(pool: pd.DataFrame) -> pd.Series:
 
 
 def _allocate(pool: pd.DataFrame, fractions: np.ndarray, seed: int) -> dict[int, str]:
-    """Assign every duplicate group of `pool` to train/val/test (see the module docstring)."""
-    strata = _strata(pool)
-    groups = pd.DataFrame({"group": pool["dup_group"].to_numpy(), "stratum": strata.to_numpy(), "md5hash": pool["md5hash"].to_numpy()})
-    # a group's stratum: its most common one (ties: the first in sorted order)
-    stratum_of_group = (
-        groups.groupby(["group", "stratum"]).size().rename("n").reset_index()
-        .sort_values(["group", "n", "stratum"], ascending=[True, False, True])
-        .drop_duplicates("group").set_index("group")["stratum"]
-    )
-    size_of_group = groups.groupby("group").size()
-    first_md5 = groups.groupby("group")["md5hash"].min()
-    table = pd.DataFrame({"stratum": stratum_of_group, "size": size_of_group, "first_md5": first_md5})
-    table["order"] = [_seeded_key(seed, md5) for md5 in table["first_md5"]]
-    table = table.sort_values(["stratum", "size", "order"], ascending=[True, False, True])
+    """Assign every duplicate group of `pool` to train/val/test (see the module docstring).
 
-    jitter = np.random.default_rng(seed)
-    assigned = np.zeros(3)
-    images_before = 0
+    Groups are taken largest first (ties in a seeded order). Each row belongs to four
+    scopes: its stratum, its label, its range, and the whole pool. In every scope the split
+    should hold `fraction x rows seen so far`; a group goes to the split whose shortfall,
+    summed over its rows' scopes, is largest. Every scope so stays within a group or two
+    of its target shares all along, whatever mix of labels and ranges a group holds.
+    """
+    strata = _strata(pool).to_numpy()
+    labels = pool["label"].to_numpy()
+    ranges = pool["fitzpatrick_range"].to_numpy()
+    scope_index: dict[str, int] = {"all": 0}
+
+    def scope(name: str) -> int:
+        return scope_index.setdefault(name, len(scope_index))
+
+    members: dict[int, list[int]] = {}
+    first_md5: dict[int, str] = {}
+    for row, (group, md5) in enumerate(zip(pool["dup_group"].to_numpy(), pool["md5hash"].to_numpy())):
+        members.setdefault(int(group), []).append(row)
+        first_md5[int(group)] = min(first_md5.get(int(group), md5), md5)
+    row_scopes = [
+        (0, scope("s:" + stratum), scope("l:" + label), scope("r:" + fitz))
+        for stratum, label, fitz in zip(strata, labels, ranges)
+    ]
+    order = sorted(members, key=lambda group: (-len(members[group]), _seeded_key(seed, first_md5[group])))
+
+    fraction_list = [float(f) for f in fractions]
+    seen = [0.0] * len(scope_index)
+    held = [[0.0, 0.0, 0.0] for _ in scope_index]
+    jitter = np.random.default_rng(seed).random((len(order), 3)) * 1e-6  # random tie-breaks
     assignment: dict[int, str] = {}
-    for _, stratum_groups in table.groupby("stratum", sort=True):
-        images_after = images_before + int(stratum_groups["size"].sum())
-        for group, size in zip(stratum_groups.index, stratum_groups["size"]):
-            # capacity left in each split once this stratum is done; ties broken at random
-            capacity = fractions * images_after - assigned + jitter.random(3) * 1e-9
-            choice = int(np.argmax(capacity))
-            assigned[choice] += size
-            assignment[int(group)] = TRAIN_VAL_TEST[choice]
-        images_before = images_after
+    for position, group in enumerate(order):
+        counts: dict[int, int] = {}
+        for row in members[group]:
+            for index in row_scopes[row]:
+                counts[index] = counts.get(index, 0) + 1
+        scores = [
+            sum(count * (fraction * (seen[index] + count) - held[index][split]) for index, count in counts.items())
+            + jitter[position, split]
+            for split, fraction in enumerate(fraction_list)
+        ]
+        choice = int(np.argmax(scores))
+        for index, count in counts.items():
+            seen[index] += count
+            held[index][choice] += count
+        assignment[group] = TRAIN_VAL_TEST[choice]
     return assignment
 
 
