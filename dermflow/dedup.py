@@ -41,12 +41,17 @@ class NotAnImageError(ValueError):
     """The bytes do not decode as an image."""
 
 
+class ImageTooLargeError(NotAnImageError):
+    """The image's pixel count exceeds Pillow's decompression-bomb limit."""
+
+
 def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
     """imagehash pHash of an encoded image, as 16 lowercase hex chars.
 
     With `draft`, JPEGs are decoded at a reduced scale (at least `DRAFT_MIN_SIDE` pixels on
     the short side), which changes the hash by at most a couple of bits (tested on atlas20).
-    Raises `NotAnImageError` when the bytes do not decode.
+    Raises `NotAnImageError` when the bytes do not decode (`ImageTooLargeError` when the
+    image has more pixels than Pillow's decompression-bomb limit).
     """
     import imagehash
     from PIL import Image, UnidentifiedImageError
@@ -60,6 +65,8 @@ def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
                 image.draft("RGB", (int(width / scale), int(height / scale)))
             image.load()
             return str(imagehash.phash(image))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"image too large to decode ({len(image_bytes)} bytes): {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise NotAnImageError(f"cannot decode image ({len(image_bytes)} bytes): {error}") from error
 

@@ -109,6 +109,14 @@ def test_draft_decode_stays_within_two_bits_of_full_decode():
         assert hamming_distance(perceptual_hash(jpeg), perceptual_hash(jpeg, draft=False)) <= 2
 
 
+def test_decompression_bombs_are_too_large(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises past twice this
+    with pytest.raises(dedup.ImageTooLargeError):
+        perceptual_hash(encode(textured_image(size=200), quality=80))
+
+
 def test_non_images_raise_not_an_image_error():
     with pytest.raises(NotAnImageError, match="cannot decode image"):
         perceptual_hash(b"<html>not found</html>")
@@ -157,6 +165,15 @@ def test_matches_brute_force_reference(threshold):
     hashes = clustered_hashes(400, n_bases=60, max_flips=7, seed=threshold)
     hashes[::37] = [""] * len(hashes[::37])
     assert as_partition(group_near_duplicates(hashes, threshold)) == reference_groups(hashes, threshold)
+
+
+def test_near_duplicate_pairs_lists_each_close_pair_once(monkeypatch):
+    hashes = clustered_hashes(200, n_bases=30, max_flips=5, seed=5)
+    values, _ = dedup.phash_to_uint64(hashes)
+    monkeypatch.setattr(dedup, "_BLOCK_ELEMENTS", 2000)  # several blocks
+    rows, cols = dedup.near_duplicate_pairs(values, 6)
+    expected = {(i, j) for i in range(200) for j in range(i + 1, 200) if hamming_distance(hashes[i], hashes[j]) <= 6}
+    assert set(zip(rows.tolist(), cols.tolist())) == expected and len(rows) == len(expected) > 0
 
 
 def test_edge_collapsing_and_small_blocks_keep_components(monkeypatch):
