@@ -200,3 +200,14 @@ def test_real_dataset_loads_with_its_documented_shape(full_csv):
     limited = load_dataset(full_csv, limit_per_label=60, seed=0)
     assert limited.groupby("label").size().max() == 60
     assert len(limited) == int(per_label.clip(upper=60).sum())
+
+
+def test_unparseable_csv_is_a_dataset_error(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text('md5hash,label\n"unterminated,quote\n')
+    with pytest.raises(DatasetError, match="not a readable CSV"):
+        read_csv_source(path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="not a readable CSV"):
+        read_csv_source(empty)
