@@ -84,8 +84,10 @@ class FetchOptions:
     user_agent: str = DEFAULT_USER_AGENT
     allowed_hosts: tuple[str, ...] = ()  # hosts/IPs/CIDRs exempt from the internal-address rule
     store_workers: int = 16  # threads that decode, hash and put objects (boto3 is blocking)
-    store_attempts: int = 8  # our own retries of a put, on top of boto3's
-    store_deadline: float = 180.0  # give up on the store (raise) after this long for one object
+    # Our own retries of a put, on top of boto3's: a store restart (SeaweedFS answers
+    # InternalError while it shuts down, then refuses connections) is waited out up to the deadline.
+    store_attempts: int = 60
+    store_deadline: float = 180.0  # then the shard raises StorageError (retry the shard later)
     decode_size: int = 64  # JPEG draft-decode target: verification and pHash at reduced scale
 
     def __post_init__(self) -> None:
@@ -303,7 +305,7 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, 
             last = error
         if attempt >= options.store_attempts or time.monotonic() >= deadline:
             raise StorageError(f"cannot put {store.uri(key)} after {attempt} attempts: {last}") from last
-        pause = backoff_delay(attempt, 0.5, 8.0) + 0.2
+        pause = backoff_delay(attempt, 0.5, 5.0) + 0.2
         logger.warning("put %s failed (%s), retrying in %.1fs", key, last, pause)
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
 
