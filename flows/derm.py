@@ -30,7 +30,7 @@ from dermflow.params import (
 )
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
-from tasks.data import ingest_dataset, split_dataset
+from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
 from tasks.registry import promote_if_better, reusable_training
 from tasks.report import build_and_store_report
 from tasks.runs import data_summary, record_params, training_outcome
@@ -133,14 +133,14 @@ async def derm(
     dataset = None
     if mode == "refetch":
         fetched = fetch_images.with_options(task_runner=runner)(
-            None, run_id, shard_size, host_concurrency, host_rate_limit, only_failed=True)
+            latest_dataset_key(), run_id, shard_size, host_concurrency, host_rate_limit, only_failed=True)
     else:
         dataset = ingest_dataset(csv, limit_per_label, seed)
         fetched = fetch_images.with_options(task_runner=runner)(
             dataset["dataset_key"], run_id, shard_size, host_concurrency, host_rate_limit)
     counts = fetched["summary"]
     logger.info("fetched %s of %s images; failures by reason: %s",
-                counts.get("ok"), counts.get("rows"), counts.get("failed_by_reason"))
+                counts["ok"], counts["rows"], counts["by_reason"])
     if mode in ("fetch", "refetch"):
         return {"run_id": run_id, "fetch": fetched}
 
@@ -151,8 +151,8 @@ async def derm(
         split = split_dataset(fetched["manifest_key"], seed, dup_threshold, exclude_wrongly_labelled)
     except SplitError as error:
         raise PipelineError(
-            f"fetched {counts.get('ok')} of {counts.get('rows')} images "
-            f"(failures by reason: {counts.get('failed_by_reason')}); too few to split: {error}. "
+            f"fetched {counts['ok']} of {counts['rows']} images "
+            f"(failures by reason: {counts['by_reason']}); too few to split: {error}. "
             "Check that the image hosts are reachable (DERMFLOW_ALLOWED_HOSTS for local servers), "
             "then run derm/refetch."
         ) from error

@@ -15,7 +15,7 @@ from tasks.data import fetch_shard, plan_fetch, write_fetch_manifest
 
 @flow(name="derm-fetch")
 def fetch_images(
-    dataset_key: str | None,
+    dataset_key: str,
     run_id: str,
     shard_size: int = 256,
     host_concurrency: int = 16,
@@ -42,7 +42,7 @@ def fetch_images(
     if crashed:
         logger.warning("%d shard(s) failed after retries; their rows stay unfetched: %s",
                        len(crashed), crashed[:3])
-    return write_fetch_manifest(None if only_failed else dataset_key, results, run_id)
+    return write_fetch_manifest(dataset_key, results, run_id)
 
 
 def fetch_runner(task_runner: str, dask_address: str | None):

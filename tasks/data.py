@@ -13,6 +13,8 @@ from dermflow.runs import content_hash
 from tasks.common import object_store, settings
 
 FETCH_MANIFEST_KEY = "manifests/fetch.csv"
+# Which dataset the latest manifest describes: refetch needs its real (unredacted) URLs.
+FETCH_STATE_KEY = "manifests/fetch.json"
 
 
 @task(name="ingest-csv", retries=2, retry_delay_seconds=5)
@@ -31,15 +33,24 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
             "fingerprint": fingerprint}
 
 
+def latest_dataset_key() -> str:
+    """The dataset of the latest fetch manifest (for `derm/refetch`)."""
+    store = object_store()
+    if not store.exists(FETCH_STATE_KEY):
+        raise FileNotFoundError(
+            f"no fetch manifest in {store.uri('manifests/')}: run derm/fetch or derm/full first"
+        )
+    return store.get_json(FETCH_STATE_KEY)["dataset_key"]
+
+
 @task(name="plan-fetch")
 def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> list[list[dict]]:
-    """Shards of the rows still to fetch: one paginated listing of `images/`, not a HEAD each."""
+    """Shards of the rows still to fetch: one paginated listing of `images/`, not a HEAD each.
+    With `only_failed`, the rows that failed in the latest manifest."""
     store = object_store()
+    rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
-        previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY)
-        rows = fetch.failed_rows(previous)
-    else:
-        rows = store.get_dataframe_csv(dataset_key)
+        rows = fetch.failed_rows(store.get_dataframe_csv(FETCH_MANIFEST_KEY), rows)
     stored = fetch.stored_image_md5s(store)
     shards = fetch.plan_shards(rows, stored, shard_size=shard_size)
     get_run_logger().info(
@@ -59,18 +70,16 @@ def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float 
 
 
 @task(name="write-fetch-manifest", retries=1)
-def write_fetch_manifest(dataset_key: str | None, results: list[dict], run_id: str) -> dict:
+def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
     """The complete manifest (one row per dataset row), latest and history copies."""
     store = object_store()
     previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY) if store.exists(FETCH_MANIFEST_KEY) else None
-    if dataset_key is None:  # refetch: the dataset is the previous manifest's rows
-        dataset = previous
-    else:
-        dataset = store.get_dataframe_csv(dataset_key)
+    dataset = store.get_dataframe_csv(dataset_key)
     manifest = fetch.reconcile_manifest(dataset, store, previous, results)
-    store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
     history_key = f"manifests/fetch/{run_id}.csv"
     store.put_dataframe_csv(history_key, manifest)
+    store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
+    store.put_json(FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
     summary = fetch.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
