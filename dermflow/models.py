@@ -188,10 +188,12 @@ def _baseline_features(
     x = layers.Rescaling(1.0 / 255, name="rescaling")(x)
     for block in range(depth):
         filters = max(8, int(round(base_filters * (2**block) * width_multiplier)))
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"conv{block + 1}")(x)
         if batch_norm:
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block + 1}")(x)
             x = layers.BatchNormalization(name=f"conv{block + 1}_bn")(x)
-        x = layers.Activation("relu", name=f"conv{block + 1}_relu")(x)
+            x = layers.Activation("relu", name=f"conv{block + 1}_relu")(x)
+        else:
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{block + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{block + 1}")(x)
     return x
 
