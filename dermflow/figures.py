@@ -263,10 +263,11 @@ def reliability_diagram(
         width = np.diff(bin_edges)
         has = bin_count > 0
         axes.bar(centers[has], bin_accuracy[has], width=width[has], color="#4c72b0", edgecolor="#222", label="accuracy in bin")
-        gap_bottom = np.minimum(bin_accuracy, bin_confidence)[has]
-        axes.bar(centers[has], np.abs(bin_confidence - bin_accuracy)[has], bottom=gap_bottom, width=width[has],
-                 facecolor=(0.87, 0.52, 0.32, 0.25), edgecolor="#c0392b", hatch="//", linewidth=1,
-                 label="gap between accuracy and confidence")
+        # each bin's mean confidence as a marker: where it sits above the bar the model is overconfident
+        axes.plot(centers[has], bin_confidence[has], "D", color="#c0392b", markersize=6,
+                  label="mean confidence in bin")
+        axes.vlines(centers[has], np.minimum(bin_accuracy, bin_confidence)[has],
+                    np.maximum(bin_accuracy, bin_confidence)[has], color="#c0392b", lw=1.5)
         axes.plot([0, 1], [0, 1], "--", color="#333", label="perfect calibration")
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1)
@@ -417,7 +418,7 @@ def thumbnail_gallery(rows: Sequence[tuple[str, Sequence[Thumbnail]]], *, title:
         figure = new_figure(max(cell * columns, 9.0), height)
         figure.suptitle(title, y=1 - 0.12 / height, fontsize=13)
         grid = figure.add_gridspec(max(1, len(rows)), columns, hspace=0.45, wspace=0.08,
-                                   top=1 - 0.75 / height, bottom=0.45 / height, left=0.02, right=0.98)
+                                   top=1 - 0.95 / height, bottom=0.45 / height, left=0.02, right=0.98)
         jet = matplotlib.colormaps["jet"]
         for r, (group_title, thumbs) in enumerate(rows):
             for c in range(columns):
@@ -425,8 +426,11 @@ def thumbnail_gallery(rows: Sequence[tuple[str, Sequence[Thumbnail]]], *, title:
                 axes.set_xticks([])
                 axes.set_yticks([])
                 axes.grid(False)
-                if c == 0:
-                    axes.set_title(group_title, loc="left", fontsize=10.5, pad=6, fontweight="bold", color="#1f3b57")
+                if c == 0 and group_title:
+                    # above the grid cell, not the axes: an axes shrinks to its image's aspect
+                    cell_box = grid[r, 0].get_position(figure)
+                    figure.text(cell_box.x0, cell_box.y1 + 0.08 / height, group_title, ha="left", va="bottom",
+                                fontsize=10.5, fontweight="bold", color="#1f3b57")
                 if c >= len(thumbs):
                     axes.set_axis_off()
                     continue

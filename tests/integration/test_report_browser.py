@@ -1,4 +1,5 @@
-"""The report page in a real headless Chromium: loads offline, every image decodes, tables sort.
+"""The report, uploaded to a real SeaweedFS and opened from there in headless Chromium: it loads
+offline, every image decodes, tables sort.
 
 Chromium is driven over the DevTools protocol (a small websocket client) so that failed
 requests, script errors and image sizes come from the browser itself. Screenshots go to
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.browser]
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]  # SeaweedFS + Chromium: ~20-50 s
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -131,14 +132,21 @@ def _save_screenshot(devtools: DevTools, path: Path, *, full_page: bool) -> None
     path.write_bytes(base64.b64decode(data))
 
 
-def test_report_page_loads_offline_and_every_figure_decodes(browser, tmp_path):
+def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_path):
     from tests.unit.test_report import make_inputs
 
-    from dermflow.report import build_report
+    from dermflow.report import build_report, write_report
 
+    run_id = "20261126-101500-browser-check"
     report = build_report(make_inputs(seed=2))
+    uris = write_report(report, store, run_id)
+    assert uris["report"] == store.uri(f"runs/{run_id}/report.html")
+    assert store.get_json(f"runs/{run_id}/metrics.json") == report.metrics
+    assert sorted(store.list_keys(f"runs/{run_id}/figures/")) == sorted(
+        f"runs/{run_id}/figures/{name}.png" for name in report.figures)
+    # the page as a user downloads it from the bucket
     page = tmp_path / "report.html"
-    page.write_text(report.html, encoding="utf-8")
+    page.write_bytes(store.get_bytes(f"runs/{run_id}/report.html"))
 
     for domain in ("Page", "Network", "Runtime", "Log"):
         browser.send(f"{domain}.enable")

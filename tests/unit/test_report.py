@@ -190,11 +190,12 @@ def test_every_figure_is_a_real_png(built):
         assert min(image.size) >= 2000, "114 labels need a big canvas to stay readable"
 
 
-def test_no_figure_left_open(inputs):
+def test_no_figure_left_open():
     import matplotlib.pyplot as plt
 
     plt.close("all")
-    build_report(inputs)
+    report = build_report(make_inputs(n_rows=150, n_classes=30))
+    assert len(report.figures) == len(EXPECTED_FIGURES)
     assert plt.get_fignums() == []
 
 
@@ -334,6 +335,32 @@ def test_predictions_from_npz_splits_by_split():
     assert set(splits) == {"test", "verified_test"}
     assert splits["test"].md5hash.tolist() == ["a", "c"]
     assert splits["verified_test"].y_true.tolist() == [1]
+
+
+class MemoryStore:
+    """What write_report needs of an ObjectStore."""
+
+    def __init__(self):
+        self.objects: dict[str, tuple[bytes, str | None]] = {}
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        self.objects[key] = (data, content_type)
+        return f"s3://bucket/{key}"
+
+
+def test_write_report_lays_out_the_run_folder(built):
+    store = MemoryStore()
+    uris = report_module.write_report(built, store, "20261126-101500-brave-otter")
+    prefix = "runs/20261126-101500-brave-otter/"
+    assert uris["report"] == f"s3://bucket/{prefix}report.html"
+    assert uris["metrics"] == f"s3://bucket/{prefix}metrics.json"
+    assert set(store.objects) == {f"{prefix}report.html", f"{prefix}metrics.json",
+                                  *(f"{prefix}figures/{name}.png" for name in built.figures)}
+    assert store.objects[f"{prefix}report.html"][1].startswith("text/html")
+    assert json.loads(store.objects[f"{prefix}metrics.json"][0]) == built.metrics
+    assert store.objects[f"{prefix}figures/calibration.png"] == (built.figures["calibration"], "image/png")
+    with pytest.raises(ValueError, match="run_id"):
+        report_module.write_report(built, store, "a/b")
 
 
 def test_build_time_at_full_size_is_reasonable():
