@@ -1,0 +1,129 @@
+"""The training recipe's parts: class-weighted loss, the validation weighted-F1 callback, the
+time budget, configuration and the checks on a split before training."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+pytestmark = pytest.mark.unit
+
+keras = pytest.importorskip("keras")
+
+from dermflow import data, train  # noqa: E402
+
+
+def tiny_classifier(num_classes: int = 3, size: int = 4) -> keras.Model:
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Flatten()(inputs)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Rescaling(1 / 255)(x))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", run_eagerly=True)
+    return model
+
+
+def imbalanced_arrays(tmp_path, size: int = 4) -> data.SplitArrays:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 9 + [1] * 3 + [2] * 1)
+    images = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.uint8, shape=(len(labels), size, size, 3))
+    images[:] = rng.integers(0, 255, images.shape)
+    return data.SplitArrays(
+        images=images, labels=labels, md5hash=np.array([str(i) for i in range(len(labels))]),
+        split=np.array(["train"] * len(labels)), fitzpatrick_range=np.array(["I-II"] * len(labels)),
+        class_names=["a", "b", "c"], image_size=size, array_path=tmp_path / "a.npy", digest="x",
+    )
+
+
+def test_class_weights_reweight_the_loss_toward_rare_classes(tmp_path):
+    arrays = imbalanced_arrays(tmp_path)
+    model = tiny_classifier()
+    indices = np.arange(len(arrays.labels))
+    weights = data.class_weights_from_labels(arrays.labels, 3)
+    probs = model.predict(arrays.images[:].astype("float32"), verbose=0)
+    per_example = -np.log(probs[indices, arrays.labels])
+
+    plain = model.evaluate(data.make_dataset(arrays, indices, 13, shuffle=False), verbose=0)
+    weighted = model.evaluate(data.make_dataset(arrays, indices, 13, shuffle=False, class_weights=weights), verbose=0)
+    plain = plain[0] if isinstance(plain, list) else plain
+    weighted = weighted[0] if isinstance(weighted, list) else weighted
+    assert plain == pytest.approx(per_example.mean(), rel=1e-4)
+    assert weighted == pytest.approx(np.mean(weights[arrays.labels] * per_example), rel=1e-4)
+    # each class contributes equally to the weighted loss: the rare one by weight 13/3
+    assert weights[2] == pytest.approx(13 / 3) and weights[0] == pytest.approx(13 / 27)
+
+
+def test_val_weighted_f1_callback_equals_sklearn_on_the_same_predictions():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 255, (40, 4, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, 40)
+    model = tiny_classifier()
+    callback = train.ValWeightedF1(x, y, batch_size=16)
+    callback.set_model(model)
+    logs: dict = {}
+    callback.on_epoch_end(0, logs)
+    predicted = model.predict(x, verbose=0)
+    assert logs["val_weighted_f1"] == pytest.approx(f1_score(y, predicted.argmax(1), average="weighted"))
+    assert logs["val_accuracy"] == pytest.approx(np.mean(predicted.argmax(1) == y))
+    assert logs["val_loss"] == pytest.approx(-np.mean(np.log(predicted[np.arange(40), y])), rel=1e-4)
+
+
+def test_val_weighted_f1_reaches_the_fit_logs_for_later_callbacks():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (12, 4, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, 12)
+    seen = []
+    reader = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["val_weighted_f1"]))
+    model = tiny_classifier()
+    model.fit(x, keras.utils.to_categorical(y, 3), epochs=2, verbose=0,
+              callbacks=[train.ValWeightedF1(x, y), reader])
+    assert len(seen) == 2 and all(0.0 <= s <= 1.0 for s in seen)
+
+
+def test_time_budget_stops_training_at_the_deadline():
+    x = np.zeros((64, 4, 4, 3), "float32")
+    y = keras.utils.to_categorical(np.arange(64) % 3, 3)
+    model = tiny_classifier()
+    budget = train.TimeBudget(time.time() - 1)
+    history = model.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[budget])
+    assert budget.stopped and len(history.epoch) == 1
+    unlimited = train.TimeBudget(None)
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[unlimited])
+    assert not unlimited.stopped and len(history.epoch) == 2
+
+
+def test_phases_of_pretrained_and_scratch_models():
+    config = train.TrainConfig(architecture="resnet50v2", epochs=5, warmup_epochs=2)
+    assert train._phases(config, pretrained=True) == [("warmup", 0, 2), ("finetune", 2, 5)]
+    assert train._phases(config, pretrained=False) == [("full", 0, 5)]
+    short = train.TrainConfig(architecture="resnet50v2", epochs=1, warmup_epochs=3)
+    assert train._phases(short, pretrained=True) == [("warmup", 0, 1)]
+
+
+def test_config_round_trips_and_rejects_unknown_values():
+    config = train.TrainConfig(architecture="vgg16", epochs=3, deadline=123.0, arch_options={})
+    assert train.TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        train.TrainConfig.from_dict({"architecture": "vgg16", "epoch": 3})
+    with pytest.raises(ValueError, match="unknown architecture"):
+        train.TrainConfig(architecture="alexnet")
+    with pytest.raises(ValueError, match="optimizer 'lamb'"):
+        train.TrainConfig(optimizer="lamb")
+
+
+def test_training_data_checks_name_the_problem():
+    frame = pd.DataFrame({
+        "md5hash": [str(i) for i in range(6)], "label": ["a", "a", "b", "b", "c", "a"],
+        "split": ["train", "train", "train", "val", "test", "val"],
+    })
+    with pytest.raises(train.TrainingError, match="class\\(es\\) missing from the training split: 'c' \\(found in test\\)"):
+        train.check_training_data(frame, min_train_images=2)
+    with pytest.raises(train.TrainingError, match="training split has 3 images; at least 10"):
+        train.check_training_data(frame, min_train_images=10)
+    frame.loc[4, "label"] = "a"
+    assert train.check_training_data(frame, min_train_images=2) == ["a", "b"]
+    with pytest.raises(train.TrainingError, match="no 'val' rows"):
+        train.check_training_data(frame[frame["split"] != "val"], min_train_images=2)
