@@ -1,0 +1,700 @@
+"""Hyperparameter search with keras-tuner: one search space, three tuners, resumable, distributable.
+
+- The search space lives in ONE place, `DermHyperModel.build(hp)` (through `sample_config`): it
+  only samples values, turns them into `dermflow.train.TrainConfig` fields, and calls the
+  ordinary builder (`dermflow.models.create_model`) and compile step
+  (`dermflow.train.configure_phase`). So the best trial's values are a `TrainConfig` override
+  that the final training (`derm-train`) takes as is.
+- The objective is `val_weighted_f1`, computed by `dermflow.train.ValWeightedF1` over the WHOLE
+  validation split once per epoch (scikit-learn, not a batch average), declared to keras-tuner
+  as `keras_tuner.Objective("val_weighted_f1", direction="max")`.
+- Tuners: `random`, `hyperband`, `bayesian`. The first trial of `random`/`bayesian` runs the
+  space's defaults (a known-good recipe), so even a one-trial budget returns a sound config.
+- Resumable: keras-tuner writes its project to a local directory; `ProjectSync` mirrors it to
+  `tuning/<tuning_id>/` in the bucket after every trial and restores it before a search
+  (`overwrite=False`), so a rerun with the same `tuning_id` continues where it stopped.
+- Distributed: keras-tuner's own chief/worker mode (`KERASTUNER_TUNER_ID`,
+  `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`). `serve_oracle` is the chief (no training),
+  `run_worker` a worker; `python -m dermflow.tuning chief|worker --spec FILE` runs either in
+  its own process.
+- Time budget: past `deadline` the oracle hands out no new trial and the running trial stops
+  after its current batch (its best epoch so far still counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner
+import numpy as np
+from keras_tuner.src.engine.trial import TrialStatus
+
+from dermflow import data as data_lib
+from dermflow import models
+from dermflow import train as train_lib
+from dermflow.runs import content_hash
+
+log = logging.getLogger("dermflow.tuning")
+
+TUNER_KINDS = ("random", "hyperband", "bayesian")
+OBJECTIVE_NAME = "val_weighted_f1"
+SEARCH_SPACE_VERSION = 1
+TUNING_PREFIX = "tuning"
+DEFAULT_TUNING_SHARE = 0.65
+
+Progress = Callable[[dict], None]
+
+
+class TuningError(RuntimeError):
+    """A search cannot start or go on for a reason the caller can fix."""
+
+
+def objective() -> keras_tuner.Objective:
+    return keras_tuner.Objective(OBJECTIVE_NAME, direction="max")
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[str, Any]:
+    """Sample one point of the search space as `TrainConfig` fields (the ONLY place it is defined).
+
+    Defaults are a strong small-data recipe; `random`/`bayesian` searches start from them.
+    """
+    spec = models.get_spec(architecture)
+    config: dict[str, Any] = {
+        "optimizer": hp.Choice("optimizer", ["adam", "rmsprop", "sgd"], default="adam"),
+        "learning_rate": hp.Float("learning_rate", 1e-4, 1e-1, sampling="log", default=2e-3),
+        "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.3),
+        "head_width": hp.Choice("head_width", [64, 128, 256, 512], default=256),
+        "label_smoothing": hp.Choice("label_smoothing", [0.0, 0.1], default=0.1),
+        "class_weights": hp.Boolean("class_weights", default=True),
+    }
+    if spec.pretrained:
+        # How many backbone blocks to fine-tune after the head warm-up, and how gently.
+        config["fine_tune_blocks"] = hp.Int("fine_tune_blocks", 1, 4, default=2)
+        config["fine_tune_learning_rate"] = hp.Float(
+            "fine_tune_learning_rate", 1e-6, 1e-4, sampling="log", default=1e-5
+        )
+    else:
+        config["arch_options"] = {
+            "width_multiplier": hp.Choice("width_multiplier", [0.5, 1.0, 1.5], default=1.0),
+            "depth": hp.Int("depth", 3, 5, default=4),
+            "batch_norm": hp.Boolean("batch_norm", default=True),
+        }
+    return config
+
+
+def search_space_signature(architecture: str) -> dict:
+    """A JSON description of the space (names, kinds, ranges): part of the default tuning id."""
+    hp = keras_tuner.HyperParameters()
+    sample_config(hp, architecture)
+    return {"version": SEARCH_SPACE_VERSION, "space": [p.get_config() for p in hp.space]}
+
+
+def config_from_values(architecture: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's recorded hyperparameter values -> `TrainConfig` fields (tuner/* keys dropped)."""
+    hp = keras_tuner.HyperParameters()
+    sample_config(hp, architecture)
+    known = {p.name for p in hp.space}
+    hp.values.update({k: v for k, v in values.items() if k in known})
+    return sample_config(hp, architecture)
+
+
+@dataclass
+class TrialData:
+    """What a trial trains and validates on (bound to the hypermodel in training processes)."""
+
+    arrays: data_lib.SplitArrays
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+
+class DermHyperModel(keras_tuner.HyperModel):
+    """`build(hp)`: sample a config, build it with `create_model`, compile it like training does.
+
+    `fit` trains the way `dermflow.train` does (same datasets, class weights, phases for
+    pretrained backbones, validation weighted F1 callback first, time budget).
+    `data` may be None where only the space is needed (the chief oracle).
+    """
+
+    def __init__(
+        self,
+        architecture: str,
+        num_classes: int,
+        image_size: int,
+        weights: str = "imagenet",
+        *,
+        batch_size: int = 32,
+        seed: int = 42,
+        deadline: float | None = None,
+        data: TrialData | None = None,
+        patience: int = 3,
+    ):
+        super().__init__(name=f"derm-{architecture}", tunable=True)
+        models.get_spec(architecture)
+        self.architecture = architecture
+        self.num_classes = int(num_classes)
+        self.image_size = models.effective_image_size(architecture, image_size)
+        self.weights = weights
+        self.batch_size = batch_size
+        self.seed = seed
+        self.deadline = deadline
+        self.data = data
+        self.patience = patience
+
+    def train_config(self, hp: keras_tuner.HyperParameters, epochs: int = 1) -> train_lib.TrainConfig:
+        return train_lib.TrainConfig(
+            architecture=self.architecture, image_size=self.image_size, epochs=max(1, int(epochs)),
+            batch_size=self.batch_size, weights=self.weights, seed=self.seed, deadline=self.deadline,
+            patience=self.patience, **sample_config(hp, self.architecture),
+        )
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        config = self.train_config(hp)
+        model = models.create_model(
+            self.architecture, self.num_classes, self.image_size, config.weights,
+            head_width=config.head_width, dropout=config.dropout, augment=config.augment,
+            seed=config.seed, **config.arch_options,
+        )
+        first_phase = "warmup" if models.get_spec(self.architecture).pretrained else "full"
+        train_lib.configure_phase(model, first_phase, config, jit_compile=False)
+        return model
+
+    def fit(self, hp, model, *args, epochs: int = 1, initial_epoch: int = 0, callbacks=None, **kwargs):
+        if self.data is None:
+            raise TuningError("this hypermodel has no training data bound (a chief only serves the oracle)")
+        config = self.train_config(hp, epochs)
+        arrays = self.data.arrays
+        class_weights = (
+            data_lib.class_weights_from_labels(arrays.labels[self.data.train_indices], self.num_classes)
+            if config.class_weights else None
+        )
+        train_data = data_lib.make_dataset(arrays, self.data.train_indices, config.batch_size, shuffle=True,
+                                           seed=config.seed, class_weights=class_weights)
+        val_data = data_lib.make_dataset(arrays, self.data.val_indices, config.eval_batch_size, shuffle=False)
+        # ValWeightedF1 first: keras-tuner's own callbacks (after it) read the value from the logs.
+        f1 = train_lib.ValWeightedF1(val_data, arrays.labels[self.data.val_indices])
+        stop = keras.callbacks.EarlyStopping(OBJECTIVE_NAME, mode="max", patience=config.patience)
+        budget = train_lib.TimeBudget(config.deadline)
+        all_callbacks = [f1, *(callbacks or []), stop, budget]
+        merged: dict[str, list] = {}
+        pretrained = models.get_spec(self.architecture).pretrained
+        for phase, first, end in train_lib._phases(config, pretrained):
+            if end <= initial_epoch or budget.stopped:
+                continue
+            if phase == "finetune":
+                train_lib.configure_phase(model, phase, config, jit_compile=False)
+            history = model.fit(train_data, initial_epoch=max(first, initial_epoch), epochs=end,
+                                callbacks=all_callbacks, verbose=0)
+            for name, values in history.history.items():
+                merged.setdefault(name, []).extend(values)
+        if not merged.get(OBJECTIVE_NAME):
+            raise keras_tuner.errors.FailedTrialError("no epoch finished (deadline already passed)")
+        return {OBJECTIVE_NAME: float(np.nanmax(merged[OBJECTIVE_NAME]))}
+
+
+# --------------------------------------------------------------------------- bucket sync
+
+
+class ProjectSync:
+    """Mirrors a local keras-tuner project directory to `tuning/<tuning_id>/` in the bucket.
+
+    `push()` uploads files that are new or changed since the last push (size and mtime);
+    `pull()` downloads bucket files absent or of another size locally. Thread-safe.
+    """
+
+    def __init__(self, store, tuning_id: str, local_dir: Path):
+        self.store = store
+        self.prefix = f"{TUNING_PREFIX}/{tuning_id}/"
+        self.local_dir = Path(local_dir)
+        self._pushed: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def _local_files(self) -> Iterator[Path]:
+        if self.local_dir.exists():
+            for path in sorted(self.local_dir.rglob("*")):
+                if path.is_file() and not path.name.endswith((".part", ".lock")):
+                    yield path
+
+    def push(self) -> int:
+        uploaded = 0
+        with self._lock:
+            for path in self._local_files():
+                relative = path.relative_to(self.local_dir).as_posix()
+                stat = path.stat()
+                stamp = (stat.st_size, stat.st_mtime_ns)
+                if self._pushed.get(relative) == stamp:
+                    continue
+                self.store.put_file(self.prefix + relative, path)
+                self._pushed[relative] = stamp
+                uploaded += 1
+        return uploaded
+
+    def pull(self) -> int:
+        downloaded = 0
+        with self._lock:
+            listing = self.store.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.store.bucket, Prefix=self.prefix)
+            for page in listing:
+                for item in page.get("Contents", []):
+                    relative = item["Key"][len(self.prefix):]
+                    path = self.local_dir / relative
+                    if path.exists() and path.stat().st_size == item["Size"]:
+                        continue
+                    self.store.download_file(item["Key"], path)
+                    stat = path.stat()
+                    self._pushed[relative] = (stat.st_size, stat.st_mtime_ns)
+                    downloaded += 1
+        return downloaded
+
+
+# --------------------------------------------------------------------------- tuners and oracles
+
+
+class _BudgetedOracle:
+    """Oracle mixin: no new trial past `deadline`; the first trial runs the space's defaults;
+    `after_end_trial` (the chief's bucket sync) runs after every finished trial."""
+
+    deadline: float | None = None
+    start_with_defaults: bool = False
+    after_end_trial: Callable[[], Any] | None = None
+
+    def populate_space(self, trial_id):
+        if self.deadline is not None and time.time() >= self.deadline:
+            log.info("tuning deadline reached: no new trial")
+            return {"status": TrialStatus.STOPPED, "values": None}
+        if self.start_with_defaults and not self.trials:
+            hps = keras_tuner.HyperParameters()
+            values = {}
+            for hp in self.hyperparameters.space:
+                hps.merge([hp])
+                if hps.is_active(hp):
+                    values[hp.name] = hp.default
+            return {"status": TrialStatus.RUNNING, "values": values}
+        return super().populate_space(trial_id)
+
+    def end_trial(self, trial):
+        result = super().end_trial(trial)
+        if self.after_end_trial is not None:
+            try:
+                self.after_end_trial()
+            except Exception as error:  # noqa: BLE001 - a failed sync must not kill the search
+                log.warning("tuning sync after trial %s failed: %s", trial.trial_id, error)
+        return result
+
+
+def _oracle_class(kind: str) -> type:
+    base = {
+        "random": keras_tuner.oracles.RandomSearchOracle,
+        "hyperband": keras_tuner.oracles.HyperbandOracle,
+        "bayesian": keras_tuner.oracles.BayesianOptimizationOracle,
+    }[kind]
+    return type(f"Budgeted{base.__name__}", (_BudgetedOracle, base), {})
+
+
+class _SyncingTunerMixin:
+    """Tuner mixin: pull the project before each trial (Hyperband continues other workers'
+    trials), push it after each trial."""
+
+    project_sync: ProjectSync | None = None
+
+    def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
+        # keras-tuner imports tensorboard (not installed with tensorflow-cpu) even when no
+        # TensorBoard callback is present; only do its per-trial log dirs when one is.
+        if any(isinstance(callback, keras.callbacks.TensorBoard) for callback in callbacks):
+            super()._configure_tensorboard_dir(callbacks, trial, execution)
+
+    def on_trial_begin(self, trial):
+        if self.project_sync is not None and dist_role() == "worker":
+            with contextlib.suppress(Exception):
+                self.project_sync.pull()
+        return super().on_trial_begin(trial)
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        if self.project_sync is not None:
+            try:
+                self.project_sync.push()
+            except Exception as error:  # noqa: BLE001 - the next push retries the same files
+                log.warning("tuning sync after trial %s failed: %s", trial.trial_id, error)
+
+
+class DermTuner(_SyncingTunerMixin, keras_tuner.Tuner):
+    """Random search and Bayesian optimization (the oracle decides)."""
+
+
+class DermHyperband(_SyncingTunerMixin, keras_tuner.Hyperband):
+    """Hyperband: keras-tuner's epoch bookkeeping and checkpoint reloads, with the sync."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
+
+
+def dist_role() -> str:
+    """"chief", "worker" or "local", from keras-tuner's environment variables."""
+    from keras_tuner.src.distribute import utils as dist_utils
+
+    if not dist_utils.has_chief_oracle():
+        return "local"
+    return "chief" if dist_utils.is_chief_oracle() else "worker"
+
+
+@dataclass
+class SearchSpec:
+    """Everything that decides one search (JSON-able; the chief and workers get the same)."""
+
+    architecture: str
+    num_classes: int
+    image_size: int = 128
+    weights: str = "imagenet"
+    tuner: str = "random"
+    max_trials: int = 10
+    trial_epochs: int = 5
+    batch_size: int = 32
+    seed: int = 42
+    deadline: float | None = None
+    tuning_id: str = ""
+    directory: str = ""
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        if self.tuner not in TUNER_KINDS:
+            raise TuningError(f"tuner {self.tuner!r}: expected one of {TUNER_KINDS}")
+        models.get_spec(self.architecture)
+        if self.max_trials < 1 or self.trial_epochs < 1:
+            raise TuningError(f"max_trials and trial_epochs must be >= 1 (got {self.max_trials}, {self.trial_epochs})")
+        if not self.tuning_id or not self.directory:
+            raise TuningError("tuning_id and directory are required")
+
+    @property
+    def project_dir(self) -> Path:
+        return Path(self.directory) / self.tuning_id
+
+
+def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSync | None = None):
+    """The keras-tuner tuner for `spec`, restored from its project directory if one exists."""
+    oracle_kwargs: dict[str, Any] = dict(objective=objective(), seed=spec.seed, max_consecutive_failed_trials=3)
+    if spec.tuner == "hyperband":
+        # Hyperband sizes its own trials; max_trials caps their number on top.
+        oracle_kwargs.update(max_epochs=spec.trial_epochs, factor=3)
+    else:
+        oracle_kwargs.update(max_trials=spec.max_trials)
+    oracle = _oracle_class(spec.tuner)(**oracle_kwargs)
+    oracle.deadline = spec.deadline
+    oracle.start_with_defaults = spec.tuner != "hyperband"
+    if spec.tuner == "hyperband":
+        oracle.max_trials = spec.max_trials
+    if sync is not None and dist_role() == "chief":
+        oracle.after_end_trial = sync.push
+    hypermodel = DermHyperModel(
+        spec.architecture, spec.num_classes, spec.image_size, spec.weights, batch_size=spec.batch_size,
+        seed=spec.seed, deadline=spec.deadline, data=data, patience=spec.patience,
+    )
+    tuner_class = DermHyperband if spec.tuner == "hyperband" else DermTuner
+    tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=spec.directory,
+                        project_name=spec.tuning_id, overwrite=False)
+    # A resumed oracle keeps the state it saved; the budget is this run's.
+    tuner.oracle.deadline = spec.deadline
+    tuner.oracle.max_trials = spec.max_trials
+    tuner.project_sync = sync
+    return tuner
+
+
+# --------------------------------------------------------------------------- results
+
+
+def read_trials(project_dir: Path, architecture: str) -> list[dict]:
+    """Every trial of a keras-tuner project directory: id, status, score, raw values, config."""
+    trials = []
+    for path in sorted(Path(project_dir).glob("trial_*/trial.json")):
+        state = json.loads(path.read_text())
+        values = state.get("hyperparameters", {}).get("values", {})
+        score = state.get("score")
+        trials.append({
+            "architecture": architecture,
+            "trial_id": state.get("trial_id"),
+            "status": state.get("status"),
+            "score": None if score is None else float(score),
+            "hyperparameters": config_from_values(architecture, values),
+            "values": values,
+        })
+    return trials
+
+
+def best_config(trials: list[dict]) -> dict | None:
+    """The `TrainConfig` override of the best completed trial (None when none completed)."""
+    done = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None and not np.isnan(t["score"])]
+    if not done:
+        return None
+    return max(done, key=lambda t: t["score"])["hyperparameters"]
+
+
+def trial_table(trials: list[dict]) -> list[dict]:
+    """One flat row per trial (hyperparameters spread into columns) for a table artifact."""
+    rows = []
+    for trial in trials:
+        row = {"architecture": trial["architecture"], "trial": trial["trial_id"], "status": trial["status"],
+               "val_weighted_f1": None if trial["score"] is None else round(trial["score"], 4)}
+        for name, value in trial["hyperparameters"].items():
+            if isinstance(value, dict):
+                row.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                row[name] = round(value, 6) if isinstance(value, float) else value
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def default_tuning_id(architecture: str, split_key: str, tuner: str, image_size: int, weights: str) -> str:
+    """Same architecture, data, tuner and space -> same id, so a rerun continues the search."""
+    digest = content_hash(architecture, split_key, tuner, int(image_size), str(weights),
+                          search_space_signature(architecture))[:12]
+    return f"{architecture}-{tuner}-{digest}"
+
+
+def load_training_arrays(store, split_key: str, image_size: int, settings) -> data_lib.SplitArrays:
+    """The split manifest's images as cached arrays (the same cache `dermflow.train` uses)."""
+    frame = store.get_dataframe_csv(split_key)
+    class_names = train_lib.check_training_data(frame, 2)
+    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
+    keys = {md5: (key or f"images/{md5}") for md5, key in
+            zip(used["md5hash"], used["key"] if "key" in used.columns else [""] * len(used))}
+    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
+    return data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir, class_names)
+
+
+def class_count(store, split_key: str) -> int:
+    """The number of classes of a split manifest (no images read): what the chief needs."""
+    return len(train_lib.check_training_data(store.get_dataframe_csv(split_key), 2))
+
+
+def trial_data(arrays: data_lib.SplitArrays) -> TrialData:
+    val = arrays.indices("val")
+    if len(val) == 0:
+        raise TuningError("the split has no 'val' rows: the objective is the validation weighted F1")
+    return TrialData(arrays, arrays.indices("train"), val)
+
+
+def search(spec: SearchSpec, data: TrialData, sync: ProjectSync | None = None) -> dict:
+    """Run (or continue) a search in this process; returns {"trials": [...], "best": {...}|None}."""
+    if sync is not None:
+        sync.pull()
+    keras.utils.set_random_seed(spec.seed)
+    tuner = make_tuner(spec, data, sync)
+    before = len(tuner.oracle.trials)
+    tuner.search(epochs=spec.trial_epochs)
+    if sync is not None:
+        sync.push()
+    trials = read_trials(spec.project_dir, spec.architecture)
+    log.info("%s: %d trial(s) (%d this run)", spec.tuning_id, len(trials), len(trials) - before)
+    return {"trials": trials, "best": best_config(trials)}
+
+
+def default_trial_epochs(epochs: int) -> int:
+    """Epochs per trial: a third of the final training's, at least 2, at most 10."""
+    return max(1, min(epochs, max(2, min(10, epochs // 3))))
+
+
+def tune_architecture(
+    store,
+    split_key: str,
+    architecture: str,
+    *,
+    tuner: str = "random",
+    max_trials: int = 10,
+    trial_epochs: int | None = None,
+    epochs: int = 30,
+    image_size: int = 128,
+    batch_size: int = 32,
+    weights: str = "imagenet",
+    seed: int = 42,
+    deadline: float | None = None,
+    tuning_id: str | None = None,
+    settings=None,
+) -> dict:
+    """Search (or continue searching) `architecture` on a split manifest, in this process.
+
+    `deadline` is the tuning deadline (unix time; see `tuning_deadline`). The project is
+    synced to `tuning/<tuning_id>/` after every trial. Returns `{"tuning_id", "trials",
+    "best"}`; `best` is a TrainConfig override (None when no trial completed).
+    """
+    from dermflow.settings import get_settings
+
+    settings = settings or get_settings()
+    spec = make_spec(store, split_key, architecture, tuner=tuner, max_trials=max_trials, trial_epochs=trial_epochs,
+                     epochs=epochs, image_size=image_size, batch_size=batch_size, weights=weights, seed=seed,
+                     deadline=deadline, tuning_id=tuning_id, settings=settings)
+    arrays = load_training_arrays(store, split_key, spec.image_size, settings)
+    sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
+    result = search(spec, trial_data(arrays), sync)
+    return {"tuning_id": spec.tuning_id, **result}
+
+
+def make_spec(store, split_key: str, architecture: str, *, tuner: str = "random", max_trials: int = 10,
+              trial_epochs: int | None = None, epochs: int = 30, image_size: int = 128, batch_size: int = 32,
+              weights: str = "imagenet", seed: int = 42, deadline: float | None = None,
+              tuning_id: str | None = None, settings=None) -> SearchSpec:
+    """The SearchSpec of a search on a split manifest (class count read from the manifest)."""
+    from dermflow.settings import get_settings
+
+    settings = settings or get_settings()
+    image_size = models.effective_image_size(architecture, image_size)
+    tuning_id = tuning_id or default_tuning_id(architecture, split_key, tuner, image_size, weights)
+    return SearchSpec(
+        architecture=architecture, num_classes=class_count(store, split_key), image_size=image_size,
+        weights=weights, tuner=tuner, max_trials=max_trials,
+        trial_epochs=trial_epochs or default_trial_epochs(epochs), batch_size=batch_size, seed=seed,
+        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / TUNING_PREFIX),
+    )
+
+
+@contextlib.contextmanager
+def tuner_environment(role: str, host: str, port: int, tuner_id: str | None = None) -> Iterator[None]:
+    """keras-tuner's chief/worker variables set for the block (restored after)."""
+    values = {
+        "KERASTUNER_TUNER_ID": "chief" if role == "chief" else (tuner_id or f"tuner-{os.getpid()}"),
+        "KERASTUNER_ORACLE_IP": host,
+        "KERASTUNER_ORACLE_PORT": str(port),
+    }
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def serve_oracle(spec: SearchSpec, host: str, port: int, sync: ProjectSync | None = None) -> None:
+    """The chief: serve the oracle over gRPC until every worker was told to stop. No training."""
+    if sync is not None:
+        sync.pull()
+    # The chief builds models only to discover the space: never download weights for that.
+    with tuner_environment("chief", host, port):
+        tuner = make_tuner(replace(spec, weights="none"), None, sync)
+        tuner.search()
+    if sync is not None:
+        sync.push()
+
+
+def run_worker(spec: SearchSpec, data: TrialData, host: str, port: int, tuner_id: str,
+               sync: ProjectSync | None = None) -> int:
+    """A worker: ask the chief for trials and train them until it says stop; returns trials run."""
+    keras.utils.set_random_seed(spec.seed)
+    with tuner_environment("worker", host, port, tuner_id):
+        tuner = make_tuner(spec, data, sync)
+        ran = []
+        original = tuner.on_trial_end
+
+        def count(trial):
+            ran.append(trial.trial_id)
+            original(trial)
+
+        tuner.on_trial_end = count
+        tuner.search(epochs=spec.trial_epochs)
+    return len(ran)
+
+
+def wait_for_port(host: str, port: int, timeout: float = 120.0) -> None:
+    """Block until something listens on host:port (the chief's gRPC server)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.3)
+    raise TuningError(f"the tuning chief did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def tuning_deadline(deadline: float | None, share: float = DEFAULT_TUNING_SHARE, now: float | None = None) -> float | None:
+    """The part of a whole-run deadline given to tuning (the rest is the final training's)."""
+    if deadline is None:
+        return None
+    if not 0 < share <= 1:
+        raise TuningError(f"tuning share must be within (0, 1], got {share}")
+    now = time.time() if now is None else now
+    return now + max(0.0, deadline - now) * share
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m dermflow.tuning chief|worker --spec FILE --host H --port P [--store]`.
+
+    The spec file is `{"spec": SearchSpec fields, "split_key": ..., "tuner_id": ...}`; with
+    `--store` the bucket (from the settings) is synced and, for a worker, the images read.
+    """
+    parser = argparse.ArgumentParser(prog="python -m dermflow.tuning")
+    parser.add_argument("role", choices=("chief", "worker"))
+    parser.add_argument("--spec", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--tuner-id", default=None)
+    parser.add_argument("--arrays", default=None, help="worker: a local .npz with images/labels/split (tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    payload = json.loads(args.spec.read_text())
+    spec = SearchSpec(**payload["spec"])
+    sync = None
+    store = settings = None
+    if payload.get("split_key"):
+        from dermflow.settings import get_settings
+        from dermflow.storage import ObjectStore
+
+        settings = get_settings()
+        store = ObjectStore.from_settings(settings)
+        sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
+    if args.role == "chief":
+        serve_oracle(spec, args.host, args.port, sync)
+        return 0
+    if args.arrays:
+        arrays = arrays_from_npz(Path(args.arrays))
+    else:
+        arrays = load_training_arrays(store, payload["split_key"], spec.image_size, settings)
+    ran = run_worker(spec, trial_data(arrays), args.host, args.port, args.tuner_id or f"worker-{os.getpid()}", sync)
+    print(json.dumps({"tuner_id": args.tuner_id, "trials_run": ran}))
+    return 0
+
+
+def arrays_from_npz(path: Path) -> data_lib.SplitArrays:
+    """SplitArrays from an `.npz` holding `images`, `labels`, `split`, `class_names` (tests, benches)."""
+    with np.load(path, allow_pickle=False) as npz:
+        images, labels, split, names = npz["images"], npz["labels"], npz["split"], npz["class_names"]
+    return data_lib.SplitArrays(
+        images=images, labels=labels.astype(np.int64), md5hash=np.array([str(i) for i in range(len(labels))]),
+        split=split.astype(str), fitzpatrick_range=np.array(["unknown"] * len(labels)),
+        class_names=[str(n) for n in names], image_size=int(images.shape[1]), array_path=path, digest="npz",
+    )
+
+
+def spec_payload(spec: SearchSpec, split_key: str | None = None) -> dict:
+    return {"spec": asdict(spec), "split_key": split_key}
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+    sys.exit(_main())

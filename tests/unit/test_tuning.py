@@ -1,0 +1,167 @@
+"""dermflow.tuning without services: the search space, the objective, resuming, the deadline."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.unit
+
+keras_tuner = pytest.importorskip("keras_tuner")
+
+from dermflow import data as data_lib  # noqa: E402
+from dermflow import tuning  # noqa: E402
+from dermflow.metrics import weighted_f1  # noqa: E402
+from dermflow.train import TrainConfig  # noqa: E402
+
+SIZE = 32
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+def synthetic_arrays(tmp_path, n_train: int = 36, n_val: int = 23) -> data_lib.SplitArrays:
+    """Three classes told apart by their mean colour; 23 val images (not a batch multiple)."""
+    rng = np.random.default_rng(0)
+    n = n_train + n_val
+    labels = np.arange(n) % len(CLASSES)
+    images = rng.integers(0, 90, (n, SIZE, SIZE, 3)).astype(np.uint8)
+    for channel in range(3):
+        images[labels == channel, :, :, channel] += 120
+    path = tmp_path / "synthetic.npz"
+    np.savez(path, images=images, labels=labels, split=np.array(["train"] * n_train + ["val"] * n_val),
+             class_names=np.array(CLASSES))
+    return tuning.arrays_from_npz(path)
+
+
+def spec_for(tmp_path, **overrides) -> tuning.SearchSpec:
+    values = dict(architecture="baseline_cnn", num_classes=len(CLASSES), image_size=SIZE, weights="none",
+                  tuner="random", max_trials=1, trial_epochs=1, batch_size=8, seed=1, tuning_id="unit",
+                  directory=str(tmp_path / "tuning"))
+    values.update(overrides)
+    return tuning.SearchSpec(**values)
+
+
+def test_search_space_yields_only_train_config_fields():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for architecture in ("baseline_cnn", "vgg16", "efficientnetv2_b0"):
+        hp = keras_tuner.HyperParameters()
+        config = tuning.sample_config(hp, architecture)
+        assert set(config) <= fields, set(config) - fields
+        TrainConfig(architecture=architecture, **config)  # accepted as an override
+        names = {p.name for p in hp.space}
+        assert {"optimizer", "learning_rate", "dropout", "head_width"} <= names
+    baseline = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    assert set(baseline["arch_options"]) == {"width_multiplier", "depth", "batch_norm"}
+    pretrained = tuning.sample_config(keras_tuner.HyperParameters(), "vgg16")
+    assert "fine_tune_blocks" in pretrained and "arch_options" not in pretrained
+
+
+def test_search_space_matches_the_report_ranges():
+    hp = keras_tuner.HyperParameters()
+    tuning.sample_config(hp, "baseline_cnn")
+    space = {p.name: p for p in hp.space}
+    assert set(space["optimizer"].values) == {"adam", "rmsprop", "sgd"}
+    assert space["learning_rate"].min_value <= 1e-3 and space["learning_rate"].max_value >= 1e-1
+    assert space["learning_rate"].sampling == "log"
+
+
+def test_config_from_values_drops_tuner_bookkeeping():
+    values = {"optimizer": "sgd", "learning_rate": 0.05, "dropout": 0.1, "head_width": 64, "label_smoothing": 0.0,
+              "class_weights": False, "width_multiplier": 0.5, "depth": 3, "batch_norm": False,
+              "tuner/epochs": 3, "tuner/trial_id": "0001"}
+    config = tuning.config_from_values("baseline_cnn", values)
+    assert config["optimizer"] == "sgd" and config["learning_rate"] == 0.05
+    assert config["arch_options"] == {"width_multiplier": 0.5, "depth": 3, "batch_norm": False}
+    assert not any(key.startswith("tuner/") for key in config)
+
+
+def test_objective_is_validation_weighted_f1_maximised():
+    objective = tuning.objective()
+    assert objective.name == "val_weighted_f1" and objective.direction == "max"
+
+
+def test_default_tuning_id_is_stable_and_specific():
+    first = tuning.default_tuning_id("baseline_cnn", "manifests/split-aaa.csv", "random", 128, "none")
+    assert first == tuning.default_tuning_id("baseline_cnn", "manifests/split-aaa.csv", "random", 128, "none")
+    others = {
+        tuning.default_tuning_id("baseline_cnn", "manifests/split-bbb.csv", "random", 128, "none"),
+        tuning.default_tuning_id("vgg16", "manifests/split-aaa.csv", "random", 128, "none"),
+        tuning.default_tuning_id("baseline_cnn", "manifests/split-aaa.csv", "bayesian", 128, "none"),
+    }
+    assert first not in others and len(others) == 3
+    assert first.startswith("baseline_cnn-random-")
+
+
+def test_tuning_deadline_takes_a_share_of_the_time_left():
+    assert tuning.tuning_deadline(None) is None
+    assert tuning.tuning_deadline(1000.0, 0.6, now=0.0) == pytest.approx(600.0)
+    assert tuning.tuning_deadline(50.0, 0.6, now=100.0) == pytest.approx(100.0)  # already past
+    with pytest.raises(tuning.TuningError, match="share"):
+        tuning.tuning_deadline(1000.0, 1.5, now=0.0)
+
+
+def test_bad_spec_is_refused(tmp_path):
+    with pytest.raises(tuning.TuningError, match="tuner 'grid'"):
+        spec_for(tmp_path, tuner="grid")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        spec_for(tmp_path, architecture="resnet9000")
+
+
+def test_build_uses_the_sampled_architecture_options():
+    hypermodel = tuning.DermHyperModel("baseline_cnn", len(CLASSES), SIZE, "none")
+    hp = keras_tuner.HyperParameters()
+    hp.values.update({"depth": 3, "batch_norm": True, "width_multiplier": 0.5, "head_width": 64,
+                      "optimizer": "sgd"})
+    model = hypermodel.build(hp)
+    convs = [layer for layer in model.layers if layer.name.startswith("conv") and layer.name[4:].isdigit()]
+    assert [layer.filters for layer in convs] == [16, 32, 64]
+    assert any(layer.name == "conv1_bn" for layer in model.layers)
+    assert model.get_layer("head_dense1").units == 64
+    assert type(model.optimizer).__name__ == "SGD"
+    assert model.output_shape == (None, len(CLASSES))
+
+
+def test_trial_score_is_weighted_f1_over_the_whole_val_split(tmp_path):
+    arrays = synthetic_arrays(tmp_path)
+    data = tuning.trial_data(arrays)
+    spec = spec_for(tmp_path)
+    result = tuning.search(spec, data)
+    assert len(result["trials"]) == 1 and result["trials"][0]["status"] == "COMPLETED"
+    # Rebuild the trial's model, load its best-epoch checkpoint and score it with scikit-learn.
+    tuner = tuning.make_tuner(spec, data)
+    model = tuner.load_model(tuner.oracle.get_trial(result["trials"][0]["trial_id"]))
+    probs = model.predict(data_lib.make_dataset(arrays, data.val_indices, 64, shuffle=False), verbose=0)
+    expected = weighted_f1(arrays.labels[data.val_indices], np.asarray(probs).argmax(axis=1))
+    assert result["trials"][0]["score"] == pytest.approx(expected)
+    assert result["best"] == result["trials"][0]["hyperparameters"]
+
+
+def test_a_stopped_search_resumes_to_the_same_trial_count(tmp_path):
+    data = tuning.trial_data(synthetic_arrays(tmp_path))
+    first = tuning.search(spec_for(tmp_path, max_trials=1), data)
+    assert [t["trial_id"] for t in first["trials"]] == ["0"]
+    # The first trial runs the space's defaults (a known-good recipe).
+    defaults = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    assert first["trials"][0]["hyperparameters"] == defaults
+    resumed = tuning.search(spec_for(tmp_path, max_trials=2), data)
+    assert [t["trial_id"] for t in resumed["trials"]] == ["0", "1"]
+    assert resumed["trials"][0]["score"] == first["trials"][0]["score"]  # not run again
+    again = tuning.search(spec_for(tmp_path, max_trials=2), data)
+    assert len(again["trials"]) == 2  # nothing left to do
+
+
+def test_no_trial_starts_past_the_deadline(tmp_path):
+    data = tuning.trial_data(synthetic_arrays(tmp_path))
+    result = tuning.search(spec_for(tmp_path, max_trials=3, deadline=time.time() - 1), data)
+    assert result["trials"] == [] and result["best"] is None
+
+
+def test_trial_table_flattens_hyperparameters():
+    trials = [{"architecture": "baseline_cnn", "trial_id": "0", "status": "COMPLETED", "score": 0.123456,
+               "hyperparameters": {"learning_rate": 0.00123456789, "arch_options": {"depth": 4}}}]
+    assert tuning.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
+                                           "val_weighted_f1": 0.1235, "learning_rate": 0.001235,
+                                           "arch_options.depth": 4}]
+    assert tuning.best_config([{**trials[0], "status": "FAILED"}]) is None
