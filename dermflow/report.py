@@ -579,7 +579,8 @@ tr.failed td{color:var(--bad)}
 figure{margin:12px 0}
 figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px;background:#fff}
 .frame{overflow:auto;max-height:1100px;border:1px solid var(--line);border-radius:6px}
-.frame img{max-width:none;width:1600px;border:0}
+.frame img{max-width:100%;border:0;cursor:zoom-in}
+.frame img.zoomed{max-width:none;cursor:zoom-out}
 figcaption{color:var(--muted);font-size:13px;margin-top:4px}
 .muted{color:var(--muted)}
 .bad{color:var(--bad)}
@@ -599,6 +600,7 @@ document.querySelectorAll('table.sortable').forEach(function(t){
   function key(r){var c=r.cells[i],v=c.getAttribute('data-v');return v!==null?parseFloat(v):c.textContent.trim().toLowerCase()}
   rows.sort(function(a,c){var x=key(a),y=key(c);if(x===y)return 0;return (x<y?-1:1)*(asc?1:-1)});
   rows.forEach(function(r){b.appendChild(r)});});});});
+document.querySelectorAll('.frame img').forEach(function(i){i.addEventListener('click',function(){i.classList.toggle('zoomed')})});
 """
 
 SECTIONS = (
@@ -650,7 +652,7 @@ def _img(figures: Mapping[str, bytes], name: str, caption: str, *, wide: bool = 
     data = base64.b64encode(figures[name]).decode("ascii")
     alt = FIGURE_TITLES.get(name, name)
     image = f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" data-figure="{_e(name)}">'
-    if wide:  # big canvas: scroll inside a frame at a readable scale instead of shrinking to the column
+    if wide:  # big canvas: fits the column; a click shows it at full size, scrolling inside the frame
         image = f'<div class="frame">{image}</div>'
     return f'<figure id="fig-{name}">{image}<figcaption>{_e(caption)}</figcaption></figure>'
 
@@ -767,7 +769,8 @@ def _html_architectures(metrics: Mapping, figures: Mapping[str, bytes]) -> str:
     for row in table_rows(metrics):
         rows.append([row["architecture"] + (" ★" if row["best"] else ""), row["status"], row["n_test"], row["accuracy"],
                      row["weighted_f1"], row["macro_f1"], row["top3_accuracy"], row["top5_accuracy"],
-                     row["range_gap_weighted_f1"], row["ece"], row["verified_test_weighted_f1"], row["seconds"]])
+                     row["range_gap_weighted_f1"], row["ece"], row["verified_test_weighted_f1"],
+                     round(row["seconds"]) if isinstance(row["seconds"], (int, float)) else None])
         classes.append("best" if row["best"] else ("failed" if row["status"] != "ok" else ""))
     body = _table(ARCH_HEADERS, rows, sortable=True, table_id="architectures-table", row_classes=classes,
                   numeric=[False, False] + [True] * 10)
@@ -855,7 +858,8 @@ def _html_confusion(inputs: ReportInputs, metrics: Mapping, figures: Mapping[str
     result = inputs.architectures[best]
     pairs = confusion_pairs(result, limit=15)
     body = _img(figures, "confusion_all_labels", "All labels, each row normalized to its true label's test rows "
-                "(the diagonal is per-class recall). Scroll inside the frame; open the PNG for full size.", wide=True)
+                "(the diagonal is per-class recall). Click the matrix to see it at full size and scroll inside the frame; "
+                "click again to fit.", wide=True)
     body += _img(figures, "confusion_top5", "The five labels with the most test rows; predictions of any other label "
                  "are pooled in the last column.")
     body += "<h3>Most frequent confusions</h3>" + _table(

@@ -182,6 +182,15 @@ def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_
     })()""")
     assert order == sorted(order, reverse=True) and order[0] > order[-1]
 
+    # the big confusion matrix fits the column, and a click shows it at full size
+    widths = browser.evaluate("""(() => {
+        const img = document.querySelector('#fig-confusion_all_labels img');
+        const fitted = img.clientWidth; img.click(); const zoomed = img.clientWidth; img.click();
+        return [fitted, zoomed, img.naturalWidth, img.closest('section').clientWidth];
+    })()""")
+    fitted, zoomed, natural, column = widths
+    assert fitted <= column < natural and zoomed == natural, widths
+
     ARTIFACTS.mkdir(exist_ok=True)
     browser.evaluate("window.scrollTo(0, 0)")
     _save_screenshot(browser, ARTIFACTS / "report-browser-top.png", full_page=False)
