@@ -621,7 +621,7 @@ def _num_cell(value: Any, digits: int = 3) -> str:
         return f'<td class="n" data-v="-1">{_e(_fmt(value, digits))}</td>'
     if isinstance(value, int):
         text = f"{value:,}"
-    elif value != 0 and abs(value) < 0.01:  # learning rates and the like
+    elif 0 < value < 0.001:  # learning rates and the like
         text = f"{value:.3g}"
     else:
         text = f"{value:.{digits}f}"
@@ -794,21 +794,21 @@ def _html_per_range(metrics: Mapping, figures: Mapping[str, bytes]) -> str:
     archs = {n: a for n, a in metrics["architectures"].items() if a["status"] == "ok" and a["test"]}
     if not archs:
         return _section("per-range", _not_recorded("Per-range metrics"))
-    ranges = [r for r in RANGE_ORDER if any(r in a["test"].get("per_range", {}) for a in archs.values())]
-    headers = ["architecture"]
-    for r in ranges:
-        headers += [f"{r} n", f"{r} accuracy", f"{r} wF1"]
-    headers.append("gap (wF1)")
+    headers = ["architecture", "skin-type range", "test rows", "accuracy", "weighted F1",
+               "wF1 − best known range", "architecture's gap (wF1)"]
     rows = []
     for name, a in archs.items():
         per_range = a["test"].get("per_range", {})
-        row: list[Any] = [name]
-        for r in ranges:
-            values = per_range.get(r, {})
-            row += [values.get("n"), values.get("accuracy"), values.get("weighted_f1")]
-        row.append(a["test"].get("range_gap_weighted_f1"))
-        rows.append(row)
-    body = _table(headers, rows, sortable=True, table_id="per-range-table", numeric=[False] + [True] * (len(headers) - 1))
+        known = [v["weighted_f1"] for r, v in per_range.items() if r != "unknown" and v["weighted_f1"] is not None]
+        for r in RANGE_ORDER:
+            if r not in per_range:
+                continue
+            values = per_range[r]
+            behind = values["weighted_f1"] - max(known) if (known and r != "unknown") else None
+            rows.append([name, r, values.get("n"), values.get("accuracy"), values.get("weighted_f1"), behind,
+                         a["test"].get("range_gap_weighted_f1")])
+    body = _table(headers, rows, sortable=True, table_id="per-range-table",
+                  numeric=[False, False] + [True] * (len(headers) - 2))
     body += ('<p class="muted">Gap = best minus worst weighted F1 among the known ranges (I-II, III-IV, V-VI); '
              '"unknown" rows have no Fitzpatrick label and are shown but not counted in the gap.</p>')
     body += _img(figures, "per_range", "Performance by Fitzpatrick skin-type range on the test split.")
