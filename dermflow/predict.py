@@ -43,13 +43,18 @@ class EvaluationError(ValueError):
 def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
     """Decode image bytes -> uint8 array (image_size, image_size, 3).
 
-    EXIF orientation applied, converted to RGB (alpha composited on white), the centred
-    square crop of the shorter side, resized bilinearly (Pillow, antialiased when shrinking).
+    JPEGs decoded in draft mode at >= 2x the target size, EXIF orientation applied, converted
+    to RGB (alpha composited on white), the centred square crop of the shorter side, resized
+    bilinearly (Pillow, antialiased when shrinking). Training and inference both call this.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
+            # JPEG draft mode decodes at a reduced scale (still >= 2x the target on the short
+            # side): several times faster for large photos, deterministic, quality kept by the
+            # antialiased resize below.
+            opened.draft("RGB", (image_size * 2, image_size * 2))
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
