@@ -673,7 +673,7 @@ def _not_recorded(what: str) -> str:
     return f'<p class="muted">{_e(what)}: not recorded for this run.</p>'
 
 
-def _html_summary(metrics: Mapping, inputs: ReportInputs) -> str:
+def _html_summary(metrics: Mapping) -> str:
     best = metrics.get("best_architecture")
     archs = metrics["architectures"]
     n_ok = sum(a["status"] == "ok" for a in archs.values())
@@ -833,21 +833,39 @@ def _html_verified(metrics: Mapping) -> str:
     return _section("verified-test", body)
 
 
+def _most_mistaken_for(result: ArchResult) -> list[str]:
+    """Per true label: the wrong label it is most often predicted as, with the share of its rows."""
+    test = result.test
+    n = len(result.class_names)
+    counts = _confusion(test.y_true, test.y_pred, n)
+    np.fill_diagonal(counts, 0)
+    support = np.bincount(test.y_true, minlength=n)
+    out = []
+    for label in range(n):
+        other = int(counts[label].argmax())
+        out.append(f"{result.class_names[other]} ({counts[label, other] / support[label]:.0%})"
+                   if counts[label, other] else "")
+    return out
+
+
 def _html_per_class(inputs: ReportInputs, metrics: Mapping) -> str:
     best = metrics.get("best_architecture")
     if not best:
         return _section("per-class", _not_recorded("Per-class metrics"))
     others = [n for n, a in metrics["architectures"].items() if a["status"] == "ok" and a["test"] and n != best]
     other_f1 = {n: {c["label"]: c["f1"] for c in metrics["architectures"][n]["test"]["per_class"]} for n in others}
+    mistaken_for = _most_mistaken_for(inputs.architectures[best])
     rows = []
-    for c in metrics["architectures"][best]["test"]["per_class"]:
-        rows.append([c["label"], c["support"], c["precision"], c["recall"], c["f1"],
+    for c, confused in zip(metrics["architectures"][best]["test"]["per_class"], mistaken_for):
+        rows.append([c["label"], c["support"], c["precision"], c["recall"], c["f1"], confused,
                      *[other_f1[n].get(c["label"]) for n in others]])
-    headers = ["label", "support", "precision", "recall", "F1", *[f"F1 {n}" for n in others]]
-    body = (f"<p>{_e(best)} (best) per label on the test split; F1 of the other architectures beside it. "
+    headers = ["label", "support", "precision", "recall", "F1", "most often predicted instead",
+               *[f"F1 {n}" for n in others]]
+    body = (f"<p>{_e(best)} (best) per label on the test split, with the wrong label it most often predicts "
+            f"for it (share of the label's test rows); F1 of the other architectures beside it. "
             f"Click a header to sort.</p>")
     body += '<div class="scroll">' + _table(headers, rows, sortable=True, table_id="per-class-table",
-                                           numeric=[False] + [True] * (len(headers) - 1)) + "</div>"
+                                           numeric=[False, True, True, True, True, False] + [True] * len(others)) + "</div>"
     return _section("per-class", body)
 
 
@@ -915,7 +933,7 @@ def render_html(inputs: ReportInputs, metrics: Mapping, figures: Mapping[str, by
     """One self-contained page: inline CSS and JS, figures as data: URIs, no external requests."""
     nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
     sections = [
-        _html_summary(metrics, inputs),
+        _html_summary(metrics),
         _html_data(inputs.data_summary, figures),
         _html_architectures(metrics, figures),
         _html_failed(metrics),
