@@ -91,3 +91,146 @@ def test_cli_report_and_status(stack, full_run):
     assert all(service["healthy"] for service in services)
     report = stack.dermflow("report", full_run["run_id"], "--json")
     assert "baseline_cnn" in json.loads(report.stdout)["architectures"]
+
+
+def _flow_runs(stack, flow_name: str) -> list:
+    """Flow runs of one flow, through the stack's Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async def read():
+        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+    return asyncio.run(read())
+
+
+def _champion(store) -> dict:
+    from dermflow.registry import list_champions
+
+    champions = list_champions(store)
+    assert len(champions) == 1
+    return champions[0]
+
+
+def test_retrain_on_unchanged_data_fetches_and_trains_nothing(stack, full_run, image_source):
+    store = full_run["store"]
+    champion_before = _champion(store)
+    trainings_before = len(_flow_runs(stack, "derm-train"))
+    images, rows = image_source
+    with serve_atlas(images, rows) as server:
+        csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("retrain.csv"), limit_per_label=8)
+        stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+                      "-p", "image_size=64", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
+                      "--watch", timeout=900)
+        assert sum(server.hits.values()) == 0
+    assert len(_flow_runs(stack, "derm-train")) == trainings_before
+    champion_after = _champion(store)
+    assert (champion_after["run_id"], champion_after["arch"]) == (champion_before["run_id"], champion_before["arch"])
+    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/metrics.json")})
+    decision = store.get_json(f"runs/{runs[-1]}/metrics.json")["retrain_decision"]
+    assert decision["promoted"] is False and decision["reason"]
+
+
+def test_retrain_promotes_a_challenger_that_beats_the_champion(stack, full_run, image_source):
+    store = full_run["store"]
+    champion = _champion(store)
+    # A champion that scores 0 on this split: any real challenger beats it.
+    pointer_key = f"registry/champions/{champion['label_set_id']}.json"
+    store.put_json(pointer_key, {**store.get_json(pointer_key), "score": 0.0})
+    images, rows = image_source
+    with serve_atlas(images, rows) as server:
+        csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("retrain2.csv"), limit_per_label=8)
+        stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+                      "-p", "image_size=64", "-p", "epochs=2", "-p", 'architectures=["baseline_cnn"]',
+                      "--watch", timeout=900)
+    new = _champion(store)
+    assert new["run_id"] != champion["run_id"]
+    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/metrics.json")})
+    assert new["run_id"] == runs[-1]
+    decision = store.get_json(f"runs/{runs[-1]}/metrics.json")["retrain_decision"]
+    assert decision["promoted"] is True and "beats" in decision["reason"]
+
+
+def _train_intervals(stack, run_ids: list[str]) -> list[tuple]:
+    """(start, end) of the `train-architecture` task inside each training flow run: the part
+    that holds the `gpu` slot."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterName
+
+    async def read():
+        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            intervals = []
+            for flow_run_id in run_ids:
+                tasks = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}),
+                    task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train-architecture")),
+                )
+                assert tasks and tasks[0].state.is_completed(), tasks
+                intervals.append((tasks[0].start_time, tasks[0].end_time))
+            return intervals
+
+    return asyncio.run(read())
+
+
+def _set_gpu_limit(stack, slots: int) -> None:
+    stack.prefect("gcl", "update", "gpu", "--limit", str(slots))
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_run, slots):
+    """Two architectures, each its own derm-train flow run in its own process (two training
+    workers exist): with a `gpu` limit of 1 they run one after the other, with 2 at once."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.deployments import run_deployment
+
+    store = full_run["store"]
+    split_key = next(k for k in store.iter_keys("manifests/") if k.startswith("manifests/split-") and k.endswith(".csv"))
+    _set_gpu_limit(stack, slots)
+    try:
+        async def launch():
+            async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+                runs = await asyncio.gather(*(
+                    run_deployment("derm-train/default", client=client, timeout=600, poll_interval=2, as_subflow=False,
+                                   parameters={"architecture": arch, "split_key": split_key,
+                                               "run_id": f"20990101-000000-limit{slots}", "image_size": 32,
+                                               "epochs": 1, "weights": "none"})
+                    for arch in ("baseline_cnn", "vgg16")))
+                return [run.id for run in runs], [run.state.name for run in runs]
+
+        ids, states = asyncio.run(launch())
+        assert states == ["Completed", "Completed"], states
+        (a_start, a_end), (b_start, b_end) = _train_intervals(stack, ids)
+        overlap = min(a_end, b_end) > max(a_start, b_start)
+        assert overlap is (slots == 2), (slots, (a_start, a_end), (b_start, b_end))
+    finally:
+        _set_gpu_limit(stack, 2)
+
+
+def test_unreachable_image_hosts_stop_with_a_clear_message(stack, image_source, tmp_path):
+    from dermflow.stack import free_port_block
+
+    _, rows = image_source
+    dead = f"http://127.0.0.1:{free_port_block(1, start=50000, stop=60000)}"
+    csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
+    result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
+                           "-p", "image_size=32", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
+                           "--watch", timeout=900, check=False)
+    assert result.returncode != 0
+    runs = sorted(_flow_runs(stack, "derm"), key=lambda run: run.expected_start_time)
+    message = runs[-1].state.message or ""
+    assert "fetched 0 of" in message and "connect_error" in message and "too few to split" in message, message
+
+
+def test_up_again_keeps_a_paused_retrain_paused(stack):
+    stack.prefect("deployment", "pause", "derm/retrain")
+    stack.dermflow("up", timeout=600)
+    inspected = stack.prefect("deployment", "inspect", "derm/retrain").stdout
+    assert "'paused': True" in inspected, inspected[-2000:]
+    stack.prefect("deployment", "resume", "derm/retrain")
