@@ -303,6 +303,8 @@ def training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], colo
                 for key, style, suffix in ((train_key, "-", "train"), (val_key, "--", "val")):
                     values = history.get(key) if key else None
                     if values:
+                        # history.json writes NaN as null
+                        values = np.array([np.nan if v is None else v for v in values], dtype=float)
                         epochs = np.arange(1, len(values) + 1)
                         axes.plot(epochs, values, style, color=color, lw=2, marker="o" if len(values) < 15 else None,
                                   markersize=4, label=f"{name} ({suffix})")

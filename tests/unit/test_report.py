@@ -306,6 +306,14 @@ def test_missing_images_give_placeholders_not_errors():
     assert "misclassified_examples" in report.figures
 
 
+def test_history_with_nulls_and_unknown_keys_still_plots():
+    inputs = make_inputs(n_rows=60, n_classes=10, with_images=False)
+    inputs.architectures["resnet50"].history = {"loss": [2.0, None, 1.5], "lr": [0.001] * 3,
+                                                "val_weighted_f1": [0.1, 0.2, None]}
+    report = build_report(inputs)
+    assert "training_curves" in report.figures
+
+
 def test_label_groups_order_the_confusion_matrix():
     inputs = make_inputs(n_rows=150, n_classes=30, with_images=False)
     names = inputs.architectures["resnet50"].class_names
