@@ -288,3 +288,30 @@ def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(
     assert strong["champion"]["split_hash"] == "split-new"
     history = get_champion_history(saved_model, strong["champion"]["label_set_id"])
     assert [h["run_id"] for h in history] == [RUN_ID, "20261127-100000-keen-elk"]
+
+
+def test_evaluate_on_real_atlas_rows(atlas_dir, tmp_path):
+    """The real schema and files: md5-named JPEGs, real labels, real skin types."""
+    import pandas as pd
+
+    from dermflow.predict import bundle_from_model
+
+    rows = pd.read_csv(atlas_dir / "rows.csv", dtype=str, keep_default_na=False)
+    subset = rows.groupby("label").head(3)
+    labels = sorted(subset["label"].unique())
+    subset = pd.concat([subset, pd.DataFrame([{**subset.iloc[0].to_dict(), "md5hash": "0" * 32}])])
+    csv_path = tmp_path / "rows.csv"
+    subset.to_csv(csv_path, index=False)
+
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(len(labels), activation="softmax")(x))
+    bundle = bundle_from_model(model, {"class_names": labels, "image_size": SIZE})
+
+    report = evaluate_dataset(bundle, csv_path, atlas_dir / "images")
+    assert report["rows"] == len(subset) and report["evaluated"] == len(subset) - 1
+    assert report["skipped"]["missing_image"] == 1 and report["skipped"]["unreadable_image"] == 0
+    assert sum(r["n"] for r in report["per_range"].values()) == report["evaluated"]
+    assert 0.0 <= report["accuracy"] <= report["top3_accuracy"] <= report["top5_accuracy"] <= 1.0
