@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from dermflow import figures as fig
 from dermflow.metrics import RANGE_ORDER, classification_metrics, top_k_accuracy
 
 logger = logging.getLogger(__name__)
@@ -365,7 +364,9 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
 
 
-def _thumbnail(inputs: ReportInputs, md5: str, caption: str, correct: bool) -> fig.Thumbnail:
+def _thumbnail(inputs: ReportInputs, md5: str, caption: str, correct: bool):
+    from dermflow import figures as fig
+
     image = heatmap = None
     if inputs.load_image is not None and md5:
         try:
@@ -396,6 +397,8 @@ def confusion_pairs(result: ArchResult, limit: int = CONFUSION_PAIRS) -> list[di
 
 
 def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dict[str, bytes]:
+    from dermflow import figures as fig  # matplotlib only when figures are drawn
+
     test = result.test
     names = list(result.class_names)
     y_pred = test.y_pred
@@ -436,6 +439,8 @@ def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dic
 
 def build_figures(inputs: ReportInputs, metrics: Mapping[str, Any]) -> dict[str, bytes]:
     """Every figure of the report, name -> PNG bytes (names as in `FIGURE_TITLES`)."""
+    from dermflow import figures as fig  # matplotlib only when figures are drawn
+
     archs = metrics["architectures"]
     colors = fig.colors_for(list(archs))
     ok = [n for n, a in archs.items() if a["status"] == "ok" and a["test"]]
