@@ -184,6 +184,20 @@ def is_url(source: str) -> bool:
     return source.lower().startswith(("http://", "https://"))
 
 
+def make_http_client():
+    """An httpx client with timeouts, bounded redirects and dermflow's User-Agent."""
+    import httpx
+
+    from dermflow.settings import get_settings
+
+    return httpx.Client(
+        timeout=httpx.Timeout(20.0, connect=5.0),
+        follow_redirects=True,
+        max_redirects=5,
+        headers={"User-Agent": get_settings().user_agent},
+    )
+
+
 def read_source(source: str, http_client=None) -> bytes:
     """The bytes of a local path or an http(s) URL (size-capped, with timeouts)."""
     if not is_url(source):
@@ -193,9 +207,7 @@ def read_source(source: str, http_client=None) -> bytes:
         return path.read_bytes()
     import httpx
 
-    client = http_client or httpx.Client(
-        timeout=httpx.Timeout(20.0, connect=5.0), follow_redirects=True, max_redirects=5
-    )
+    client = http_client or make_http_client()
     try:
         with client.stream("GET", source) as response:
             if response.status_code != 200:
@@ -238,12 +250,7 @@ def predict_images(
     results: list[dict] = [{"source": s, "top": [], "error": None} for s in sources]
     own_client = None
     if http_client is None and any(is_url(s) for s in sources):
-        import httpx
-
-        # one connection pool for all URLs of this call
-        own_client = http_client = httpx.Client(
-            timeout=httpx.Timeout(20.0, connect=5.0), follow_redirects=True, max_redirects=5
-        )
+        own_client = http_client = make_http_client()  # one connection pool for the call
 
     def decode(index: int) -> tuple[int, np.ndarray | None]:
         try:
