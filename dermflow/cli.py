@@ -282,7 +282,11 @@ def cmd_evaluate(args) -> int:
     store = ObjectStore.from_settings(settings)
     bundle = load_model_bundle(store, args.model, args.arch, settings.local_cache_dir / "models")
     with tqdm(desc="evaluating", unit="img", disable=args.json or not sys.stderr.isatty()) as bar:
-        result = evaluate_dataset(bundle, Path(args.csv), Path(args.images), progress=bar.update, tta=args.tta)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = evaluate_dataset(bundle, Path(args.csv), Path(args.images), progress=progress, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
         return 0
@@ -375,10 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dermflow {args.command}: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
+        from dermflow.predict import EvaluationError
+        from dermflow.registry import RegistryError
         from dermflow.stack import StackError
         from dermflow.storage import StorageError
 
-        if isinstance(error, (StackError, StorageError, ValueError, FileNotFoundError)):
+        known = (StackError, StorageError, RegistryError, EvaluationError, ValueError, FileNotFoundError)
+        if isinstance(error, known):
             print(f"dermflow {args.command}: {error}", file=sys.stderr)
             return 1
         raise

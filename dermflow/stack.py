@@ -185,8 +185,10 @@ class SeaweedServer:
             f"-filer.port={self.s3_port + 3}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",
+            # Small volumes, many allowed: each bucket takes several volumes, and "auto"
+            # (-volume.max=0 at 1 GB each) runs out after about ten buckets on a small disk.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=2000",
         ]
         return argv
 

@@ -5,6 +5,8 @@ promote a challenger only if it beats the champion).
 
 Training runs as `derm-train/default` flow runs started with `run_deployment`: subflows in
 the UI, each in its own worker process, concurrent up to the `gpu` concurrency limit.
+Cancelling a `derm` run cancels them too (the Prefect server's cancellation cleanup service
+cancels the subflow runs of a cancelled parent).
 """
 
 from __future__ import annotations
@@ -42,27 +44,6 @@ class PipelineError(RuntimeError):
     """A stage cannot go on; the message says why and what to do."""
 
 
-async def cancel_child_runs(flow, flow_run, state) -> None:
-    """Cancelling `derm` cancels the training subflows it started (they run elsewhere)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.states import Cancelling
-
-    async with get_client() as client:
-        parent_tasks = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]})
-        )
-        children = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_task_run_id={"any_": [t.id for t in parent_tasks]} if parent_tasks else None,
-            )
-        ) if parent_tasks else []
-        for child in children:
-            if not child.state or not child.state.is_final():
-                await client.set_flow_run_state(child.id, Cancelling(message="parent derm run cancelled"),
-                                                force=True)
-
-
 def _validate_weights(weights: str) -> str:
     if weights in ("imagenet", "none") or Path(weights).expanduser().is_file():
         return weights
@@ -93,7 +74,7 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
     return list(await asyncio.gather(*(one(a, p) for a, p in jobs.items())))
 
 
-@flow(name="derm", log_prints=True, on_cancellation=[cancel_child_runs])
+@flow(name="derm", log_prints=True)
 async def derm(
     mode: Mode = "full",
     csv: str = DEFAULT_CSV_URL,

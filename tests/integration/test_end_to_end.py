@@ -234,3 +234,36 @@ def test_up_again_keeps_a_paused_retrain_paused(stack):
     inspected = stack.prefect("deployment", "inspect", "derm/retrain").stdout
     assert "'paused': True" in inspected, inspected[-2000:]
     stack.prefect("deployment", "resume", "derm/retrain")
+
+
+def test_cancelling_the_parent_cancels_its_training_subflows(stack, full_run):
+    """Runs last in this module: it leaves a cancelled run behind."""
+    import re
+    import time
+
+    result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={full_run['csv']}",
+                           "-p", "limit_per_label=8", "-p", "image_size=64", "-p", "epochs=200",
+                           "-p", 'architectures=["baseline_cnn"]', "-p", "seed=7")
+    parent_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+
+    def child():
+        runs = [r for r in _flow_runs(stack, "derm-train") if (r.name or "").endswith("-baseline_cnn")
+                and r.parent_task_run_id is not None]
+        runs = [r for r in runs if r.state and r.state.name == "Running" and str(r.parameters.get("seed")) == "7"]
+        return runs[0] if runs else None
+
+    deadline = time.monotonic() + 600
+    running = None
+    while running is None and time.monotonic() < deadline:
+        time.sleep(3)
+        running = child()
+    assert running is not None, "the training subflow never started"
+    stack.prefect("flow-run", "cancel", parent_id)
+    deadline = time.monotonic() + 180
+    state = None
+    while time.monotonic() < deadline:
+        state = next(r.state.name for r in _flow_runs(stack, "derm-train") if r.id == running.id)
+        if state in ("Cancelled", "Cancelling"):
+            break
+        time.sleep(3)
+    assert state in ("Cancelled", "Cancelling"), state
