@@ -190,12 +190,18 @@ def test_every_figure_is_a_real_png(built):
         assert min(image.size) >= 2000, "114 labels need a big canvas to stay readable"
 
 
-def test_no_figure_left_open():
+def test_no_figure_left_open_and_unreadable_images_become_placeholders():
     import matplotlib.pyplot as plt
 
+    inputs = make_inputs(n_rows=150, n_classes=30)
+
+    def broken_loader(md5: str) -> bytes:
+        raise KeyError(md5)
+
+    inputs.load_image = broken_loader
     plt.close("all")
-    report = build_report(make_inputs(n_rows=150, n_classes=30))
-    assert len(report.figures) == len(EXPECTED_FIGURES)
+    report = build_report(inputs)
+    assert set(report.figures) == EXPECTED_FIGURES
     assert plt.get_fignums() == []
 
 
@@ -285,33 +291,16 @@ def test_all_failed_still_builds_a_report():
     assert "confusion_all_labels" not in report.figures
 
 
-def test_flat_data_summary_keys_are_accepted_too():
+def test_flat_data_summary_keys_and_null_history_epochs_are_accepted():
     inputs = make_inputs(n_rows=60, n_classes=10, with_images=False)
     inputs.data_summary = {"rows": 100, "fetched_ok": 90, "failed_by_reason": {"http_404": 10},
                            "split_by_range": {"train": {"I-II": 50}, "test": {"V-VI": 40}}}
+    for result in inputs.architectures.values():  # history.json writes NaN as null
+        result.history = {"loss": [2.0, None, 1.5], "lr": [0.001] * 3, "val_weighted_f1": [0.1, 0.2, None]}
     report = build_report(inputs)
-    assert {"fetch_outcomes", "split_by_range"} <= set(report.figures)
+    assert {"fetch_outcomes", "split_by_range", "training_curves"} <= set(report.figures)
     assert report.metrics["duplicates"] is None
     assert "Duplicate and label-quality counts: not recorded" in report.html
-
-
-def test_missing_images_give_placeholders_not_errors():
-    inputs = make_inputs(n_rows=120, n_classes=30)
-
-    def broken_loader(md5: str) -> bytes:
-        raise KeyError(md5)
-
-    inputs.load_image = broken_loader
-    report = build_report(inputs)
-    assert "misclassified_examples" in report.figures
-
-
-def test_history_with_nulls_and_unknown_keys_still_plots():
-    inputs = make_inputs(n_rows=60, n_classes=10, with_images=False)
-    inputs.architectures["resnet50"].history = {"loss": [2.0, None, 1.5], "lr": [0.001] * 3,
-                                                "val_weighted_f1": [0.1, 0.2, None]}
-    report = build_report(inputs)
-    assert "training_curves" in report.figures
 
 
 def test_label_groups_order_the_confusion_matrix():
@@ -322,7 +311,10 @@ def test_label_groups_order_the_confusion_matrix():
     assert sorted(order.tolist()) == list(range(30))
     changes = sum(groups[i] != groups[i - 1] for i in range(1, len(groups)))
     assert changes == 1  # each group contiguous
-    assert "confusion_all_labels" in build_report(inputs).figures
+    from dermflow.figures import confusion_heatmap
+
+    png = confusion_heatmap(np.eye(30)[order], [names[i] for i in order], title="grouped", groups=groups)
+    assert Image.open(io.BytesIO(png)).format == "PNG"
 
 
 def test_bad_predictions_name_the_architecture():
@@ -381,5 +373,5 @@ def test_build_time_at_full_size_is_reasonable():
     report = build_report(inputs)
     elapsed = time.perf_counter() - started
     assert len(report.metrics["architectures"]) == 6
-    # ~6 s alone on this 2-core box; generous for a loaded CI runner
-    assert elapsed < 45, f"report took {elapsed:.1f} s"
+    # 5-6 s on an idle 2-core box, ~20 s while four other test suites share it: catches a 10x regression
+    assert elapsed < 60, f"report took {elapsed:.1f} s"
