@@ -33,7 +33,7 @@ from dermflow.params import (
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
 from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
-from tasks.registry import promote_if_better, reusable_training
+from tasks.registry import apply_retention, promote_if_better, reusable_training
 from tasks.report import build_and_store_report
 from tasks.runs import data_summary, record_params, training_outcome
 
@@ -170,6 +170,7 @@ async def derm(
         run_id, params, data_summary(dataset, fetched, split), outcomes,
         tuning_trials=tuning_trials, retrain_decision=decision,
     )
+    apply_retention()
     failed = [o for o in outcomes if o["status"] != "ok"]
     if len(failed) == len(outcomes):
         raise PipelineError(f"every architecture failed: {[(o['architecture'], o['error']) for o in failed]}")

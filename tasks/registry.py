@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from dermflow import registry
 from dermflow.runs import content_hash, model_key
-from tasks.common import object_store
+from tasks.common import object_store, settings
 
 
 def training_key(split_hash: str, architecture: str, params: dict) -> str:
@@ -75,3 +75,13 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
         key="derm-promotion", description=f"run {run_id}",
     )
     return decision
+
+
+@task(name="apply-retention")
+def apply_retention() -> dict:
+    """Delete runs beyond `DERMFLOW_KEEP_RUNS` and old checkpoints; champions' runs are kept."""
+    current = settings()
+    result = registry.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
+    get_run_logger().info("retention: %d run(s) deleted, %d checkpoint(s) deleted, %d protected",
+                          len(result["deleted_runs"]), len(result["deleted_checkpoints"]), len(result["protected_runs"]))
+    return {k: v for k, v in result.items() if k != "kept_runs"}

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from dermflow.runs import model_key
-from tasks.common import object_store
+from tasks.common import object_store, settings
 
 
 def _load_arch_result(store, run_id: str, outcome: dict):
@@ -43,6 +43,24 @@ def _load_arch_result(store, run_id: str, outcome: dict):
     )
 
 
+def _best_model_saliency(store, outcomes: list[dict]):
+    """md5hash -> Grad-CAM heatmap of the best model (for its predicted class), or None."""
+    ok = [o for o in outcomes if o.get("status") == "ok" and o.get("test")]
+    if not ok:
+        return None
+    from dermflow.predict import load_image_array, load_model_bundle
+    from dermflow.saliency import grad_cam
+
+    best = max(ok, key=lambda o: o["test"]["weighted_f1"])
+    bundle = load_model_bundle(store, best["run_id"], best["architecture"], settings().local_cache_dir / "models")
+
+    def saliency(md5hash: str):
+        image = load_image_array(store.get_bytes(f"images/{md5hash}"), bundle.image_size)
+        return grad_cam(bundle.model, image)
+
+    return saliency
+
+
 @task(name="build-report", retries=1)
 def build_and_store_report(
     run_id: str,
@@ -66,6 +84,7 @@ def build_and_store_report(
         tuning_trials=tuning_trials,
         retrain_decision=retrain_decision,
         load_image=lambda md5: store.get_bytes(f"images/{md5}"),
+        saliency=_best_model_saliency(store, outcomes),
     )
     report = build_report(inputs, report_uri=store.uri(report_key))
     keys = write_report(report, store, run_id)
