@@ -155,6 +155,49 @@ def register_deployments(settings: Settings, env: dict[str, str], prefect_file: 
                 client.pause_deployment(client.read_deployment_by_name(name).id)
 
 
+ALERT_BLOCK = "dermflow-alerts"
+ALERT_AUTOMATION = "derm-retrain-failed"
+
+
+def configure_alerts(settings: Settings) -> bool:
+    """A Prefect automation: when a `derm/retrain` run fails, crashes or times out, POST a
+    notification (JSON `{"subject", "body"}`) to `DERMFLOW_ALERT_WEBHOOK`. Without the setting,
+    a failed retrain shows only in the UI (runs, events)."""
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for existing in client.read_automations_by_name(ALERT_AUTOMATION):
+            client.delete_automation(existing.id)
+        if not settings.alert_webhook:
+            return False
+        deployment = client.read_deployment_by_name("derm/retrain")
+    block = CustomWebhookNotificationBlock(
+        name=ALERT_BLOCK, url=settings.alert_webhook,
+        json_data={"subject": "{{subject}}", "body": "{{body}}"},
+    )
+    block_id = block.save(ALERT_BLOCK, overwrite=True)
+    Automation(
+        name=ALERT_AUTOMATION,
+        description="Notify when the scheduled retraining fails",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
+            match_related={"prefect.resource.id": f"prefect.deployment.{deployment.id}"},
+            posture="Reactive",
+            threshold=1,
+            within=0,
+        ),
+        actions=[SendNotification(
+            block_document_id=block_id,
+            subject="dermflow: derm/retrain failed",
+            body="Flow run {{ flow_run.name }} of derm/retrain ended {{ flow_run.state.name }}: "
+                 "{{ flow_run.state.message }}",
+        )],
+    ).create()
+    return True
+
+
 def set_prefect_profile(api_url: str) -> None:
     """A `dermflow` Prefect profile, made active, so `prefect deployment run` in any new shell
     reaches this server rather than a throwaway ephemeral one."""
@@ -199,7 +242,10 @@ def cmd_up(args) -> int:
         print(f"worker              {worker.name} ({'started' if started else 'running'})")
     if not args.no_deploy:
         register_deployments(settings, env)
-        print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default")
+        print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
+              "derm-tune/worker")
+        if configure_alerts(settings):
+            print(f"alerts              failed derm/retrain runs are posted to {settings.alert_webhook}")
     return 0
 
 

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Training slots: the `gpu` global concurrency limit. None means "GPUs detected, else 1".
     gpu_slots: int | None = Field(None, ge=1)
 
+    # A webhook that hears about failed scheduled retrains (a Prefect automation, made by `up`).
+    alert_webhook: str | None = None
+
     # --- the embedded stack (make up) ---
     data_dir: Path = PROJECT_ROOT / ".dermflow"
     s3_port: int = Field(8333, ge=1, le=65535)

@@ -45,7 +45,7 @@ class Stack:
             AWS_SECRET_ACCESS_KEY=self.env["AWS_SECRET_ACCESS_KEY"], bucket=self.env["DERMFLOW_BUCKET"]))
 
 
-def start_stack(data_dir: Path, gpu_slots: int = 1) -> Stack:
+def start_stack(data_dir: Path, gpu_slots: int = 1, extra_env: dict[str, str] | None = None) -> Stack:
     s3_port = free_port_block(4)
     prefect_port = free_port_block(1, start=41000, stop=49000)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DERMFLOW_"))}
@@ -65,7 +65,37 @@ def start_stack(data_dir: Path, gpu_slots: int = 1) -> Stack:
         "PREFECT_HOME": str(data_dir / "prefect-home"),  # profiles of the test, not the user's
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(extra_env or {}),
     })
     stack = Stack(env, data_dir)
     stack.dermflow("up", timeout=600)
     return stack
+
+
+class WebhookReceiver:
+    """A local HTTP server that records the JSON bodies POSTed to it (alert notifications)."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body or b"{}"))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

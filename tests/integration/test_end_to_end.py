@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.integration.stack import start_stack
+from tests.integration.stack import WebhookReceiver, start_stack
 from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,8 +19,16 @@ ATLAS = __import__("tests.conftest", fromlist=["ATLAS_DIR"]).ATLAS_DIR
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("stack"), gpu_slots=2)
+def alerts():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, alerts):
+    stack = start_stack(tmp_path_factory.mktemp("stack"), gpu_slots=2,
+                        extra_env={"DERMFLOW_ALERT_WEBHOOK": alerts.url})
     yield stack
     stack.dermflow("down", check=False, timeout=120)
 
@@ -226,6 +234,25 @@ def test_unreachable_image_hosts_stop_with_a_clear_message(stack, image_source, 
     runs = sorted(_flow_runs(stack, "derm"), key=lambda run: run.expected_start_time)
     message = runs[-1].state.message or ""
     assert "fetched 0 of" in message and "connect_error" in message and "too few to split" in message, message
+
+
+def test_a_failed_retrain_posts_an_alert(stack, alerts, image_source, tmp_path):
+    import time
+
+    from dermflow.stack import free_port_block
+
+    _, rows = image_source
+    dead = f"http://127.0.0.1:{free_port_block(1, start=50000, stop=60000)}"
+    csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
+    result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
+                           "--watch", timeout=900, check=False)
+    assert result.returncode != 0
+    deadline = time.monotonic() + 120
+    while not alerts.received and time.monotonic() < deadline:
+        time.sleep(2)
+    assert alerts.received, "no alert was posted for the failed retrain"
+    assert "derm/retrain failed" in alerts.received[-1]["subject"]
+    assert "Failed" in alerts.received[-1]["body"]
 
 
 def test_up_again_keeps_a_paused_retrain_paused(stack):
