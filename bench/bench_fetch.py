@@ -1,0 +1,269 @@
+"""Fetch benchmark: dermflow's fetcher vs img2dataset, from the same slow server into the same S3.
+
+Starts its own SeaweedFS (free ports, temp dir) and an atlas server (a separate process, so
+CPU is measured per side) that serves ../shared/data/atlas20 with added latency per request.
+Then, at the same number of requests in flight:
+
+1. dermflow: plan_shards + fetch_shard for every shard + reconcile_manifest + manifest write, into
+   SeaweedFS; shards run `--parallel` at a time in a thread pool (Prefect's thread runner) and
+   again in warm worker processes (a Dask LocalCluster's workers), each into a fresh bucket;
+2. img2dataset (own venv bench/.venv-img2dataset, installed if missing) writing local files;
+3. img2dataset writing into the same SeaweedFS bucket through s3fs.
+
+img2dataset runs with `--resize_mode no --skip_reencode True` (it still decodes each image, as
+dermflow verifies each one, but keeps the original bytes), `--compute_hash md5`, no EXIF.
+Ratios are given against img2dataset's wall time and against its own shard clock (first shard
+start to last shard end, from its *_stats.json: no interpreter start-up), which favours it;
+dermflow's time always includes planning, the manifest reconcile and the manifest write.
+
+Usage: .venv/bin/python bench/bench_fetch.py [--latency 0.05] [--concurrency 16] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ATLAS = PROJECT_ROOT.parent / "shared" / "data" / "atlas20"
+I2D_VENV = PROJECT_ROOT / "bench" / ".venv-img2dataset"
+sys.path.insert(0, str(PROJECT_ROOT))
+
+SERVER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from tests.support.image_servers import serve_atlas
+with serve_atlas(Path(sys.argv[1]), Path(sys.argv[2]), latency_s=float(sys.argv[3])) as server:
+    print(server.base_url, flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+    print(sum(server.hits.values()), flush=True)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU of a live process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ensure_img2dataset() -> Path:
+    binary = I2D_VENV / "bin" / "img2dataset"
+    if not binary.exists():
+        print(f"installing img2dataset and s3fs into {I2D_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset", "s3fs"], check=True)
+    return binary
+
+
+def report(name: str, images: int, total_bytes: int, wall: float, cpu: float, extra: str = "") -> dict:
+    line = (f"{name:<34} {images:>5} images  {wall:7.2f} s  {images / wall:7.1f} images/s  "
+            f"{total_bytes / wall / 1e6:6.1f} MB/s  CPU {cpu:6.2f} s ({cpu / max(images, 1) * 1000:.1f} ms/image)")
+    print(line + (f"  {extra}" if extra else ""), flush=True)
+    return {"name": name, "images": images, "bytes": total_bytes, "wall_s": wall, "cpu_s": cpu,
+            "images_per_s": images / wall, "mb_per_s": total_bytes / wall / 1e6}
+
+
+_worker_store = None
+
+
+def _warm_worker(settings_kwargs: dict, pool_size: int) -> int:
+    """Process-pool initialiser work: imports and one S3 client per worker, as a warm Dask worker has."""
+    global _worker_store
+    import dermflow.fetch  # noqa: F401 - imported before the clock starts
+    from dermflow.settings import load_settings
+    from dermflow.storage import ObjectStore
+
+    if _worker_store is None:
+        _worker_store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=pool_size)
+    time.sleep(0.5)  # so that every worker of the pool gets one warm-up task
+    return os.getpid()
+
+
+def _fetch_in_worker(shard: list[dict], options) -> list[dict]:
+    from dermflow.fetch import fetch_shard
+
+    return fetch_shard(shard, _worker_store, options)
+
+
+def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int, parallel: int, shard_size: int,
+                 seaweed_pid: int, runner: str) -> dict:
+    """Fetch every row into `store`; shards `parallel` at a time in threads or in warm processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pandas as pd
+
+    from dermflow.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
+
+    dataset = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)
+    pool_size = concurrency + options.store_workers + 8
+    worker_pids: list[int] = []
+    if runner == "processes":
+        pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
+        worker_pids = sorted(set(pool.map(_warm_worker, [settings_kwargs] * parallel, [pool_size] * parallel)))
+        fetch = lambda shard: pool.submit(_fetch_in_worker, shard, options)  # noqa: E731
+    else:
+        pool = ThreadPoolExecutor(parallel)
+        fetch = lambda shard: pool.submit(fetch_shard, shard, store, options)  # noqa: E731
+    worker_cpu0 = sum(cpu_seconds(pid) for pid in worker_pids)
+    cpu0, seaweed0, wall0 = time.process_time(), cpu_seconds(seaweed_pid), time.perf_counter()
+    shards = plan_shards(dataset, stored_image_md5s(store), shard_size=shard_size)
+    futures = [fetch(shard) for shard in shards]
+    rows = [row for future in futures for row in future.result()]
+    manifest = reconcile_manifest(dataset, store, None, rows)
+    store.put_dataframe_csv("manifests/fetch.csv", manifest)
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0 + sum(cpu_seconds(pid) for pid in worker_pids) - worker_cpu0
+    seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0
+    pool.shutdown()
+    summary = summarize_manifest(manifest)
+    result = report(f"dermflow -> SeaweedFS ({runner})", summary["ok"], summary["bytes"], wall, cpu,
+                    f"[SeaweedFS CPU {seaweed_cpu:.2f} s; {summary['failed']} failed]")
+    if summary["failed"]:
+        print(f"  failures: {summary['by_reason']}")
+    return result
+
+
+def run_img2dataset(binary: Path, urls_csv: Path, output: str, env: dict, concurrency: int, parallel: int,
+                    shard_size: int) -> tuple[float, float]:
+    argv = [
+        str(binary), "--url_list", str(urls_csv), "--input_format", "csv", "--url_col", "url",
+        "--output_format", "files", "--output_folder", output, "--resize_mode", "no", "--skip_reencode", "True",
+        "--processes_count", str(parallel), "--thread_count", str(concurrency),
+        "--number_sample_per_shard", str(shard_size), "--compute_hash", "md5", "--extract_exif", "False",
+        "--timeout", "30", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall0 = time.perf_counter()
+    completed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - wall0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if completed.returncode != 0:
+        raise RuntimeError(f"img2dataset failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard/process")
+    parser.add_argument("--parallel", type=int, default=2, help="shards at once (img2dataset: processes)")
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    parser.add_argument("--runners", default="threads,processes",
+                        help="how dermflow runs shards at once: threads (one process), processes (warm workers)")
+    parser.add_argument("--skip-img2dataset", action="store_true")
+    args = parser.parse_args()
+    if not (ATLAS / "rows.csv").exists():
+        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+        return 2
+
+    from dermflow.settings import load_settings
+    from dermflow.stack import SeaweedServer, free_port_block
+    from dermflow.storage import ObjectStore
+    from tests.support.image_servers import rewrite_csv_host
+
+    work = Path(tempfile.mkdtemp(prefix="dermflow-bench-fetch-"))
+    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
+                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    server = None
+    results: dict[str, dict] = {}
+    try:
+        i2d = None if args.skip_img2dataset else ensure_img2dataset()
+        print(f"starting SeaweedFS in {work} ...", flush=True)
+        seaweed.start()
+        rows_csv = ATLAS / "rows.csv"
+        if args.limit:
+            rows_csv = work / "rows-limited.csv"
+            lines = (ATLAS / "rows.csv").read_text().splitlines(keepends=True)
+            rows_csv.write_text("".join(lines[: args.limit + 1]))
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER_SCRIPT, str(ATLAS / "images"), str(rows_csv), str(args.latency)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        )
+        base_url = server.stdout.readline().strip()
+        csv_path = rewrite_csv_host(rows_csv, base_url, work / "rows.csv")
+        settings = load_settings(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+                                 aws_secret_access_key=seaweed.secret_key, bucket="bench")
+        parallel, concurrency = args.parallel, args.concurrency
+        seaweed_pid = seaweed.process.pid()
+        print(f"serving {rows_csv} at {base_url} with {args.latency * 1000:.0f} ms latency; "
+              f"{parallel} x {concurrency} requests in flight", flush=True)
+        for runner in args.runners.split(","):
+            bucket = f"bench-{runner}"
+            settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+                                   aws_secret_access_key=seaweed.secret_key, bucket=bucket)
+            store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=parallel * 40)
+            store.ensure_bucket()
+            results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, concurrency, parallel,
+                                                           args.shard_size, seaweed_pid, runner)
+        store = ObjectStore.from_settings(settings)
+        store.ensure_bucket()
+
+        if i2d is not None:
+            urls_csv = work / "urls.csv"
+            shutil.copy(csv_path, urls_csv)
+            env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "FSSPEC_S3_ENDPOINT_URL": seaweed.endpoint_url,
+                   "FSSPEC_S3_KEY": seaweed.access_key, "FSSPEC_S3_SECRET": seaweed.secret_key,
+                   "AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
+                   "AWS_ENDPOINT_URL": seaweed.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+            n = max(r["images"] for key, r in results.items() if key.startswith("dermflow"))
+            for name, output in (("img2dataset -> local files", str(work / "i2d-files")),
+                                 ("img2dataset -> SeaweedFS (s3fs)", "s3://bench/img2dataset")):
+                seaweed0 = cpu_seconds(seaweed_pid)
+                wall, cpu = run_img2dataset(i2d, urls_csv, output, env, concurrency, parallel, args.shard_size)
+                if output.startswith("s3://"):
+                    listing = [o for p in store.client.get_paginator("list_objects_v2").paginate(
+                        Bucket="bench", Prefix="img2dataset/") for o in p.get("Contents", [])]
+                    got = [o for o in listing if o["Key"].endswith(".jpg")]
+                    stored_bytes = sum(o["Size"] for o in got)
+                    stats = [store.get_json(o["Key"]) for o in listing if o["Key"].endswith("_stats.json")]
+                else:
+                    got = list(Path(output).rglob("*.jpg"))
+                    stored_bytes = sum(f.stat().st_size for f in got)
+                    stats = [json.loads(f.read_text()) for f in Path(output).glob("*_stats.json")]
+                # img2dataset's own clock: first shard start to last shard end (no start-up, no teardown).
+                active = max(st["end_time"] for st in stats) - min(st["start_time"] for st in stats)
+                extra = f"[its own shard clock: {active:.2f} s]"
+                if output.startswith("s3://"):
+                    extra += f" [SeaweedFS CPU {cpu_seconds(seaweed_pid) - seaweed0:.2f} s]"
+                results[name] = report(name, len(got), stored_bytes, wall, cpu, extra)
+                results[name]["active_s"] = active
+                if len(got) != n:
+                    print(f"  note: img2dataset stored {len(got)} images, dermflow {n}")
+            print()
+            for ours_name in [name for name in results if name.startswith("dermflow")]:
+                ours = results[ours_name]
+                for name in ("img2dataset -> local files", "img2dataset -> SeaweedFS (s3fs)"):
+                    theirs = results[name]
+                    ratio = ours["images_per_s"] / (theirs["images"] / theirs["active_s"])
+                    ratio_wall = ours["images_per_s"] / theirs["images_per_s"]
+                    print(f"throughput ratio {ours_name} / {name}: {ratio:.2f}x vs its shard clock "
+                          f"(no start-up), {ratio_wall:.2f}x vs its wall time")
+        (work / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\nresults: {work / 'results.json'}")
+        return 0
+    finally:
+        if server is not None:
+            server.stdin.close()
+            server.wait(timeout=30)
+        seaweed.stop()
+        shutil.rmtree(work / "seaweed", ignore_errors=True)
+        shutil.rmtree(work / "i2d-files", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
