@@ -286,8 +286,13 @@ def _py_dataset_class():
     return ArrayBatches
 
 
-def make_py_dataset(arrays, indices, batch_size, *, shuffle, seed=0, class_weights=None):
-    return _py_dataset_class()(arrays, indices, batch_size, shuffle=shuffle, seed=seed, class_weights=class_weights)
+def make_py_dataset(arrays, indices, batch_size, *, shuffle, seed=0, class_weights=None, workers: int | None = None):
+    """A `keras.utils.PyDataset`; `workers` threads gather batches ahead of the training step."""
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    return _py_dataset_class()(
+        arrays, indices, batch_size, shuffle=shuffle, seed=seed, class_weights=class_weights,
+        workers=workers, max_queue_size=8,
+    )
 
 
 def make_dataset(

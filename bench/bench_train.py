@@ -1,0 +1,129 @@
+"""Training throughput through the real input pipeline versus in-memory tensors.
+
+Reads the atlas20 images straight from ../shared/data/atlas20 (no S3) into the same cache
+and uint8 array path `train_architecture` uses (`dermflow.data.prepare_split_arrays`), then for
+each architecture times `fit` steps fed by `dermflow.data.make_dataset` (tf.data over the
+memmap, or the PyDataset under a non-TensorFlow Keras backend) and fed by the same images
+already in memory as float32 arrays, in alternating rounds on one compiled model. Prints
+images/s for both, their ratio (goal >= 0.95) and the implied seconds per training epoch.
+
+    make bench-train      # or: .venv/bin/python bench/bench_train.py [--size 128] [--archs ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def atlas_split(atlas: Path, seed: int) -> pd.DataFrame:
+    """A stratified 70/15/15 train/val/test split of the atlas rows (stand-in for dermflow.split)."""
+    rows = pd.read_csv(atlas / "rows.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(rows), dtype=object)
+    for _, index in rows.groupby("label").indices.items():
+        index = rng.permutation(index)
+        n_val = n_test = max(1, round(0.15 * len(index)))
+        split[index[:n_val]] = "val"
+        split[index[n_val : n_val + n_test]] = "test"
+        split[index[n_val + n_test :]] = "train"
+    rows["split"] = split
+    rows["fitzpatrick_range"] = "unknown"
+    return rows[["md5hash", "label", "split", "fitzpatrick_range"]]
+
+
+def timed_fit(model, steps: int, **fit_args) -> float:
+    started = time.perf_counter()
+    model.fit(epochs=1, steps_per_epoch=steps, verbose=0, **fit_args)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--atlas", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "atlas20")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--archs", default="baseline_cnn,resnet50v2")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", default="baseline_cnn=16,resnet50v2=4", help="timed steps per round, per architecture")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not (args.atlas / "rows.csv").exists():
+        print(f"{args.atlas} is absent (../shared not beside the project); nothing to measure", file=sys.stderr)
+        return 2
+
+    import keras
+
+    from dermflow import data as data_lib
+    from dermflow import models
+    from dermflow.settings import get_settings
+    from dermflow.train import TrainConfig, accelerator_present, compile_model
+
+    cache_dir = args.cache_dir or get_settings().local_cache_dir / "bench"
+    frame = atlas_split(args.atlas, args.seed)
+    started = time.perf_counter()
+    arrays = data_lib.prepare_split_arrays(
+        frame, lambda md5: args.atlas / "images" / f"{md5}.jpg", args.size, cache_dir
+    )
+    prepare_s = time.perf_counter() - started
+    train_idx = arrays.indices("train")
+    weights = data_lib.class_weights_from_labels(arrays.labels[train_idx], len(arrays.class_names))
+    gpu = accelerator_present()
+    if gpu:
+        keras.config.set_dtype_policy("mixed_float16")
+    print(f"backend {keras.backend.backend()}, accelerator {gpu}, {len(train_idx)} training images of "
+          f"{len(arrays.labels)} at {args.size}px, {len(arrays.class_names)} classes; array ready in {prepare_s:.1f} s "
+          f"({arrays.array_path})")
+
+    steps_of = dict(item.split("=") for item in args.steps.split(",") if "=" in item)
+    in_memory_x = np.asarray(arrays.images[train_idx], dtype=np.float32)
+    in_memory_y = np.eye(len(arrays.class_names), dtype=np.float32)[arrays.labels[train_idx]]
+    in_memory_w = weights[arrays.labels[train_idx]].astype(np.float32)
+    print(f"{'architecture':<14} {'pipeline img/s':>15} {'in-memory img/s':>16} {'ratio':>6} {'s/epoch':>8}")
+    for name in args.archs.split(","):
+        steps = int(steps_of.get(name, 10))
+        config = TrainConfig(architecture=name, image_size=args.size, batch_size=args.batch_size, weights="none")
+        model = models.create_model(name, len(arrays.class_names), args.size, weights="none", seed=args.seed)
+        compile_model(model, config, config.learning_rate, jit_compile=gpu)
+        pipeline = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True, seed=args.seed, class_weights=weights)
+        if keras.backend.backend() == "tensorflow":
+            pipeline = pipeline.repeat()
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # the baseline: the same images already in memory as tensors, shuffled and batched
+            in_memory = (
+                tf.data.Dataset.from_tensor_slices((in_memory_x, in_memory_y, in_memory_w))
+                .shuffle(len(train_idx), seed=args.seed).batch(args.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+            )
+            memory_args = dict(x=in_memory)
+        else:
+            memory_args = dict(x=in_memory_x, y=in_memory_y, sample_weight=in_memory_w, batch_size=args.batch_size, shuffle=True)
+        # warm-up: trace/compile both input signatures before timing
+        timed_fit(model, 2, x=pipeline)
+        timed_fit(model, 2, **memory_args)
+        pipeline_s, memory_s = [], []
+        for _ in range(args.rounds):
+            pipeline_s.append(timed_fit(model, steps, x=pipeline))
+            memory_s.append(timed_fit(model, steps, **memory_args))
+        images = steps * args.batch_size
+        pipeline_rate, memory_rate = images / min(pipeline_s), images / min(memory_s)
+        epoch_s = len(train_idx) / pipeline_rate
+        print(f"{name:<14} {pipeline_rate:>15.1f} {memory_rate:>16.1f} {pipeline_rate / memory_rate:>6.3f} {epoch_s:>8.1f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
