@@ -39,7 +39,7 @@ def free_port_block(count: int, start: int = 20000, stop: int = 40000, step: int
     """A base port such that base..base+count-1 and their +10000 gRPC twins are all free."""
     import random
 
-    candidates = list(range(start, stop, step))
+    candidates = [base for base in range(start, stop, step) if base + 10000 + count <= 65535]
     random.shuffle(candidates)
     for base in candidates:
         ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]

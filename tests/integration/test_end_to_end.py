@@ -225,7 +225,7 @@ def test_unreachable_image_hosts_stop_with_a_clear_message(stack, image_source, 
     from dermflow.stack import free_port_block
 
     _, rows = image_source
-    dead = f"http://127.0.0.1:{free_port_block(1, start=50000, stop=60000)}"
+    dead = f"http://127.0.0.1:{free_port_block(1)}"
     csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
     result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
                            "-p", "image_size=32", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
@@ -242,7 +242,7 @@ def test_a_failed_retrain_posts_an_alert(stack, alerts, image_source, tmp_path):
     from dermflow.stack import free_port_block
 
     _, rows = image_source
-    dead = f"http://127.0.0.1:{free_port_block(1, start=50000, stop=60000)}"
+    dead = f"http://127.0.0.1:{free_port_block(1)}"
     csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
     result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
                            "--watch", timeout=900, check=False)
