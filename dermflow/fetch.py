@@ -55,6 +55,9 @@ SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_ran
 TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "truncated", "http_429", "not_fetched"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "dermflow/0.1 (research dataset fetcher)"
+# pHash reads a 32x32 image, so JPEGs are decoded at the smallest DCT scale >= 32 px. The pHash
+# depends (slightly) on this scale: fetch and reconcile must use the same value.
+DEFAULT_DECODE_SIZE = 32
 
 
 def image_key(md5hash: str) -> str:
@@ -88,7 +91,7 @@ class FetchOptions:
     # InternalError while it shuts down, then refuses connections) is waited out up to the deadline.
     store_attempts: int = 60
     store_deadline: float = 180.0  # then the shard raises StorageError (retry the shard later)
-    decode_size: int = 64  # JPEG draft-decode target: verification and pHash at reduced scale
+    decode_size: int = DEFAULT_DECODE_SIZE  # JPEG draft-decode target: verify and hash at up to 1/8 scale
 
     def __post_init__(self) -> None:
         positive = ("host_concurrency", "max_attempts", "connect_timeout", "read_timeout", "total_timeout",
@@ -202,7 +205,7 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def verify_image(body: bytes, decode_size: int = 64) -> ImageFacts:
+def verify_image(body: bytes, decode_size: int = DEFAULT_DECODE_SIZE) -> ImageFacts:
     """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
 
     Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
@@ -570,6 +573,10 @@ async def fetch_shard_async(
     stays unreachable past `options.store_deadline` (the shard should then be retried whole).
     """
     options = options or FetchOptions()
+    for position, row in enumerate(rows):
+        md5hash = str(row.get("md5hash") or "")
+        if len(md5hash) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5hash):
+            raise ValueError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
     install_log_redaction()
     started = time.monotonic()
     guard = HostGuard(options.allowed_hosts, resolver=resolver)
@@ -577,7 +584,7 @@ async def fetch_shard_async(
     try:
         async with _make_client(options, transport) as client:
             ctx = _ShardContext(client=client, store=store, options=options, guard=guard, pool=pool)
-            tasks = [asyncio.create_task(_fetch_row(ctx, dict(row))) for row in rows]
+            tasks = [asyncio.create_task(_fetch_row(ctx, {**row, "md5hash": str(row["md5hash"]).lower()})) for row in rows]
             try:
                 results = await asyncio.gather(*tasks)
             except BaseException:
@@ -650,7 +657,7 @@ def reconcile_manifest(
     new_rows: Iterable[dict],
     *,
     verify_workers: int = 16,
-    decode_size: int = 64,
+    decode_size: int = DEFAULT_DECODE_SIZE,
 ) -> pd.DataFrame:
     """The complete fetch manifest: one row per dataset row, in dataset order.
 

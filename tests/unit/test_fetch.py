@@ -437,6 +437,12 @@ def test_store_outage_is_retried_then_raises():
             opts=options(store_attempts=2))
 
 
+def test_fetch_shard_rejects_rows_without_a_valid_md5hash():
+    with pytest.raises(ValueError, match="shard row 1: md5hash 'nope'"):
+        run([row("a" * 32, "https://img.example/x"), row("nope", "https://img.example/y")], MemoryStore(),
+            lambda request: httpx.Response(404))
+
+
 def test_fetch_shard_works_inside_a_running_loop():
     good = jpeg(8)
 
