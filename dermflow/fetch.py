@@ -410,8 +410,7 @@ class _ShardContext:
     hosts: dict[str, _Host] = field(default_factory=dict)
 
     def host(self, url: str) -> _Host:
-        parts = urlsplit(url)
-        name = f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+        name = (urlsplit(url).hostname or "").lower()  # politeness is per host, whatever the port
         if name not in self.hosts:
             rate = self.options.host_rate_limit
             self.hosts[name] = _Host(asyncio.Semaphore(self.options.host_concurrency), IntervalLimiter(rate) if rate else None)
@@ -553,7 +552,7 @@ def _make_client(options: FetchOptions, transport: httpx.AsyncBaseTransport | No
         timeout=timeout,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30),
         follow_redirects=False,  # each hop is re-checked by the SSRF guard
-        headers={"User-Agent": options.user_agent, "Accept": "image/*", "Accept-Encoding": "identity"},
+        headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"},
         transport=transport,
         trust_env=False,  # a proxy from the environment would bypass the address guard
     )
@@ -578,6 +577,11 @@ async def fetch_shard_async(
         if len(md5hash) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5hash):
             raise ValueError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
     install_log_redaction()
+    config = getattr(getattr(getattr(store, "client", None), "meta", None), "config", None)
+    pool_size = getattr(config, "max_pool_connections", None)
+    if isinstance(pool_size, int) and pool_size < options.store_workers:
+        logger.warning("the S3 client keeps %d connections for %d store workers: puts will reconnect; "
+                       "build the store with max_pool_connections >= store_workers", pool_size, options.store_workers)
     started = time.monotonic()
     guard = HostGuard(options.allowed_hosts, resolver=resolver)
     pool = concurrent.futures.ThreadPoolExecutor(options.store_workers, thread_name_prefix="dermflow-store")
