@@ -221,13 +221,18 @@ def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_ru
         _set_gpu_limit(stack, 2)
 
 
-def test_unreachable_image_hosts_stop_with_a_clear_message(stack, image_source, tmp_path):
+def _unreachable_csv(tmp_path):
+    """Rows of images not in the bucket (a fresh synthetic set) whose host does not answer."""
     from dermflow.stack import free_port_block
 
-    _, rows = image_source
+    root = synthetic_atlas(tmp_path / "unseen", n_labels=3, per_label=6, size=48, seed=1234)
     dead = f"http://127.0.0.1:{free_port_block(1)}"
-    csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
-    result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
+    return rewrite_csv_host(root / "rows.csv", dead, tmp_path / "dead.csv")
+
+
+def test_unreachable_image_hosts_stop_with_a_clear_message(stack, tmp_path):
+    csv_path = _unreachable_csv(tmp_path)
+    result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={csv_path}",
                            "-p", "image_size=32", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
                            "--watch", timeout=900, check=False)
     assert result.returncode != 0
@@ -236,15 +241,11 @@ def test_unreachable_image_hosts_stop_with_a_clear_message(stack, image_source, 
     assert "fetched 0 of" in message and "connect_error" in message and "too few to split" in message, message
 
 
-def test_a_failed_retrain_posts_an_alert(stack, alerts, image_source, tmp_path):
+def test_a_failed_retrain_posts_an_alert(stack, alerts, tmp_path):
     import time
 
-    from dermflow.stack import free_port_block
-
-    _, rows = image_source
-    dead = f"http://127.0.0.1:{free_port_block(1)}"
-    csv_path = rewrite_csv_host(rows, dead, tmp_path / "dead.csv", limit_per_label=4)
-    result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=4",
+    csv_path = _unreachable_csv(tmp_path)
+    result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}",
                            "--watch", timeout=900, check=False)
     assert result.returncode != 0
     deadline = time.monotonic() + 120
