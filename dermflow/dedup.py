@@ -46,26 +46,39 @@ class ImageTooLargeError(NotAnImageError):
     """The image's pixel count exceeds Pillow's decompression-bomb limit."""
 
 
+def draft_for_hash(image) -> None:
+    """Ask Pillow to decode a JPEG at reduced scale (DCT scaling), no smaller than
+    `DRAFT_MIN_SIDE` on the short side: every MCU is still decoded, so truncation is caught."""
+    if image.format == "JPEG":
+        width, height = image.size
+        scale = max(1.0, min(width, height) / DRAFT_MIN_SIDE)
+        # draft keeps the image at least as large as the requested size
+        image.draft("RGB", (int(width / scale), int(height / scale)))
+
+
+def phash_of_image(image) -> str:
+    """imagehash pHash of a decoded Pillow image, as 16 lowercase hex chars."""
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
 def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
     """imagehash pHash of an encoded image, as 16 lowercase hex chars.
 
-    With `draft`, JPEGs are decoded at a reduced scale (at least `DRAFT_MIN_SIDE` pixels on
-    the short side), which changes the hash by at most a couple of bits (tested on atlas20).
+    With `draft`, JPEGs are decoded at a reduced scale (`draft_for_hash`), which changes the
+    hash by at most a couple of bits (tested on atlas20). The fetcher hashes the same way.
     Raises `NotAnImageError` when the bytes do not decode (`ImageTooLargeError` when the
     image has more pixels than Pillow's decompression-bomb limit).
     """
-    import imagehash
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(image_bytes)) as image:
-            if draft and image.format == "JPEG":
-                width, height = image.size
-                scale = max(1.0, min(width, height) / DRAFT_MIN_SIDE)
-                # draft keeps the image at least as large as the requested size
-                image.draft("RGB", (int(width / scale), int(height / scale)))
+            if draft:
+                draft_for_hash(image)
             image.load()
-            return str(imagehash.phash(image))
+            return phash_of_image(image)
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(f"image too large to decode ({len(image_bytes)} bytes): {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

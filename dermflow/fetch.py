@@ -33,6 +33,7 @@ from datetime import timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
+from dermflow.dedup import draft_for_hash, phash_of_image
 from dermflow.netguard import BlockedURL, HostGuard, Resolver, install_log_redaction, redact_text, redact_url
 
 if TYPE_CHECKING:  # heavy or optional imports stay out of import time
@@ -47,7 +48,7 @@ logger = logging.getLogger("dermflow.fetch")
 IMAGES_PREFIX = "images/"
 MANIFEST_COLUMNS = [
     "md5hash", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url", "status", "reason",
-    "md5_mismatch", "attempts", "bytes", "width", "height", "phash", "key",
+    "md5_mismatch", "content_md5", "attempts", "bytes", "width", "height", "phash", "key",
 ]
 # Row fields a shard carries (whatever of these the dataset has).
 SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc")
@@ -57,7 +58,6 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "dermflow/0.1 (research dataset fetcher)"
 # pHash reads a 32x32 image, so JPEGs are decoded at the smallest DCT scale >= 32 px. The pHash
 # depends (slightly) on this scale: fetch and reconcile must use the same value.
-DEFAULT_DECODE_SIZE = 32
 
 
 def image_key(md5hash: str) -> str:
@@ -91,11 +91,10 @@ class FetchOptions:
     # InternalError while it shuts down, then refuses connections) is waited out up to the deadline.
     store_attempts: int = 60
     store_deadline: float = 180.0  # then the shard raises StorageError (retry the shard later)
-    decode_size: int = DEFAULT_DECODE_SIZE  # JPEG draft-decode target: verify and hash at up to 1/8 scale
 
     def __post_init__(self) -> None:
         positive = ("host_concurrency", "max_attempts", "connect_timeout", "read_timeout", "total_timeout",
-                    "row_timeout", "max_bytes", "store_workers", "store_attempts", "store_deadline", "decode_size")
+                    "row_timeout", "max_bytes", "store_workers", "store_attempts", "store_deadline")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"FetchOptions.{name} must be > 0, got {getattr(self, name)!r}")
@@ -205,13 +204,12 @@ class ImageRejected(Exception):
         self.reason = reason
 
 
-def verify_image(body: bytes, decode_size: int = DEFAULT_DECODE_SIZE) -> ImageFacts:
+def verify_image(body: bytes) -> ImageFacts:
     """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
 
     Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
     included) and for decompression bombs (Pillow's pixel limit is kept).
     """
-    import imagehash
     from PIL import Image, UnidentifiedImageError
 
     md5 = hashlib.md5(body).hexdigest()
@@ -219,11 +217,11 @@ def verify_image(body: bytes, decode_size: int = DEFAULT_DECODE_SIZE) -> ImageFa
         with Image.open(io.BytesIO(body)) as image:
             width, height = image.size
             image_format = image.format or ""
-            if image_format == "JPEG":
-                # DCT scaling: decodes every MCU (so truncation is still caught) at up to 1/8 scale.
-                image.draft(None, (decode_size, decode_size))
+            # The one hashing recipe of dermflow.dedup (draft decode, then pHash), so the
+            # near-duplicate threshold validated there holds for the manifest's hashes.
+            draft_for_hash(image)
             image.load()
-            phash = str(imagehash.phash(image))
+            phash = phash_of_image(image)
     except Image.DecompressionBombError as error:
         raise ImageRejected("too_large", str(error)) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
@@ -314,7 +312,7 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, 
 
 
 def _verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchOptions) -> ImageFacts:
-    facts = verify_image(body, options.decode_size)
+    facts = verify_image(body)
     _put_retrying(store, key, body, facts.content_type, options)
     return facts
 
@@ -337,6 +335,7 @@ def manifest_row(row: dict, **outcome: Any) -> dict:
         "status": "failed",
         "reason": "",
         "md5_mismatch": False,
+        "content_md5": "",
         "attempts": 0,
         "bytes": 0,
         "width": 0,
@@ -350,7 +349,8 @@ def manifest_row(row: dict, **outcome: Any) -> dict:
 
 def _ok_row(row: dict, facts: ImageFacts, size: int, attempts: int) -> dict:
     return manifest_row(
-        row, status="ok", reason="", md5_mismatch=facts.md5 != str(row["md5hash"]).lower(), attempts=attempts,
+        row, status="ok", reason="", md5_mismatch=facts.md5 != str(row["md5hash"]).lower(), content_md5=facts.md5,
+        attempts=attempts,
         bytes=size, width=facts.width, height=facts.height, phash=facts.phash, key=image_key(row["md5hash"]),
     )
 
@@ -636,17 +636,18 @@ def _normalized(row: dict) -> dict:
     result["md5_mismatch"] = _as_bool(result["md5_mismatch"])
     for column in ("attempts", "bytes", "width", "height"):
         result[column] = _as_int(result[column])
-    for column in ("md5hash", "label", "fitzpatrick_range", "qc", "url", "status", "reason", "phash", "key"):
+    for column in ("md5hash", "label", "fitzpatrick_range", "qc", "url", "status", "reason", "content_md5", "phash",
+                   "key"):
         result[column] = "" if result[column] is None else str(result[column])
     return result
 
 
-def _verify_stored(store: ObjectStore, row: dict, decode_size: int) -> dict:
+def _verify_stored(store: ObjectStore, row: dict) -> dict:
     """Read an object back and describe it; delete it if it is not a decodable image."""
     key = image_key(row["md5hash"])
     body = store.get_bytes(key)
     try:
-        facts = verify_image(body, decode_size)
+        facts = verify_image(body)
     except ImageRejected as error:
         logger.warning("%s in the bucket is not a valid image (%s): deleted", key, error.reason)
         store.delete_prefix(key)  # keys are images/<32 hex>: this prefix is exactly one object
@@ -661,7 +662,6 @@ def reconcile_manifest(
     new_rows: Iterable[dict],
     *,
     verify_workers: int = 16,
-    decode_size: int = DEFAULT_DECODE_SIZE,
 ) -> pd.DataFrame:
     """The complete fetch manifest: one row per dataset row, in dataset order.
 
@@ -711,7 +711,7 @@ def reconcile_manifest(
     if to_verify:
         logger.info("verifying %d stored object(s) that no manifest describes", len(to_verify))
         with concurrent.futures.ThreadPoolExecutor(verify_workers) as pool:
-            verified = pool.map(lambda r: _verify_stored(store, r, decode_size), to_verify.values())
+            verified = pool.map(lambda r: _verify_stored(store, r), to_verify.values())
             for md5hash, row in zip(to_verify, verified):
                 chosen[md5hash] = row
 
