@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -236,8 +237,8 @@ def test_unreachable_image_hosts_stop_with_a_clear_message(stack, tmp_path):
                            "-p", "image_size=32", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
                            "--watch", timeout=900, check=False)
     assert result.returncode != 0
-    runs = sorted(_flow_runs(stack, "derm"), key=lambda run: run.expected_start_time)
-    message = runs[-1].state.message or ""
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+    message = next(run.state.message for run in _flow_runs(stack, "derm") if str(run.id) == run_id) or ""
     assert "fetched 0 of" in message and "connect_error" in message and "too few to split" in message, message
 
 
