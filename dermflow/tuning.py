@@ -419,8 +419,12 @@ def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSyn
 
 def read_trials(project_dir: Path, architecture: str) -> list[dict]:
     """Every trial of a keras-tuner project directory: id, status, score, raw values, config."""
+    def order(path: Path):
+        name = path.parent.name.removeprefix("trial_")
+        return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
     trials = []
-    for path in sorted(Path(project_dir).glob("trial_*/trial.json")):
+    for path in sorted(Path(project_dir).glob("trial_*/trial.json"), key=order):
         state = json.loads(path.read_text())
         values = state.get("hyperparameters", {}).get("values", {})
         score = state.get("score")
