@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = int(steps_of.get(name, 10))
         config = TrainConfig(architecture=name, image_size=args.size, batch_size=args.batch_size, weights="none")
         model = models.create_model(name, len(arrays.class_names), args.size, weights="none", seed=args.seed)
-        compile_model(model, config, config.learning_rate, jit_compile=gpu)
+        compile_model(model, config, config.learning_rate, jit_compile=gpu or keras.backend.backend() == "jax")
         pipeline = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True, seed=args.seed, class_weights=weights)
         if keras.backend.backend() == "tensorflow":
             pipeline = pipeline.repeat()
+        else:
+            steps = min(steps, len(pipeline))  # a PyDataset restarts at batch 0 on every fit
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 

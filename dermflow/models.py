@@ -147,14 +147,40 @@ def effective_image_size(name: str, image_size: int) -> int:
     return int(image_size)
 
 
+def _jit_safe_on_this_backend() -> bool:
+    # Keras marks RandomTranslation/RandomRotation `supports_jit = False` because TensorFlow's
+    # ImageProjectiveTransform kernel has no XLA lowering; that flag switches jit off for the
+    # whole model. Under JAX the same layers are plain jax.numpy (vmap of map_coordinates) and
+    # compile fine, and without jit a JAX model runs op by op, orders of magnitude slower.
+    return keras.backend.backend() != "tensorflow"
+
+
+@keras.saving.register_keras_serializable(package=REGISTERED_PACKAGE)
+class RandomTranslation(layers.RandomTranslation):
+    """`keras.layers.RandomTranslation` that lets the model be jit-compiled on non-TF backends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_jit = _jit_safe_on_this_backend()
+
+
+@keras.saving.register_keras_serializable(package=REGISTERED_PACKAGE)
+class RandomRotation(layers.RandomRotation):
+    """`keras.layers.RandomRotation` that lets the model be jit-compiled on non-TF backends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_jit = _jit_safe_on_this_backend()
+
+
 def augmentation_block(seed: int | None = None) -> keras.Sequential:
     """Random flip, contrast, translation and rotation; active only when training."""
     return keras.Sequential(
         [
             layers.RandomFlip("horizontal_and_vertical", seed=seed),
             layers.RandomContrast(0.2, value_range=(0, 255), seed=seed),
-            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
-            layers.RandomRotation(0.1, fill_mode="reflect", seed=seed),
+            RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
+            RandomRotation(0.1, fill_mode="reflect", seed=seed),
         ],
         name="augmentation",
     )

@@ -70,7 +70,7 @@ class TrainConfig:
     min_train_images: int = 10
     eval_batch_size: int = 64
     mixed_precision: bool | None = None  # None: only when a GPU is present
-    jit_compile: bool | None = None  # None: XLA only when a GPU is present
+    jit_compile: bool | None = None  # None: XLA when a GPU is present (always under JAX)
 
     def __post_init__(self) -> None:
         models.get_spec(self.architecture)  # clear error for an unknown name
@@ -118,6 +118,9 @@ def accelerator_present() -> bool:
 
 
 def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float, *, jit_compile: bool) -> None:
+    """Compile for training; XLA only where asked and every layer supports it (under
+    TensorFlow the image-transform augmentations do not, so a TF model runs as a graph)."""
+    jit_compile = jit_compile and all(getattr(layer, "supports_jit", True) for layer in model._flatten_layers())
     model.compile(
         optimizer=OPTIMIZERS[config.optimizer](learning_rate, config),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -434,7 +437,10 @@ def train_architecture(
 
     gpu = accelerator_present()
     use_mixed = gpu if config.mixed_precision is None else config.mixed_precision
-    jit = gpu if config.jit_compile is None else config.jit_compile
+    # XLA on TensorFlow only pays off on a GPU; a JAX model without jit runs op by op, so
+    # there jit is on everywhere.
+    auto_jit = gpu or keras.backend.backend() == "jax"
+    jit = auto_jit if config.jit_compile is None else config.jit_compile
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16" if use_mixed else "float32")
     try:
