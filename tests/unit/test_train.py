@@ -127,3 +127,19 @@ def test_training_data_checks_name_the_problem():
     assert train.check_training_data(frame, min_train_images=2) == ["a", "b"]
     with pytest.raises(train.TrainingError, match="no 'val' rows"):
         train.check_training_data(frame[frame["split"] != "val"], min_train_images=2)
+
+
+def test_compile_asks_for_xla_only_where_every_layer_supports_it():
+    from dermflow import models
+
+    model = models.create_model("baseline_cnn", 3, 32)
+    config = train.TrainConfig()
+    train.compile_model(model, config, 1e-3, jit_compile=True)
+    translation = model.get_layer("augmentation").layers[2]
+    assert isinstance(translation, models.RandomTranslation)
+    # TensorFlow's image-transform kernel has no XLA lowering; under JAX the layer jits
+    assert translation.supports_jit == (keras.backend.backend() != "tensorflow")
+    assert model.jit_compile == translation.supports_jit
+    plain = models.create_model("baseline_cnn", 3, 32, augment=False)
+    train.compile_model(plain, config, 1e-3, jit_compile=True)
+    assert plain.jit_compile is True
