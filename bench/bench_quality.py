@@ -118,7 +118,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         )
         tuning_seconds = time.time() - started
         best = tuned["best"] or {}
-        config = train_lib.TrainConfig(architecture="baseline_cnn", deadline=deadline, **train_params, **best)
+        config = train_lib.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
         summary = train_lib.train_architecture(store, split_key, config, "20260101-000000-bench", settings=settings)
         return {
             "weighted_f1": summary["test"]["weighted_f1"], "best": best,

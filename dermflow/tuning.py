@@ -75,13 +75,17 @@ def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[st
     Defaults are a strong small-data recipe; `random`/`bayesian` searches start from them.
     """
     spec = models.get_spec(architecture)
+    # Defaults measured on atlas20 at 128 px from scratch on 2 CPU cores (bench/bench_quality.py):
+    # batch norm with small batches learns fastest per second; augmentation only pays later.
     config: dict[str, Any] = {
         "optimizer": hp.Choice("optimizer", ["adam", "rmsprop", "sgd"], default="adam"),
-        "learning_rate": hp.Float("learning_rate", 1e-4, 1e-1, sampling="log", default=2e-3),
+        "learning_rate": hp.Float("learning_rate", 1e-4, 1e-1, sampling="log", default=1e-3),
+        "batch_size": hp.Choice("batch_size", [16, 32, 64], default=16),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.3),
         "head_width": hp.Choice("head_width", [64, 128, 256, 512], default=256),
         "label_smoothing": hp.Choice("label_smoothing", [0.0, 0.1], default=0.1),
         "class_weights": hp.Boolean("class_weights", default=True),
+        "augment": hp.Boolean("augment", default=False),
     }
     if spec.pretrained:
         # How many backbone blocks to fine-tune after the head warm-up, and how gently.
@@ -91,7 +95,7 @@ def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[st
         )
     else:
         config["arch_options"] = {
-            "width_multiplier": hp.Choice("width_multiplier", [0.5, 1.0, 1.5], default=1.0),
+            "width_multiplier": hp.Choice("width_multiplier", [0.5, 1.0, 1.5], default=0.5),
             "depth": hp.Int("depth", 3, 5, default=4),
             "batch_norm": hp.Boolean("batch_norm", default=True),
         }
@@ -157,11 +161,10 @@ class DermHyperModel(keras_tuner.HyperModel):
         self.patience = patience
 
     def train_config(self, hp: keras_tuner.HyperParameters, epochs: int = 1) -> train_lib.TrainConfig:
-        return train_lib.TrainConfig(
-            architecture=self.architecture, image_size=self.image_size, epochs=max(1, int(epochs)),
-            batch_size=self.batch_size, weights=self.weights, seed=self.seed, deadline=self.deadline,
-            patience=self.patience, **sample_config(hp, self.architecture),
-        )
+        fixed = dict(architecture=self.architecture, image_size=self.image_size, epochs=max(1, int(epochs)),
+                     batch_size=self.batch_size, weights=self.weights, seed=self.seed, deadline=self.deadline,
+                     patience=self.patience)
+        return train_lib.TrainConfig(**{**fixed, **sample_config(hp, self.architecture)})
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         config = self.train_config(hp)
