@@ -83,7 +83,7 @@ def _image_ids(rows_csv: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serve_atlas(images_dir: Path, rows_csv: Path, latency_s: float = 0.0) -> Iterator[AtlasServer]:
+def serve_atlas(images_dir: Path, rows_csv: Path, latency_s: float = 0.0, port: int = 0) -> Iterator[AtlasServer]:
     """A threaded server on 127.0.0.1 answering `/img?imageId=N` with `images_dir/<md5hash>.jpg`."""
     images_dir, ids = Path(images_dir), _image_ids(Path(rows_csv))
     state = AtlasServer(base_url="")
@@ -104,7 +104,7 @@ def serve_atlas(images_dir: Path, rows_csv: Path, latency_s: float = 0.0) -> Ite
                 state.hits[image_id] += 1
             self.send_bytes(path.read_bytes())
 
-    server = _QuietServer(("127.0.0.1", 0), Handler)
+    server = _QuietServer(("127.0.0.1", port), Handler)
     state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
     _start(server)
     try:
@@ -349,3 +349,36 @@ __all__ = [
     "AtlasServer", "FaultServer", "PERMANENT_FAULTS", "TRANSIENT_FAULTS", "load_images", "rewrite_csv_host",
     "serve_atlas", "serve_faults", "synthetic_atlas",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`serve ATLAS_DIR [--port P]` serves ATLAS_DIR/images by the URLs of ATLAS_DIR/rows.csv;
+    `rewrite ROWS.csv BASE_URL OUT.csv [--limit-per-label N]` points a CSV's URLs at a server."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.support.image_servers", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("atlas_dir", type=Path)
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--latency", type=float, default=0.0, help="seconds added to each response")
+    rewrite = sub.add_parser("rewrite")
+    rewrite.add_argument("rows_csv", type=Path)
+    rewrite.add_argument("base_url")
+    rewrite.add_argument("out", type=Path)
+    rewrite.add_argument("--limit-per-label", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "rewrite":
+        print(rewrite_csv_host(args.rows_csv, args.base_url, args.out, args.limit_per_label))
+        return 0
+    with serve_atlas(args.atlas_dir / "images", args.atlas_dir / "rows.csv", args.latency, args.port) as server:
+        print(f"serving {args.atlas_dir / 'images'} at {server.base_url} (Ctrl-C stops)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
