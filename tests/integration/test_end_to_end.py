@@ -257,12 +257,31 @@ def test_a_failed_retrain_posts_an_alert(stack, alerts, tmp_path):
     assert "Failed" in alerts.received[-1]["body"]
 
 
+def _deployment(stack, name: str, action: str | None = None):
+    """Read a deployment (after pausing or resuming it, as the UI's toggle does)."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+
+    async def go():
+        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            deployment = await client.read_deployment_by_name(name)
+            if action == "pause":
+                await client.pause_deployment(deployment.id)
+            elif action == "resume":
+                await client.resume_deployment(deployment.id)
+            return await client.read_deployment_by_name(name)
+
+    return asyncio.run(go())
+
+
 def test_up_again_keeps_a_paused_retrain_paused(stack):
-    stack.prefect("deployment", "pause", "derm/retrain")
+    assert _deployment(stack, "derm/retrain", "pause").paused is True
     stack.dermflow("up", timeout=600)
-    inspected = stack.prefect("deployment", "inspect", "derm/retrain").stdout
-    assert "'paused': True" in inspected, inspected[-2000:]
-    stack.prefect("deployment", "resume", "derm/retrain")
+    assert _deployment(stack, "derm/retrain").paused is True
+    assert _deployment(stack, "derm/retrain", "resume").paused is False
+    stack.dermflow("up", timeout=600)
+    assert _deployment(stack, "derm/retrain").paused is False
 
 
 def test_cancelling_the_parent_cancels_its_training_subflows(stack, full_run):
