@@ -68,8 +68,10 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
             as_subflow=True,
         )
         state = child.state
-        return training_outcome(run_id, architecture, state.name if state else "unknown",
-                                state.message if state else None, bool(state and state.is_completed()))
+        outcome = training_outcome(run_id, architecture, state.name if state else "unknown",
+                                   state.message if state else None, bool(state and state.is_completed()))
+        # What the registry keys reuse on (see tasks.registry.training_key).
+        return {**outcome, "hyperparameters": train_params.get("hyperparameters")}
 
     return list(await asyncio.gather(*(one(a, p) for a, p in jobs.items())))
 
@@ -110,15 +112,16 @@ async def derm(
     logger.info("run %s: mode=%s", run_id, mode)
 
     # --- ingest and fetch ---
-    runner = fetch_runner(task_runner, dask_address)
+    runner, parallel_shards = fetch_runner(task_runner, dask_address)
+    fetch = fetch_images.with_options(task_runner=runner)
     dataset = None
     if mode == "refetch":
-        fetched = fetch_images.with_options(task_runner=runner)(
-            latest_dataset_key(), run_id, shard_size, host_concurrency, host_rate_limit, only_failed=True)
+        fetched = fetch(latest_dataset_key(), run_id, shard_size, host_concurrency, host_rate_limit,
+                        only_failed=True, shard_parallelism=parallel_shards)
     else:
         dataset = ingest_dataset(csv, limit_per_label, seed)
-        fetched = fetch_images.with_options(task_runner=runner)(
-            dataset["dataset_key"], run_id, shard_size, host_concurrency, host_rate_limit)
+        fetched = fetch(dataset["dataset_key"], run_id, shard_size, host_concurrency, host_rate_limit,
+                        shard_parallelism=parallel_shards)
     counts = fetched["summary"]
     logger.info("fetched %s of %s images; failures by reason: %s",
                 counts["ok"], counts["rows"], counts["by_reason"])

@@ -6,11 +6,16 @@ cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a local c
 
 from __future__ import annotations
 
+import math
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from tasks.data import fetch_shard, plan_fetch, write_fetch_manifest
+
+# Shards fetched at once by the default thread runner (each shard is itself concurrent).
+SHARD_PARALLELISM = 4
 
 
 @flow(name="derm-fetch")
@@ -21,7 +26,10 @@ def fetch_images(
     host_concurrency: int = 16,
     host_rate_limit: float | None = None,
     only_failed: bool = False,
+    shard_parallelism: int = SHARD_PARALLELISM,
 ) -> dict:
+    """`host_concurrency` and `host_rate_limit` are per host for the whole fetch: each of the
+    `shard_parallelism` shards running at once gets its share."""
     logger = get_run_logger()
     shards = plan_fetch(dataset_key, shard_size, only_failed=only_failed)
     total = sum(len(shard) for shard in shards)
@@ -29,7 +37,9 @@ def fetch_images(
         progress=0.0 if total else 100.0, key="derm-fetch-progress",
         description=f"images fetched: 0 / {total} rows" if total else "nothing to fetch",
     )
-    futures = [fetch_shard.submit(shard, host_concurrency, host_rate_limit) for shard in shards]
+    per_shard_concurrency = max(1, math.ceil(host_concurrency / shard_parallelism))
+    per_shard_rate = host_rate_limit / shard_parallelism if host_rate_limit else None
+    futures = [fetch_shard.submit(shard, per_shard_concurrency, per_shard_rate) for shard in shards]
     results: list[dict] = []
     crashed: list[str] = []
     for future in as_completed(futures):
@@ -45,14 +55,15 @@ def fetch_images(
     return write_fetch_manifest(dataset_key, results, run_id)
 
 
-def fetch_runner(task_runner: str, dask_address: str | None):
-    """The task runner for the fetch subflow (Prefect's own runners only)."""
+def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8):
+    """The task runner for the fetch subflow (Prefect's own runners only) and how many shards
+    it runs at once. On an existing Dask cluster, `dask_shards` is the caller's estimate."""
     if task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
-            cluster_kwargs={"n_workers": 2, "threads_per_worker": 4, "processes": True}
-        )
+        if dask_address:
+            return DaskTaskRunner(address=dask_address), dask_shards
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 4, "processes": True}), 8
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=4)
+    return ThreadPoolTaskRunner(max_workers=SHARD_PARALLELISM), SHARD_PARALLELISM
