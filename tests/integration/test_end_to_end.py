@@ -289,13 +289,15 @@ def test_cancelling_the_parent_cancels_its_training_subflows(stack, full_run):
     import re
     import time
 
+    # VGG16 at 224 px on this CPU: minutes per run (early stopping needs 6 epochs at least),
+    # so the child is still training when the cancellation reaches it.
     result = stack.prefect("deployment", "run", "derm/full", "-p", f"csv={full_run['csv']}",
-                           "-p", "limit_per_label=8", "-p", "image_size=64", "-p", "epochs=200",
-                           "-p", 'architectures=["baseline_cnn"]', "-p", "seed=7")
+                           "-p", "limit_per_label=8", "-p", "image_size=224", "-p", "epochs=200",
+                           "-p", "weights=none", "-p", 'architectures=["vgg16"]', "-p", "seed=7")
     parent_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
 
     def child():
-        runs = [r for r in _flow_runs(stack, "derm-train") if (r.name or "").endswith("-baseline_cnn")
+        runs = [r for r in _flow_runs(stack, "derm-train") if (r.name or "").endswith("-vgg16")
                 and r.parent_task_run_id is not None]
         runs = [r for r in runs if r.state and r.state.name == "Running" and str(r.parameters.get("seed")) == "7"]
         return runs[0] if runs else None
