@@ -180,7 +180,7 @@ def prepare_split_arrays(
     if images.shape != (len(rows), image_size, image_size, 3):
         raise DataError(f"{array_path} has shape {images.shape}; expected {(len(rows), image_size, image_size, 3)}")
     ranges = rows["fitzpatrick_range"] if "fitzpatrick_range" in rows.columns else ["unknown"] * len(rows)
-    return SplitArrays(
+    arrays = SplitArrays(
         images=images,
         labels=rows["label"].map(class_index).to_numpy(dtype=np.int64),
         md5hash=rows["md5hash"].to_numpy(dtype=str),
@@ -191,6 +191,8 @@ def prepare_split_arrays(
         array_path=array_path,
         digest=digest,
     )
+    write_array_index(arrays)
+    return arrays
 
 
 def class_weights_from_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:

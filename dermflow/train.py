@@ -15,7 +15,6 @@ runs under `KERAS_BACKEND=jax` (the input pipeline then uses a PyDataset).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -454,7 +453,9 @@ def train_architecture(
             last = previous["checkpoints"][-1]
             log.info("%s: resuming run %s after epoch %d from %s", arch, run_id, done_epochs, last)
             model = keras.saving.load_model(manager.fetch(last))
-            loaded_phase = previous["phase"]
+            # the phase the checkpoint was trained in (state["phase"] may already name the next
+            # phase if the crash came between configuring it and its first epoch)
+            loaded_phase = (previous.get("history", {}).get("phase") or [previous["phase"]])[-1]
         resumed_from = done_epochs
         if model is None:
             model = models.create_model(
