@@ -13,7 +13,14 @@ keras = pytest.importorskip("keras")
 from dermflow import models  # noqa: E402
 
 
-@pytest.mark.parametrize("name", models.list_architectures())
+# the three largest graphs take ~10 s each on a shared CPU: in the slow tier
+HEAVY = {"inception_v3", "efficientnetv2_b0", "convnext_tiny"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name for name in models.list_architectures()],
+)
 def test_every_architecture_builds_and_trains_one_step(name):
     spec = models.ARCHITECTURES[name]
     model = models.create_model(name, 3, spec.min_size, weights="none", head_width=16, seed=1)
