@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-quality clean
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-fetch: venv
 
 bench-train: venv
 	$(BIN)/python bench/bench_train.py
+
+bench-gpu: venv
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python bench/bench_gpu.py
 
 bench-quality: venv
 	$(BIN)/python bench/bench_quality.py
