@@ -330,6 +330,12 @@ def _phases(config: TrainConfig, pretrained: bool) -> list[tuple[str, int, int]]
     return phases
 
 
+def training_phases(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """The phases of `config`'s architecture: [(phase, first epoch index, end index)], 0-based
+    half-open; `warmup` + `finetune` for a pretrained backbone, `full` for a model from scratch."""
+    return _phases(config, models.get_spec(config.architecture).pretrained)
+
+
 def configure_phase(model: keras.Model, phase: str, config: TrainConfig, *, jit_compile: bool) -> None:
     """Set what is trainable for `phase` and compile with that phase's learning rate."""
     if phase == "warmup":

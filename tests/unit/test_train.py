@@ -98,6 +98,7 @@ def test_time_budget_stops_training_at_the_deadline():
 def test_phases_of_pretrained_and_scratch_models():
     config = train.TrainConfig(architecture="resnet50v2", epochs=5, warmup_epochs=2)
     assert train._phases(config, pretrained=True) == [("warmup", 0, 2), ("finetune", 2, 5)]
+    assert train.training_phases(config) == train._phases(config, pretrained=True)
     assert train._phases(config, pretrained=False) == [("full", 0, 5)]
     short = train.TrainConfig(architecture="resnet50v2", epochs=1, warmup_epochs=3)
     assert train._phases(short, pretrained=True) == [("warmup", 0, 1)]
