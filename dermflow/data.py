@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import uuid
@@ -91,18 +90,13 @@ def cache_images_from_store(
 
 
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
-    """Decode to RGB, center-crop to a square, resize to (size, size); uint8 (size, size, 3)."""
-    from PIL import Image, ImageOps
+    """`dermflow.images.load_image_array` of a file or bytes, with a `DataError` naming it."""
+    from dermflow.images import ImageDecodeError, load_image_array
 
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        # JPEG draft mode decodes at a reduced scale directly: far cheaper for large photos.
-        image.draft("RGB", (size * 2, size * 2))
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
-    except Exception as error:  # noqa: BLE001 - any decoder failure means the same thing
+        return load_image_array(source if isinstance(source, bytes) else Path(source).read_bytes(), size)
+    except (ImageDecodeError, OSError) as error:
         raise DataError(f"cannot decode image {source if isinstance(source, Path) else '<bytes>'}: {error}") from error
-    return np.asarray(image, dtype=np.uint8)
 
 
 def build_image_array(paths: Sequence[Path], size: int, out_path: Path, *, workers: int | None = None) -> Path:
