@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 USED_SPLITS = ("train", "val", "test", "verified_test")
-ARRAY_FORMAT_VERSION = 1
+# Part of every array file name: bump it when decoding changes, so old caches are not reused.
+ARRAY_FORMAT_VERSION = 2
 
 
 class DataError(RuntimeError):
@@ -168,7 +169,7 @@ def prepare_split_arrays(
     digest = manifest_digest(rows)
     array_dir = Path(cache_dir) / "arrays"
     array_dir.mkdir(parents=True, exist_ok=True)
-    array_path = array_dir / f"{digest}-{image_size}px.npy"
+    array_path = array_dir / f"{digest}-{image_size}px-v{ARRAY_FORMAT_VERSION}.npy"
     build_image_array([image_path_of(md5) for md5 in rows["md5hash"]], image_size, array_path)
     images = np.load(array_path, mmap_mode="r")
     if images.shape != (len(rows), image_size, image_size, 3):
