@@ -104,7 +104,7 @@ def test_prepare_split_arrays_drops_excluded_rows_and_keys_by_manifest(tmp_path)
     assert arrays.class_names == ["a", "b"]
     assert list(arrays.md5hash) == ["m0", "m2", "m3"] and list(arrays.labels) == [0, 0, 1]
     assert arrays.images.shape == (3, 8, 8, 3) and isinstance(arrays.images, np.memmap)
-    assert arrays.array_path.name == f"{arrays.digest}-8px.npy"
+    assert arrays.array_path.name == f"{arrays.digest}-8px-v{data.ARRAY_FORMAT_VERSION}.npy"
     assert arrays.array_path.with_suffix(".json").exists()
     assert list(arrays.indices("val")) == [1]
 
