@@ -13,9 +13,19 @@ def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     from dermflow.train import TrainConfig, train_architecture as train
 
     logger = get_run_logger()
-    train_config = TrainConfig(**config)
+    train_config = TrainConfig.from_dict(config)
     logger.info("training %s on %s (run %s)", train_config.architecture, split_key, run_id)
-    summary = train(object_store(), split_key, train_config, run_id, settings=settings(),
-                    progress=lambda message: logger.info(message))
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "epoch_end":
+            logs = event.get("logs") or {}
+            logger.info("%s epoch %s/%s (%s): loss %.4f, val weighted F1 %.4f%s",
+                        train_config.architecture, event.get("epoch"), event.get("epochs"), event.get("phase"),
+                        logs.get("loss", float("nan")), logs.get("val_weighted_f1", float("nan")),
+                        " (best)" if event.get("improved") else "")
+        elif event.get("event") == "phase_start":
+            logger.info("%s: %s phase", train_config.architecture, event.get("phase"))
+
+    summary = train(object_store(), split_key, train_config, run_id, settings=settings(), progress=progress)
     logger.info("%s done: %s", train_config.architecture, summary.get("test"))
     return summary
