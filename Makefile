@@ -49,6 +49,9 @@ bench-train: venv
 bench-gpu: venv
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python bench/bench_gpu.py
 
+bench-quality-deployment: venv
+	$(BIN)/python bench/bench_quality_deployment.py $(ARGS)
+
 bench-quality: venv
 	$(BIN)/python bench/bench_quality.py
 
