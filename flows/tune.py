@@ -37,7 +37,7 @@ from dermflow.params import ArchitectureName, TunerName
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
 WORKER_DEPLOYMENT = "derm-tune/worker"
-DEFAULT_TUNING_SHARE = 0.65  # dermflow.tuning.DEFAULT_TUNING_SHARE (not imported: no Keras at import)
+DEFAULT_TUNING_SHARE = 0.35  # dermflow.tuning.DEFAULT_TUNING_SHARE (not imported: no Keras at import)
 # How long the chief may outlive its workers (it polls every 20 s for running trials to end).
 CHIEF_GRACE_SECONDS = 90
 

@@ -160,3 +160,56 @@ def test_tune_architectures_flow_returns_train_config_overrides(store, tmp_path,
     assert best == result["trials"][int(np.argmax(scores))]["hyperparameters"]
     tables = [a for a in found if a.type == "table" and a.key and a.key.startswith("tuning-")]
     assert tables and "val_weighted_f1" in str(tables[0].data)
+
+
+@pytest.mark.slow
+def test_distributed_search_flow_runs_a_chief_and_worker_runs(store, tmp_path, monkeypatch):
+    """`derm-tune-search` with workers=2: the chief is its child process; the two worker flow
+    runs are stood in for by worker processes (what `derm-tune/worker` runs), started where
+    the flow calls `run_deployment`."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.tune as tune_flows
+
+    monkeypatch.setenv("DERMFLOW_CACHE_DIR", str(tmp_path / "parent"))
+    from dermflow.settings import get_settings
+    from tasks.common import object_store
+
+    get_settings.cache_clear()
+    object_store.cache_clear()
+    split_key = put_synthetic_split(store)
+    started = []
+
+    async def fake_run_deployment(name, parameters, **kwargs):
+        assert name == tune_flows.WORKER_DEPLOYMENT
+        tuner_id = parameters["tuner_id"]
+        spec_file = tmp_path / f"{tuner_id}.json"
+        payload = parameters["payload"]
+        payload = {**payload, "spec": {**payload["spec"], "directory": str(tmp_path / tuner_id / "tuning")}}
+        spec_file.write_text(json.dumps(payload))
+        env = {**os.environ, "DERMFLOW_CACHE_DIR": str(tmp_path / tuner_id), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dermflow.tuning", "worker", "--spec", str(spec_file),
+            "--host", parameters["oracle_host"], "--port", str(parameters["oracle_port"]), "--tuner-id", tuner_id,
+            cwd=str(PROJECT_ROOT), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        started.append((tuner_id, process.returncode, output.decode(errors="replace")[-2000:]))
+        state = SimpleNamespace(name="Completed" if process.returncode == 0 else "Failed")
+        return SimpleNamespace(name=kwargs.get("flow_run_name"), state=state)
+
+    monkeypatch.setattr(tune_flows, "run_deployment", fake_run_deployment)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = asyncio.run(tune_flows.tune_architecture(
+            architecture="baseline_cnn", split_key=split_key, run_id="20260101-000000-dist", image_size=32,
+            epochs=2, batch_size=8, weights="none", seed=2, max_trials=3, trial_epochs=1, workers=2))
+    object_store.cache_clear()
+    assert sorted(t for t, _, _ in started) == ["worker0", "worker1"]
+    assert all(code == 0 for _, code, _ in started), started
+    ran = [json.loads(out.strip().splitlines()[-1])["trials_run"] for _, _, out in started]
+    assert sum(ran) == 3
+    assert [t["trial_id"] for t in result["trials"]] == ["0", "1", "2"]
+    assert all(t["status"] == "COMPLETED" for t in result["trials"])
+    assert result["best"] is not None
