@@ -32,14 +32,10 @@ class CommandError(RuntimeError):
 # --- the stack -------------------------------------------------------------------------------
 
 def _stack_env(settings: Settings) -> dict[str, str]:
-    """Environment for the services and workers: `.env` values, the real environment winning."""
-    from dermflow.stack import read_env_file
-
-    values = read_env_file(env_file_path())
-    values.update({k: v for k, v in os.environ.items()})
-    values["DERMFLOW_PROJECT_ROOT"] = str(PROJECT_ROOT)
-    values["PREFECT_API_URL"] = settings.prefect_api_url
-    return values
+    """Environment for workers and `prefect deploy`: this shell's, plus where the API and the
+    project are. `.env` is not copied in: every flow run reads it afresh (Settings), so an edit
+    to `.env` counts from the next run on, without restarting the workers."""
+    return {**os.environ, "DERMFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "PREFECT_API_URL": settings.prefect_api_url}
 
 
 def _embedded_s3(settings: Settings) -> bool:
@@ -218,7 +214,7 @@ def cmd_up(args) -> int:
     get_settings.cache_clear()
     settings = load_settings()
     env = _stack_env(settings)
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "DERMFLOW_", "PREFECT_API_URL"))})
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
 
     if _embedded_s3(settings):
         print(f"SeaweedFS S3        {settings.aws_endpoint_url}  (data in {settings.data_dir / 'seaweedfs'})")
