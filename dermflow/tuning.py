@@ -88,6 +88,9 @@ def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[st
         "label_smoothing": hp.Choice("label_smoothing", [0.0, 0.1], default=0.1),
         "class_weights": hp.Boolean("class_weights", default=True),
         "augment": hp.Boolean("augment", default=False),
+        # Not searched: validation F1 on a few hundred images is noisy, and the final training's
+        # default patience (5) stopped it with most of its budget left (bench_quality.py).
+        "patience": hp.Fixed("patience", 10),
     }
     if spec.pretrained:
         # How many backbone blocks to fine-tune after the head warm-up, and how gently.
