@@ -64,6 +64,7 @@ def start_stack(data_dir: Path, gpu_slots: int = 1, extra_env: dict[str, str] | 
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_HOME": str(data_dir / "prefect-home"),  # profiles of the test, not the user's
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers pick runs up within 2 s (default 10)
         "TF_CPP_MIN_LOG_LEVEL": "2",
         **(extra_env or {}),
     })

@@ -208,8 +208,8 @@ def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_ru
                 runs = await asyncio.gather(*(
                     run_deployment("derm-train/default", client=client, timeout=600, poll_interval=2, as_subflow=False,
                                    parameters={"architecture": arch, "split_key": split_key,
-                                               "run_id": f"20990101-000000-limit{slots}", "image_size": 32,
-                                               "epochs": 1, "weights": "none"})
+                                               "run_id": f"20990101-000000-limit{slots}", "image_size": 96,
+                                               "epochs": 3, "weights": "none"})
                     for arch in ("baseline_cnn", "vgg16")))
                 return [run.id for run in runs], [run.state.name for run in runs]
 
