@@ -284,6 +284,55 @@ def test_up_again_keeps_a_paused_retrain_paused(stack):
     assert _deployment(stack, "derm/retrain").paused is False
 
 
+def test_refetch_retries_only_the_failed_rows(stack, tmp_path):
+    """derm/fetch while the image host is down fails every row (connect_error); once the host
+    is up, derm/refetch fetches exactly those rows and the manifest says ok for all."""
+    from dermflow.stack import free_port_block
+
+    root = synthetic_atlas(tmp_path / "later", n_labels=2, per_label=5, size=48, seed=4321)
+    port = free_port_block(1)
+    csv_path = rewrite_csv_host(root / "rows.csv", f"http://127.0.0.1:{port}", tmp_path / "later.csv")
+    stack.prefect("deployment", "run", "derm/fetch", "-p", f"csv={csv_path}", "--watch", timeout=600)
+    store = stack.store()
+    manifest = store.get_dataframe_csv("manifests/fetch.csv")
+    assert set(manifest["status"]) == {"failed"} and set(manifest["reason"]) == {"connect_error"}
+    with serve_atlas(root / "images", root / "rows.csv", port=port) as server:
+        stack.prefect("deployment", "run", "derm/refetch", "--watch", timeout=600)
+        assert sum(server.hits.values()) == len(manifest) == 10
+    manifest = store.get_dataframe_csv("manifests/fetch.csv")
+    assert len(manifest) == 10 and set(manifest["status"]) == {"ok"}
+    assert all(store.exists(f"images/{md5}") for md5 in manifest["md5hash"])
+
+
+def test_cli_predict_and_evaluate_agree_on_the_champion(stack, full_run, image_source, tmp_path):
+    """`dermflow evaluate`'s accuracy equals the share of top-1 hits of `dermflow predict` on
+    the same images; both print the not-for-clinical-use note or carry it in JSON."""
+    import pandas as pd
+
+    images, _ = image_source
+    rows = pd.read_csv(full_run["csv"], dtype=str, keep_default_na=False).head(12)
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    paths = [str(images / f"{md5}.jpg") for md5 in rows["md5hash"]]
+    predicted = json.loads(stack.dermflow("predict", *paths, "--json").stdout)
+    assert "clinical" in predicted["note"]
+    hits = [p["top"][0]["label"] == label for p, label in zip(predicted["predictions"], rows["label"])]
+    assert all(len(p["top"]) == 5 for p in predicted["predictions"])
+    evaluated = json.loads(stack.dermflow("evaluate", "--csv", str(tmp_path / "rows.csv"),
+                                          "--images", str(images), "--json").stdout)
+    for key in ("accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "per_range"):
+        assert key in evaluated
+    assert evaluated["n"] == len(rows)
+    assert evaluated["accuracy"] == pytest.approx(sum(hits) / len(hits))
+    text = stack.dermflow("predict", paths[0], "--explain", str(tmp_path / "cam.png")).stdout
+    assert "not for clinical use" in text.lower()
+    from PIL import Image
+
+    with Image.open(tmp_path / "cam.png") as cam:
+        assert cam.size[0] > 0 and cam.size[1] > 0
+    missing = stack.dermflow("predict", "--model", "no-such-run", paths[0], check=False)
+    assert missing.returncode == 1 and "no-such-run" in missing.stderr
+
+
 def test_cancelling_the_parent_cancels_its_training_subflows(stack, full_run):
     """Runs last in this module: it leaves a cancelled run behind."""
     import re

@@ -154,7 +154,8 @@ def test_tune_architectures_flow_returns_train_config_overrides(store, tmp_path,
     assert [t["trial_id"] for t in result["trials"]] == ["0", "1"]
     assert all(set(t) == {"architecture", "trial_id", "hyperparameters", "score", "status"} for t in result["trials"])
     best = result["best"]["baseline_cnn"]
-    config = TrainConfig(architecture="baseline_cnn", **{k: v for k, v in train_params.items()}, **best)
+    # As flows/train.py does: the tuned values override the run's parameters.
+    config = TrainConfig(**{"architecture": "baseline_cnn", **train_params, **best})
     assert config.arch_options["depth"] in (3, 4, 5)
     scores = [t["score"] for t in result["trials"]]
     assert best == result["trials"][int(np.argmax(scores))]["hyperparameters"]
