@@ -90,6 +90,7 @@ async def derm(
     tune: bool = False,
     tuner: TunerName = "random",
     max_trials: Annotated[int, Field(ge=1, le=1000)] = 10,
+    tune_workers: Annotated[int, Field(ge=1, le=64)] = 1,
     budget_minutes: Annotated[float, Field(gt=0)] | None = None,
     host_concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     host_rate_limit: Annotated[float, Field(gt=0)] | None = None,
@@ -149,7 +150,7 @@ async def derm(
         from flows.tune import tune_architectures
 
         tuned = await tune_architectures(params["architectures"], split["split_key"], run_id, train_params,
-                                         tuner=tuner, max_trials=max_trials)
+                                         tuner=tuner, max_trials=max_trials, workers=tune_workers)
         tuning_trials = tuned["trials"]
         hyperparameters = tuned["best"]
     else:
