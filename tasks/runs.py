@@ -21,9 +21,11 @@ def training_outcome(run_id: str, architecture: str, state_name: str, state_mess
     key = model_key(run_id, architecture, "metrics.json")
     if completed and store.exists(key):
         metrics = store.get_json(key)
+        state_key = run_key(run_id, "checkpoints", architecture, "state.json")
+        summary = (store.get_json(state_key).get("summary") or {}) if store.exists(state_key) else {}
         return {"architecture": architecture, "status": "ok", "run_id": run_id,
                 "test": metrics.get("test"), "verified_test": metrics.get("verified_test"),
-                "model_key": model_key(run_id, architecture)}
+                "model_key": model_key(run_id, architecture), "seconds": summary.get("seconds")}
     reason = state_message or state_name
     get_run_logger().warning("%s failed: %s", architecture, reason)
     return {"architecture": architecture, "status": "failed", "error": f"{state_name}: {reason}"}
