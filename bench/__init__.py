@@ -1,0 +1,1 @@
+"""Benchmarks: they measure and print (make bench-fetch, bench-train, bench-gpu, bench-quality)."""
