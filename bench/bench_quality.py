@@ -86,7 +86,7 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
 
 
 def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, workdir: Path, seed: int,
-                     tuner: str, max_trials: int, share: float) -> dict:
+                     tuner: str, max_trials: int, share: float, epochs: int = 30) -> dict:
     from dermflow import train as train_lib
     from dermflow import tuning
     from dermflow.settings import load_settings
@@ -109,7 +109,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
 
         started = time.time()  # the budget starts when the data is in the bucket, as in derm
         deadline = started + budget_s
-        train_params = {"image_size": image_size, "epochs": 30, "batch_size": 32, "weights": "none", "seed": seed}
+        train_params = {"image_size": image_size, "epochs": epochs, "batch_size": 32, "weights": "none", "seed": seed}
         tuned = tuning.tune_architecture(
             store, split_key, "baseline_cnn", tuner=tuner, max_trials=max_trials,
             epochs=train_params["epochs"], image_size=image_size, batch_size=32, weights="none", seed=seed,
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--tuning-share", type=float, default=None)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--epochs", type=int, default=30, help="final training epochs (the budget may stop it first)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (args.atlas / "rows.csv").exists():
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report recipe: weighted F1 {results['report']['weighted_f1']:.4f}", flush=True)
         if args.recipe in ("both", "tuned"):
             results["tuned"] = run_tuned_recipe(frame, args.atlas, args.image_size, budget_s, workdir, args.seed,
-                                                args.tuner, args.max_trials, share)
+                                                args.tuner, args.max_trials, share, args.epochs)
             print(f"tuned recipe: weighted F1 {results['tuned']['weighted_f1']:.4f}", flush=True)
     if "report" in results and "tuned" in results:
         report, tuned = results["report"]["weighted_f1"], results["tuned"]["weighted_f1"]
