@@ -287,13 +287,20 @@ def cmd_status(args) -> int:
 
 # --- models ----------------------------------------------------------------------------------
 
-def cmd_predict(args) -> int:
-    from dermflow.predict import load_model_bundle, predict_images
+def _model_bundle(args):
+    """The model `--model`/`--arch` name (default: the champion), cached locally once."""
+    from dermflow.predict import load_model_bundle
     from dermflow.storage import ObjectStore
 
     settings = get_settings()
-    store = ObjectStore.from_settings(settings)
-    bundle = load_model_bundle(store, args.model, args.arch, settings.local_cache_dir / "models")
+    return load_model_bundle(ObjectStore.from_settings(settings), args.model, args.arch,
+                             settings.local_cache_dir / "models")
+
+
+def cmd_predict(args) -> int:
+    from dermflow.predict import predict_images
+
+    bundle = _model_bundle(args)
     results = predict_images(bundle, args.sources, top_k=args.top_k)
     if args.explain:
         from dermflow.predict import explain_image
@@ -317,12 +324,9 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from dermflow.predict import evaluate_dataset, load_model_bundle
-    from dermflow.storage import ObjectStore
+    from dermflow.predict import evaluate_dataset
 
-    settings = get_settings()
-    store = ObjectStore.from_settings(settings)
-    bundle = load_model_bundle(store, args.model, args.arch, settings.local_cache_dir / "models")
+    bundle = _model_bundle(args)
     with tqdm(desc="evaluating", unit="img", disable=args.json or not sys.stderr.isatty()) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -61,6 +61,18 @@ def _start(server: ThreadingHTTPServer) -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def _serving(server: ThreadingHTTPServer, state) -> Iterator[None]:
+    """Serve in a thread, set `state.base_url`, and shut the server down afterwards."""
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    _start(server)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --------------------------------------------------------------------------------------------
 # the atlas server
 
@@ -104,14 +116,8 @@ def serve_atlas(images_dir: Path, rows_csv: Path, latency_s: float = 0.0, port: 
                 state.hits[image_id] += 1
             self.send_bytes(path.read_bytes())
 
-    server = _QuietServer(("127.0.0.1", port), Handler)
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    _start(server)
-    try:
+    with _serving(_QuietServer(("127.0.0.1", port), Handler), state):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def rewrite_csv_host(rows_csv: Path, base_url: str, out: Path, limit_per_label: int | None = None) -> Path:
@@ -329,14 +335,8 @@ def serve_faults(
             self.path = self.path.split("?", 1)[0]
             super().do_GET()
 
-    server = _QuietServer(("127.0.0.1", 0), Routed)
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    _start(server)
-    try:
+    with _serving(_QuietServer(("127.0.0.1", 0), Routed), state):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def load_images(images_dir: Path, limit: int | None = None) -> dict[str, bytes]:
