@@ -3,10 +3,10 @@
 Prints, for every registered architecture, that one training step runs on the GPU with finite
 outputs; then for resnet50v2 at 224 px with mixed precision and XLA: training images/s through
 the real input pipeline (memmap -> keras.utils.PyDataset) and from in-memory arrays, their
-ratio, and the transfer-learning phases (warm-up, fine-tune with BatchNorm frozen) with the
-validation weighted-F1 callback. Synthetic pixels: only throughput is measured here.
+ratio, for the transfer-learning phases (warm-up, fine-tune with BatchNorm frozen, with the
+validation weighted-F1 callback) and for the whole network trainable. Synthetic pixels: only throughput is measured here.
 
-    KERAS_BACKEND=jax python bench/bench_gpu.py [--images 2048] [--epochs 2]
+    KERAS_BACKEND=jax python bench/bench_gpu.py [--images 2048] [--epochs 2] [--sections steps,phases,whole]
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--classes", type=int, default=114)
+    parser.add_argument("--sections", default="steps,phases,whole",
+                        help="comma-separated: steps (every architecture), phases (warm-up, fine-tune), whole")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
     import keras
     import numpy as np
 
     from dermflow import data as data_lib
     from dermflow import models
-    from dermflow.train import TrainConfig, ValWeightedF1, accelerator_present, configure_phase
+    from dermflow.train import TrainConfig, accelerator_present
 
     print(f"backend={keras.backend.backend()} accelerator={accelerator_present()}", flush=True)
     if keras.backend.backend() == "jax":
@@ -46,7 +49,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
 
     # 1. every registered architecture: one training step at its minimum size
-    for name in models.list_architectures():
+    for name in models.list_architectures() if "steps" in sections else []:
         size = models.effective_image_size(name, 32)
         model = models.create_model(name, 5, size, weights="none")
         model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
@@ -74,7 +77,7 @@ def main() -> int:
         fitzpatrick_range=np.array(["I-II"] * n), class_names=[f"c{i}" for i in range(args.classes)],
         image_size=size, array_path=work / "arrays.npy", digest="bench",
     )
-    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
+    train_idx = arrays.indices("train")
     config = TrainConfig(architecture="resnet50v2", image_size=size, weights="none", batch_size=args.batch_size)
     model = models.create_model("resnet50v2", args.classes, size, weights="none")
 
@@ -84,11 +87,34 @@ def main() -> int:
         model.fit(inputs, targets, epochs=epochs, verbose=0, **kwargs)
         return len(train_idx) * epochs / (time.perf_counter() - start)
 
-    configure_phase(model, "warmup", config, jit_compile=True)
     dataset = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True)
-    pipeline_ips = timed_fit(dataset)
     x_mem = np.asarray(arrays.images[train_idx], dtype=np.float32)
     y_mem = keras.utils.to_categorical(labels[train_idx], args.classes)
+    if "phases" in sections:
+        transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem, timed_fit)
+
+    if "whole" in sections:
+        # Every layer trainable: the cost of training resnet50v2 from scratch (weights=none).
+        from dermflow.train import compile_model
+
+        model.trainable = True
+        compile_model(model, config, config.learning_rate, jit_compile=True)
+        whole_ips = timed_fit(dataset)
+        whole_memory_ips = timed_fit(x_mem, y_mem, batch_size=args.batch_size)
+        print(f"whole network trainable: pipeline {whole_ips:.0f} img/s, in-memory {whole_memory_ips:.0f} img/s, "
+              f"ratio {whole_ips / whole_memory_ips:.3f}", flush=True)
+    return 0
+
+
+def transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem, timed_fit) -> None:
+    import keras
+
+    from dermflow import data as data_lib
+    from dermflow.train import ValWeightedF1, configure_phase
+
+    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
+    configure_phase(model, "warmup", config, jit_compile=True)
+    pipeline_ips = timed_fit(dataset)
     memory_ips = timed_fit(x_mem, y_mem, batch_size=args.batch_size)
     print(f"resnet50v2 224px mixed precision, warm-up phase (frozen backbone): "
           f"pipeline {pipeline_ips:.0f} img/s, in-memory {memory_ips:.0f} img/s, "
@@ -98,7 +124,7 @@ def main() -> int:
     frozen_bn = all(not layer.trainable for layer in model.get_layer("backbone").layers
                     if isinstance(layer, keras.layers.BatchNormalization))
     val = data_lib.make_dataset(arrays, val_idx, args.batch_size, shuffle=False)
-    callback = ValWeightedF1(val, labels[val_idx])
+    callback = ValWeightedF1(val, arrays.labels[val_idx])
     start = time.perf_counter()
     history = model.fit(dataset, epochs=1, verbose=0, callbacks=[callback])
     finetune_ips = len(train_idx) / (time.perf_counter() - start)
@@ -107,7 +133,6 @@ def main() -> int:
     configure_phase(model, "finetune", config, jit_compile=True)
     full_ips = timed_fit(dataset)
     print(f"fine-tune phase steady state: pipeline {full_ips:.0f} img/s", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
