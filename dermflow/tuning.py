@@ -51,7 +51,7 @@ log = logging.getLogger("dermflow.tuning")
 
 TUNER_KINDS = ("random", "hyperband", "bayesian")
 OBJECTIVE_NAME = "val_weighted_f1"
-SEARCH_SPACE_VERSION = 1
+SEARCH_SPACE_VERSION = 2
 TUNING_PREFIX = "tuning"
 # The final training restarts from scratch: on small budgets its epochs matter more than more
 # trials (measured on atlas20, bench/bench_quality.py), so tuning gets the smaller part.
@@ -82,6 +82,7 @@ def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[st
     config: dict[str, Any] = {
         "optimizer": hp.Choice("optimizer", ["adam", "rmsprop", "sgd"], default="adam"),
         "learning_rate": hp.Float("learning_rate", 1e-4, 1e-1, sampling="log", default=1e-3),
+        "lr_schedule": hp.Choice("lr_schedule", ["cosine", "constant"], default="cosine"),
         "batch_size": hp.Choice("batch_size", [16, 32, 64], default=16),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.3),
         "head_width": hp.Choice("head_width", [64, 128, 256, 512], default=256),
@@ -206,8 +207,10 @@ class DermHyperModel(keras_tuner.HyperModel):
                 continue
             if phase == "finetune":
                 train_lib.configure_phase(model, phase, config, jit_compile=False)
+            # Trials anneal over their own epochs: their share of the tuning deadline is unknown.
+            schedule = train_lib.schedule_callbacks(config, phase, first, end, deadline=None)
             history = model.fit(train_data, initial_epoch=max(first, initial_epoch), epochs=end,
-                                callbacks=all_callbacks, verbose=0)
+                                callbacks=[*schedule, *all_callbacks], verbose=0)
             for name, values in history.history.items():
                 merged.setdefault(name, []).extend(values)
         if not merged.get(OBJECTIVE_NAME):

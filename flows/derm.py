@@ -24,11 +24,13 @@ from pydantic import Field
 from dermflow.dedup import DEFAULT_DUP_THRESHOLD
 from dermflow.params import (
     DEFAULT_CSV_URL,
+    MAX_EPOCHS,
     REPORT_ARCHITECTURES,
     ArchitectureName,
     Mode,
     TaskRunnerName,
     TunerName,
+    resolve_epochs,
 )
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
@@ -82,7 +84,7 @@ async def derm(
     csv: str = DEFAULT_CSV_URL,
     limit_per_label: Annotated[int, Field(ge=1)] | None = None,
     image_size: Annotated[int, Field(ge=32, le=1024)] = 256,
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 30,
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | None = None,
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
     architectures: list[ArchitectureName] = REPORT_ARCHITECTURES,
     weights: str = "imagenet",
@@ -103,6 +105,7 @@ async def derm(
     logger = get_run_logger()
     started = time.time()
     deadline = started + budget_minutes * 60 if budget_minutes else None
+    epochs = resolve_epochs(epochs, budget_minutes)
     run_id = make_run_id(current_flow_run.name or "local")
     params = {k: v for k, v in locals().items() if k not in ("logger", "started")}
     params["architectures"] = list(dict.fromkeys(architectures))

@@ -144,3 +144,48 @@ def test_compile_asks_for_xla_only_where_every_layer_supports_it():
     plain = models.create_model("baseline_cnn", 3, 32, augment=False)
     train.compile_model(plain, config, 1e-3, jit_compile=True)
     assert plain.jit_compile is True
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_the_floor():
+    schedule = train.CosineSchedule(1e-2, 0, 10, warmup_fraction=0.1, floor_fraction=1e-3)
+    assert schedule.rate_at(0.0) == pytest.approx(1e-5)  # the floor, not zero
+    assert schedule.rate_at(0.05) == pytest.approx(0.5e-2 * 0.5 * (1 + np.cos(np.pi * 0.05)))
+    assert schedule.rate_at(0.1) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.1)))
+    assert schedule.rate_at(0.5) == pytest.approx(0.5e-2)
+    assert schedule.rate_at(1.0) == pytest.approx(1e-5) and schedule.rate_at(3.0) == pytest.approx(1e-5)
+    rates = [schedule.rate_at(p) for p in np.linspace(0.1, 1.0, 20)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_cosine_schedule_follows_epochs_or_the_deadline_whichever_is_further():
+    by_epochs = train.CosineSchedule(1e-3, 2, 6)
+    by_epochs._steps = 10
+    by_epochs.on_epoch_begin(4)
+    assert by_epochs.progress(5) == pytest.approx((2 + 0.5) / 4)
+    assert by_epochs.annealed()
+    by_epochs.on_epoch_begin(3)
+    assert not by_epochs.annealed()  # early stopping waits for the second half
+    by_time = train.CosineSchedule(1e-3, 0, 100, deadline=time.time() + 10)
+    by_time._started = time.time() - 10  # the phase started 10 s ago; 10 s are left
+    assert by_time.progress(0) == pytest.approx(0.5, abs=0.01)
+
+
+def test_cosine_schedule_sets_the_optimizer_rate_during_fit():
+    x = np.zeros((32, 4, 4, 3), "float32")
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    model = tiny_classifier()
+    seen = []
+    reader = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    )
+    config = train.TrainConfig(learning_rate=1e-2, lr_warmup_fraction=0.25)
+    callbacks = train.schedule_callbacks(config, "full", 0, 2, deadline=None)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[*callbacks, reader])
+    assert len(seen) == 8
+    assert seen[0] < seen[2] and seen[2] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.25)), rel=1e-5)
+    assert seen[-1] < 1e-3 and seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
+    assert train.schedule_callbacks(train.TrainConfig(lr_schedule="constant"), "full", 0, 2, None) == []
+    finetune = train.schedule_callbacks(train.TrainConfig(fine_tune_learning_rate=3e-5), "finetune", 3, 9, None)
+    assert finetune[0].base_rate == 3e-5
+    with pytest.raises(ValueError, match="lr_schedule 'step'"):
+        train.TrainConfig(lr_schedule="step")
