@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from dermflow.dedup import draft_for_hash, phash_of_image
-from dermflow.netguard import BlockedURL, HostGuard, Resolver, install_log_redaction, redact_text, redact_url
+from dermflow.netguard import (
+    BlockedURL,
+    HostGuard,
+    Resolver,
+    install_log_redaction,
+    pinned_network_backend,
+    redact_text,
+    redact_url,
+)
 
 if TYPE_CHECKING:  # heavy or optional imports stay out of import time
     import httpx
@@ -491,6 +499,8 @@ async def _download(ctx: _ShardContext, url: str) -> bytes:
             try:
                 async with asyncio.timeout(ctx.options.total_timeout):
                     return await _request_once(ctx, current)
+            except BlockedURL as error:  # refused at connect time (the host re-resolved internal)
+                raise _Permanent(error.reason) from None
             except _Redirect as redirect:
                 current = redirect.location
             except TimeoutError:
@@ -541,16 +551,23 @@ async def _fetch_row(ctx: _ShardContext, row: dict) -> dict:
     return _ok_row(row, facts, len(body), attempts)
 
 
-def _make_client(options: FetchOptions, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+def _make_client(options: FetchOptions, transport: httpx.AsyncBaseTransport | None,
+                 guard: HostGuard) -> httpx.AsyncClient:
     import httpx
 
     timeout = httpx.Timeout(
         connect=options.connect_timeout, read=options.read_timeout, write=options.read_timeout, pool=None
     )
     connections = max(64, options.host_concurrency * 8)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30)
+    if transport is None:
+        transport = httpx.AsyncHTTPTransport(limits=limits)
+        # httpx has no public hook for the connection pool's network backend; the pinned one
+        # makes every connection go to addresses the guard has just checked (DNS rebinding).
+        transport._pool._network_backend = pinned_network_backend(guard)
     return httpx.AsyncClient(
         timeout=timeout,
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30),
+        limits=limits,
         follow_redirects=False,  # each hop is re-checked by the SSRF guard
         headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"},
         transport=transport,
@@ -586,7 +603,7 @@ async def fetch_shard_async(
     guard = HostGuard(options.allowed_hosts, resolver=resolver)
     pool = concurrent.futures.ThreadPoolExecutor(options.store_workers, thread_name_prefix="dermflow-store")
     try:
-        async with _make_client(options, transport) as client:
+        async with _make_client(options, transport, guard) as client:
             ctx = _ShardContext(client=client, store=store, options=options, guard=guard, pool=pool)
             tasks = [asyncio.create_task(_fetch_row(ctx, {**row, "md5hash": str(row["md5hash"]).lower()})) for row in rows]
             try:

@@ -5,6 +5,10 @@ may not reach private, loopback, link-local or otherwise internal addresses unle
 is explicitly allowed (`Settings.allowed_host_list`: host names, IPs or CIDRs), and any
 credentials they carry (userinfo, signed-URL query tokens) are redacted before a URL is
 written to a log or a manifest.
+
+`PinnedNetworkBackend` makes the HTTP client connect only to addresses the guard has just
+checked (it resolves names itself), so DNS rebinding between the check and the connection
+cannot reach an internal address.
 """
 
 from __future__ import annotations
@@ -124,9 +128,10 @@ class HostGuard:
     """Decides whether a URL may be fetched; caches each host's verdict for the guard's life.
 
     `allowed` holds host names (exact, case-insensitive), IP addresses, or CIDRs that are
-    exempt from the internal-address rule. Checking resolves the host the way the client will;
-    the remaining window between this check and the client's own resolution (DNS rebinding)
-    is bounded by the cache: one verdict per host per shard.
+    exempt from the internal-address rule. `check` gives each URL (and redirect hop) an early
+    verdict, cached per host for the guard's life; `connectable_addresses` re-resolves and
+    re-checks at every new connection (see `pinned_network_backend`), so a host that starts
+    resolving to an internal address after its verdict (DNS rebinding) is still refused.
     """
 
     def __init__(self, allowed: Iterable[str] = (), resolver: Resolver | None = None) -> None:
@@ -172,6 +177,31 @@ class HostGuard:
         if verdict is not None:
             raise verdict
 
+    async def connectable_addresses(self, host: str, port: int) -> list[str]:
+        """The addresses a connection to `host` may use, resolved now (for `PinnedNetworkBackend`).
+
+        Raises `BlockedURL` when any of them is internal and not allowed, `OSError` when the
+        name does not resolve.
+        """
+        host = host.lower().rstrip(".")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if host not in self.allowed_names and not self._address_allowed(literal):
+                raise BlockedURL("blocked_address", f"{host} is an internal address")
+            return [host]
+        resolved = await self.resolver(host, port)
+        if not resolved:
+            raise OSError(f"{host} resolves to no address")
+        if host not in self.allowed_names:
+            for text in resolved:
+                address = ipaddress.ip_address(text.split("%", 1)[0])
+                if not self._address_allowed(address):
+                    raise BlockedURL("blocked_address", f"{host} resolves to internal address {address}")
+        return resolved
+
     async def _verdict(self, host: str, port: int) -> tuple[BlockedURL | None, bool]:
         """(the refusal or None, whether that verdict may be cached)."""
         if host in self.allowed_names:
@@ -193,3 +223,41 @@ class HostGuard:
             if not self._address_allowed(address):
                 return BlockedURL("blocked_address", f"{host} resolves to internal address {address}"), True
         return None, True
+
+
+def pinned_network_backend(guard: HostGuard):
+    """An httpcore network backend that connects only to addresses `guard` has just checked.
+
+    The HTTP client never resolves names itself: each new connection resolves its host through
+    the guard (refusing internal addresses) and connects to those very addresses. TLS still
+    sends and verifies the URL's host name (httpcore takes SNI from the request, not from the
+    address connected to). Built lazily so that importing this module needs no httpcore.
+    """
+    import httpcore
+
+    class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
+        def __init__(self) -> None:
+            self.guard = guard
+            self.inner = httpcore.AnyIOBackend()
+
+        async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            try:
+                addresses = await self.guard.connectable_addresses(host, port)
+            except OSError as error:
+                raise httpcore.ConnectError(f"cannot resolve {host}: {error}") from error
+            last_error: Exception | None = None
+            for address in addresses:
+                try:
+                    return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                                        socket_options=socket_options)
+                except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
+                    last_error = error
+            raise last_error or httpcore.ConnectError(f"no address to connect to for {host}")
+
+        async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            raise httpcore.ConnectError("the fetcher connects over TCP only")
+
+        async def sleep(self, seconds: float) -> None:
+            await self.inner.sleep(seconds)
+
+    return PinnedNetworkBackend()

@@ -508,3 +508,73 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     assert set(failed_rows(manifest, include_permanent=False)["reason"]) == {"not_fetched"}
     real = failed_rows(manifest, dataset)
     assert set(real.columns) == set(dataset.columns) and len(real) == 3
+
+
+# ------------------------------------------------------------------ DNS pinning (a loopback server)
+
+
+class _OneImageServer:
+    """A loopback HTTP server that answers every GET with one JPEG and counts the requests."""
+
+    def __init__(self, body: bytes):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_client_connects_only_to_the_addresses_the_guard_resolved_and_checked():
+    body = jpeg(21)
+    md5 = hashlib.md5(body).hexdigest()
+    looked_up = []
+
+    async def loopback(host, port):
+        looked_up.append(host)
+        return ["127.0.0.1"]
+
+    with _OneImageServer(body) as server:
+        # `images.test` is unknown to the system resolver: the fetch can only succeed if the
+        # connection goes to the address the guard resolved (allowed here by IP).
+        result = fetch_shard([row(md5, f"http://images.test:{server.port}/a.jpg")], MemoryStore(),
+                             options(allowed_hosts=("127.0.0.1",)), resolver=loopback)
+        assert (result[0]["status"], result[0]["reason"]) == ("ok", "")
+        assert server.requests == 1 and looked_up.count("images.test") == 2  # the early check, the connection
+
+
+def test_a_host_that_rebinds_to_an_internal_address_after_its_check_is_refused_at_connect_time():
+    body = jpeg(22)
+    md5 = hashlib.md5(body).hexdigest()
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])  # public when checked, loopback when connecting
+
+    async def rebinding(host, port):
+        return next(answers, ["127.0.0.1"])
+
+    with _OneImageServer(body) as server:
+        store = MemoryStore()
+        result = fetch_shard([row(md5, f"http://rebind.test:{server.port}/a.jpg")], store, options(),
+                             resolver=rebinding)
+        assert (result[0]["status"], result[0]["reason"]) == ("failed", "blocked_address")
+        assert server.requests == 0 and store.objects == {}
