@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality clean
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,11 +49,16 @@ bench-train: venv
 bench-gpu: venv
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python bench/bench_gpu.py
 
-bench-quality-deployment: venv
-	$(BIN)/python bench/bench_quality_deployment.py $(ARGS)
-
+# The tuning issue's quality measurement, in-process (both recipes; writes $(QUALITY_JSON)) ...
+QUALITY_JSON := .dermflow/bench/quality.json
 bench-quality: venv
-	$(BIN)/python bench/bench_quality.py
+	mkdir -p $(dir $(QUALITY_JSON))
+	$(BIN)/python bench/bench_quality.py --out $(QUALITY_JSON) $(ARGS)
+
+# ... and through derm/full on the stack of `DERMFLOW_ALLOWED_HOSTS=127.0.0.1 make up`, scored
+# by `dermflow evaluate` beside the report recipe's figure from $(QUALITY_JSON).
+bench-quality-deployment: venv
+	$(BIN)/python bench/bench_quality_deployment.py --report-json $(QUALITY_JSON) $(ARGS)
 
 clean: down
 	rm -rf .dermflow test-artifacts

@@ -72,7 +72,7 @@ def main() -> int:
     )
     tuned = json.loads(evaluate.stdout)
     report_f1 = args.report_f1
-    if report_f1 is None and args.report_json:
+    if report_f1 is None and args.report_json and args.report_json.exists():
         report_f1 = json.loads(args.report_json.read_text())["report"]["weighted_f1"]
     print(f"derm/full (tune, {args.budget_minutes:g} min budget) wall {wall / 60:.1f} min, run {flow_run_name}")
     print(f"held-out images: {tuned['n']}  tuned pipeline weighted F1 {tuned['weighted_f1']:.4f} "
