@@ -334,6 +334,36 @@ def test_cli_predict_and_evaluate_agree_on_the_champion(stack, full_run, image_s
     assert missing.returncode == 1 and "no-such-run" in missing.stderr
 
 
+def test_distributed_tuning_runs_its_workers_as_deployment_runs(stack, full_run, image_source):
+    """derm/full with tune_workers=2: a keras-tuner chief in the parent's search subflow and two
+    `derm-tune/worker` flow runs (on the gpu queue, each holding a `gpu` slot) share two trials;
+    the final training uses the best one."""
+    images, rows = image_source
+    before = {run.id for run in _flow_runs(stack, "derm-tune")}
+    with serve_atlas(images, rows) as server:
+        csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("tune.csv"), limit_per_label=8)
+        result = stack.prefect(
+            "deployment", "run", "derm/full", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+            "-p", "image_size=64", "-p", "epochs=2", "-p", 'architectures=["baseline_cnn"]', "-p", "tune=true",
+            "-p", "tune_workers=2", "-p", "max_trials=2", "-p", "seed=11", "--watch", timeout=900, check=False,
+        )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    workers = [run for run in _flow_runs(stack, "derm-tune") if run.id not in before]
+    assert len(workers) == 2, workers
+    assert all(run.state.is_completed() and run.parent_task_run_id is not None for run in workers)
+    assert {run.work_queue_name for run in workers} == {"gpu"}
+
+    store = stack.store()
+    trials = [store.get_json(key) for key in store.iter_keys("tuning/") if key.endswith("/trial.json")]
+    scored = [t for t in trials if t.get("status") == "COMPLETED" and t.get("score") is not None]
+    assert len(scored) == 2, [t.get("status") for t in trials]
+    best = max(scored, key=lambda t: t["score"])["hyperparameters"]["values"]
+    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/models/baseline_cnn/params.json")})
+    params = store.get_json(f"runs/{runs[-1]}/models/baseline_cnn/params.json")
+    assert (params["optimizer"], params["learning_rate"], params["lr_schedule"]) == (
+        best["optimizer"], best["learning_rate"], best["lr_schedule"]), (params, best)
+
+
 def test_cancelling_the_parent_cancels_its_training_subflows(stack, full_run):
     """Runs last in this module: it leaves a cancelled run behind."""
     import re
