@@ -110,7 +110,9 @@ def test_pretrained_architecture_warms_up_then_fine_tunes(store, settings):
     from dermflow.train import TrainConfig, train_architecture
 
     split_key = write_split(store, {"train": 4, "val": 2, "test": 2})
-    config = TrainConfig(architecture="resnet50v2", image_size=16, epochs=2, warmup_epochs=1, batch_size=6, weights="none")
+    # A constant rate per phase, so the history shows which phase's rate each epoch used.
+    config = TrainConfig(architecture="resnet50v2", image_size=16, epochs=2, warmup_epochs=1, batch_size=6,
+                         weights="none", lr_schedule="constant")
 
     class Crash(Exception):
         pass
