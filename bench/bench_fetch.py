@@ -79,7 +79,7 @@ _worker_store = None
 def _warm_worker(settings_kwargs: dict, pool_size: int) -> int:
     """Process-pool initialiser work: imports and one S3 client per worker, as a warm Dask worker has."""
     global _worker_store
-    import dermflow.fetch  # noqa: F401 - imported before the clock starts
+    import dermflow.ingestion.fetch  # noqa: F401 - imported before the clock starts
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
@@ -90,7 +90,7 @@ def _warm_worker(settings_kwargs: dict, pool_size: int) -> int:
 
 
 def _fetch_in_worker(shard: list[dict], options) -> list[dict]:
-    from dermflow.fetch import fetch_shard
+    from dermflow.ingestion.fetch import fetch_shard
 
     return fetch_shard(shard, _worker_store, options)
 
@@ -103,7 +103,7 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
 
     import pandas as pd
 
-    from dermflow.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
+    from dermflow.ingestion.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 
     dataset = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)
@@ -171,7 +171,7 @@ def main() -> int:
         return 2
 
     from dermflow.settings import load_settings
-    from dermflow.stack import SeaweedServer, free_port_block
+    from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
     from tests.support.image_servers import rewrite_csv_host
 

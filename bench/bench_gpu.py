@@ -36,9 +36,9 @@ def main() -> int:
     import keras
     import numpy as np
 
-    from dermflow import data as data_lib
-    from dermflow import models
-    from dermflow.train import TrainConfig, accelerator_present
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling import models
+    from dermflow.modeling.train import TrainConfig, accelerator_present
 
     print(f"backend={keras.backend.backend()} accelerator={accelerator_present()}", flush=True)
     if keras.backend.backend() == "jax":
@@ -95,7 +95,7 @@ def main() -> int:
 
     if "whole" in sections:
         # Every layer trainable: the cost of training resnet50v2 from scratch (weights=none).
-        from dermflow.train import compile_model
+        from dermflow.modeling.train import compile_model
 
         model.trainable = True
         compile_model(model, config, config.learning_rate, jit_compile=True)
@@ -109,8 +109,8 @@ def main() -> int:
 def transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem, timed_fit) -> None:
     import keras
 
-    from dermflow import data as data_lib
-    from dermflow.train import ValWeightedF1, configure_phase
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling.train import ValWeightedF1, configure_phase
 
     train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
     configure_phase(model, "warmup", config, jit_compile=True)

@@ -8,8 +8,8 @@ initialisation (weights=none), and are scored by weighted F1 on the same held-ou
 - report: `baseline_cnn` as the registry builds it, Adam 1e-3, plain cross-entropy, no class
   weights, early stopping on validation loss (patience 5, best weights restored), stopped at
   the budget.
-- tuned: the pipeline without Prefect: `dermflow.tuning.tune_architecture` (random search, the
-  tuning share of the budget), then `dermflow.train.train_architecture` with the best trial's
+- tuned: the pipeline without Prefect: `dermflow.modeling.tuning.tune_architecture` (random search, the
+  tuning share of the budget), then `dermflow.modeling.train.train_architecture` with the best trial's
   TrainConfig override until the budget ends: the same calls `derm-tune` and `derm-train` make,
   on an embedded SeaweedFS bucket.
 
@@ -62,10 +62,10 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
     import keras
     import numpy as np
 
-    from dermflow import data as data_lib
-    from dermflow import models
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling import models
     from dermflow.metrics import weighted_f1
-    from dermflow.train import TimeBudget
+    from dermflow.modeling.train import TimeBudget
 
     started = time.time()
     class_names = sorted(frame.loc[frame["split"] == "train", "label"].unique())
@@ -87,11 +87,11 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
 
 def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, workdir: Path, seed: int,
                      tuner: str, max_trials: int, share: float, epochs: int | None = None) -> dict:
-    from dermflow import train as train_lib
-    from dermflow import tuning
+    from dermflow.modeling import train as train_lib
+    from dermflow.modeling import tuning
     from dermflow.params import resolve_epochs
     from dermflow.settings import load_settings
-    from dermflow.stack import SeaweedServer, free_port_block
+    from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
 
     server = SeaweedServer(data_dir=workdir / "seaweed", s3_port=free_port_block(4),
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.atlas / "rows.csv").exists():
         print(f"{args.atlas} is absent: this bench needs ../shared/data/atlas20", file=sys.stderr)
         return 2
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     share = args.tuning_share or tuning.DEFAULT_TUNING_SHARE
     frame = manifest(args.atlas)

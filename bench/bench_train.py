@@ -1,8 +1,8 @@
 """Training throughput through the real input pipeline versus in-memory tensors.
 
 Reads the atlas20 images straight from ../shared/data/atlas20 (no S3) into the same cache
-and uint8 array path `train_architecture` uses (`dermflow.data.prepare_split_arrays`), then for
-each architecture times `fit` steps fed by `dermflow.data.make_dataset` (tf.data over the
+and uint8 array path `train_architecture` uses (`dermflow.dataset.arrays.prepare_split_arrays`), then for
+each architecture times `fit` steps fed by `dermflow.dataset.arrays.make_dataset` (tf.data over the
 memmap, or the PyDataset under a non-TensorFlow Keras backend) and fed by the same images
 already in memory as float32 arrays, in alternating rounds on one compiled model. Prints
 images/s for both, their ratio (goal >= 0.95) and the implied seconds per training epoch.
@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 
 def atlas_split(atlas: Path, seed: int) -> pd.DataFrame:
-    """A stratified 70/15/15 train/val/test split of the atlas rows (stand-in for dermflow.split)."""
+    """A stratified 70/15/15 train/val/test split of the atlas rows (stand-in for dermflow.dataset.split)."""
     rows = pd.read_csv(atlas / "rows.csv", dtype=str, keep_default_na=False)
     rng = np.random.default_rng(seed)
     split = np.empty(len(rows), dtype=object)
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from dermflow import data as data_lib
-    from dermflow import models
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling import models
     from dermflow.settings import get_settings
-    from dermflow.train import TrainConfig, accelerator_present, compile_model
+    from dermflow.modeling.train import TrainConfig, accelerator_present, compile_model
 
     cache_dir = args.cache_dir or get_settings().local_cache_dir / "bench"
     frame = atlas_split(args.atlas, args.seed)

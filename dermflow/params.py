@@ -1,6 +1,6 @@
 """Typed vocabulary of the flows' parameters, light enough to import anywhere (no Keras).
 
-`ArchitectureName` mirrors the registry in `dermflow.models` (a unit test keeps them equal), so
+`ArchitectureName` mirrors the registry in `dermflow.modeling.models` (a unit test keeps them equal), so
 the Prefect UI offers a dropdown and a typo fails parameter validation before any work starts.
 """
 

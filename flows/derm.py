@@ -21,7 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field
 
-from dermflow.dedup import DEFAULT_DUP_THRESHOLD
+from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD
 from dermflow.params import (
     DEFAULT_CSV_URL,
     MAX_EPOCHS,
@@ -133,7 +133,7 @@ async def derm(
         return {"run_id": run_id, "fetch": fetched}
 
     # --- split ---
-    from dermflow.split import SplitError
+    from dermflow.dataset.split import SplitError
 
     try:
         split = split_dataset(fetched["manifest_key"], seed, dup_threshold, exclude_wrongly_labelled)

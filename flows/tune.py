@@ -37,7 +37,7 @@ from dermflow.params import ArchitectureName, TunerName
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
 WORKER_DEPLOYMENT = "derm-tune/worker"
-DEFAULT_TUNING_SHARE = 0.35  # dermflow.tuning.DEFAULT_TUNING_SHARE (not imported: no Keras at import)
+DEFAULT_TUNING_SHARE = 0.35  # dermflow.modeling.tuning.DEFAULT_TUNING_SHARE (not imported: no Keras at import)
 # How long the chief may outlive its workers (it polls every 20 s for running trials to end).
 CHIEF_GRACE_SECONDS = 90
 
@@ -67,7 +67,7 @@ def _options(train_params: dict, tuner: str, max_trials: int, trial_epochs: int 
 
 async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_host: str) -> None:
     """Chief as a child process, `workers` worker flow runs; returns when all have ended."""
-    from dermflow.tuning import free_port, wait_for_port
+    from dermflow.modeling.tuning import free_port, wait_for_port
 
     logger = get_run_logger()
     spec = payload["spec"]
@@ -76,7 +76,7 @@ async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_h
     spec_path = spec_dir / "spec.json"
     spec_path.write_text(json.dumps(payload))
     chief = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dermflow.tuning", "chief", "--spec", str(spec_path),
+        sys.executable, "-m", "dermflow.modeling.tuning", "chief", "--spec", str(spec_path),
         "--host", oracle_host, "--port", str(port),
         cwd=str(Path(__file__).resolve().parents[1]), env=dict(os.environ),
     )

@@ -1,6 +1,6 @@
 """Prefect tasks for the data stages: ingest, fetch shards, manifests, split.
 
-Thin wrappers: the work is in `dermflow.ingest`, `dermflow.fetch` and `dermflow.split`. Tasks
+Thin wrappers: the work is in `dermflow.ingestion.ingest`, `dermflow.ingestion.fetch` and `dermflow.dataset.split`. Tasks
 exchange bucket keys and small row lists, never images.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dermflow import fetch, ingest, split
+from dermflow.ingestion import fetch
+from dermflow.ingestion import ingest
+from dermflow.dataset import split
 from dermflow.runs import content_hash
 from tasks.common import object_store, settings
 

@@ -1,6 +1,6 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
-`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.decide_promotion`):
+`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.store.decide_promotion`):
 the first model of a label set becomes its champion; later ones only if they beat the
 champion's weighted F1 on the same test split.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from dermflow import registry
+from dermflow.registry.store import store as registry
 from dermflow.runs import content_hash, model_key
 from tasks.common import object_store, settings
 

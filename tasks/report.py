@@ -15,7 +15,7 @@ def _load_arch_result(store, run_id: str, outcome: dict):
     """An `ArchResult` from what the training run stored (keys only travel between tasks)."""
     import numpy as np
 
-    from dermflow.report import ArchResult
+    from dermflow.evaluation.report import ArchResult
 
     arch = outcome["architecture"]
     if outcome.get("status") != "ok":
@@ -48,8 +48,8 @@ def _best_model_saliency(store, outcomes: list[dict]):
     ok = [o for o in outcomes if o.get("status") == "ok" and o.get("test")]
     if not ok:
         return None
-    from dermflow.predict import load_image_array, load_model_bundle
-    from dermflow.saliency import grad_cam
+    from dermflow.evaluation.predict import load_image_array, load_model_bundle
+    from dermflow.evaluation.saliency import grad_cam
 
     best = max(ok, key=lambda o: o["test"]["weighted_f1"])
     bundle = load_model_bundle(store, best["run_id"], best["architecture"], settings().local_cache_dir / "models")
@@ -71,7 +71,7 @@ def build_and_store_report(
     retrain_decision: dict | None = None,
 ) -> dict:
     """Report HTML, figures and metrics.json under `runs/<run_id>/`; Prefect artifacts."""
-    from dermflow.report import ReportInputs, build_report, write_report
+    from dermflow.evaluation.report import ReportInputs, build_report, write_report
 
     store = object_store()
     architectures = {o["architecture"]: _load_arch_result(store, run_id, o) for o in outcomes}

@@ -1,4 +1,4 @@
-"""Prefect task that trains one architecture (`dermflow.train.train_architecture`)."""
+"""Prefect task that trains one architecture (`dermflow.modeling.train.train_architecture`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tasks.common import object_store, settings
 @task(name="train-architecture", retries=1, retry_delay_seconds=5)
 def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     """Train, evaluate and store one model; a retry resumes from the last checkpoint."""
-    from dermflow.train import TrainConfig, train_architecture as train
+    from dermflow.modeling.train import TrainConfig, train_architecture as train
 
     logger = get_run_logger()
     train_config = TrainConfig.from_dict(config)

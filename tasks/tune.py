@@ -1,4 +1,4 @@
-"""Prefect tasks around `dermflow.tuning`: the search itself, the distributed search's parts, and
+"""Prefect tasks around `dermflow.modeling.tuning`: the search itself, the distributed search's parts, and
 the trial table artifact. They pass keys and JSON-able dicts, never arrays or models."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tasks.common import object_store, settings
 async def search_in_process(split_key: str, architecture: str, options: dict, gpu_limit: str = "gpu") -> dict:
     """A whole search in this process, holding a `gpu` slot while it trains. A retry (or a
     rerun with the same tuning id) continues from the last synced trial."""
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     logger = get_run_logger()
     logger.info("tuning %s on %s: %s", architecture, split_key, options)
@@ -31,7 +31,7 @@ async def search_in_process(split_key: str, architecture: str, options: dict, gp
 @task(name="tune-spec")
 async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
     """The JSON spec the chief and the workers of a distributed search share."""
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     spec = await asyncio.to_thread(
         tuning.make_spec, object_store(), split_key, architecture, settings=settings(), **options
@@ -42,7 +42,7 @@ async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
 @task(name="tune-results")
 async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     spec = tuning.SearchSpec(**payload["spec"])
 
@@ -57,7 +57,7 @@ async def search_results(payload: dict) -> dict:
 @task(name="tune-worker", retries=0)
 def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int:
     """One keras-tuner worker: trains the chief's trials until it says stop."""
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     logger = get_run_logger()
     spec = tuning.SearchSpec(**payload["spec"])
@@ -72,7 +72,7 @@ def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int
 @task(name="tune-table")
 async def publish_trial_table(run_id: str, trials: list[dict]) -> str | None:
     """A table artifact with every trial: architecture, id, status, score, hyperparameters."""
-    from dermflow import tuning
+    from dermflow.modeling import tuning
 
     if not trials:
         return None

@@ -37,7 +37,7 @@ def atlas_dir() -> Path:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A real SeaweedFS S3 server on free ports, shared by the session."""
-    from dermflow.stack import SeaweedServer, free_port_block
+    from dermflow.ops.stack import SeaweedServer, free_port_block
 
     server = SeaweedServer(
         data_dir=tmp_path_factory.mktemp("seaweed"),

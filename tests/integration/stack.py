@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermflow.stack import free_port_block
+from dermflow.ops.stack import free_port_block
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ class Stack:
         return result
 
     def dermflow(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "dermflow.cli", *args, **kwargs)
+        return self.run(sys.executable, "-m", "dermflow.ops.cli", *args, **kwargs)
 
     def prefect(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "prefect", *args, **kwargs)

@@ -117,7 +117,7 @@ def _flow_runs(stack, flow_name: str) -> list:
 
 
 def _champion(store) -> dict:
-    from dermflow.registry import list_champions
+    from dermflow.registry.store import list_champions
 
     champions = list_champions(store)
     assert len(champions) == 1
@@ -224,7 +224,7 @@ def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_ru
 
 def _unreachable_csv(tmp_path):
     """Rows of images not in the bucket (a fresh synthetic set) whose host does not answer."""
-    from dermflow.stack import free_port_block
+    from dermflow.ops.stack import free_port_block
 
     root = synthetic_atlas(tmp_path / "unseen", n_labels=3, per_label=6, size=48, seed=1234)
     dead = f"http://127.0.0.1:{free_port_block(1)}"
@@ -287,7 +287,7 @@ def test_up_again_keeps_a_paused_retrain_paused(stack):
 def test_refetch_retries_only_the_failed_rows(stack, tmp_path):
     """derm/fetch while the image host is down fails every row (connect_error); once the host
     is up, derm/refetch fetches exactly those rows and the manifest says ok for all."""
-    from dermflow.stack import free_port_block
+    from dermflow.ops.stack import free_port_block
 
     root = synthetic_atlas(tmp_path / "later", n_labels=2, per_label=5, size=48, seed=4321)
     port = free_port_block(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dermflow.fetch import (
+from dermflow.ingestion.fetch import (
     FetchOptions,
     fetch_shard,
     plan_shards,
@@ -148,7 +148,7 @@ import sys
 import pandas as pd
 from dermflow.settings import load_settings
 from dermflow.storage import ObjectStore
-from dermflow.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s
+from dermflow.ingestion.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s
 
 settings = load_settings()
 store = ObjectStore.from_settings(settings)
@@ -217,7 +217,7 @@ def test_sigkill_mid_fetch_then_rerun_completes(store, tmp_path):
 @pytest.mark.slow
 def test_store_restarted_mid_fetch_still_completes(tmp_path):
     from dermflow.settings import load_settings
-    from dermflow.stack import SeaweedServer, free_port_block
+    from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
 
     seaweed = SeaweedServer(data_dir=tmp_path / "seaweed", s3_port=free_port_block(4),

@@ -13,7 +13,7 @@ def test_fetch_shards_run_on_a_local_dask_cluster(store, s3_env, tmp_path, monke
     from prefect.testing.utilities import prefect_test_harness
     from prefect_dask import DaskTaskRunner
 
-    from dermflow.ingest import load_dataset
+    from dermflow.ingestion.ingest import load_dataset
     from flows.fetch import fetch_images
     from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 

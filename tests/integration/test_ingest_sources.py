@@ -1,4 +1,4 @@
-"""dermflow.ingest reading the dataset CSV from a local HTTP server and from SeaweedFS."""
+"""dermflow.ingestion.ingest reading the dataset CSV from a local HTTP server and from SeaweedFS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dermflow.ingest import DatasetError, DatasetSourceError, load_dataset, read_csv_source
+from dermflow.ingestion.ingest import DatasetError, DatasetSourceError, load_dataset, read_csv_source
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermflow.predict import (
+from dermflow.evaluation.predict import (
     EvaluationError,
     ImageDecodeError,
     evaluate_dataset,
@@ -248,7 +248,7 @@ def test_load_image_array_crops_the_centre_square_and_resizes():
 def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(saved_model, labelled_set, tmp_path):
     import pandas as pd
 
-    from dermflow.registry import evaluate_challenger, get_champion_history, register_model
+    from dermflow.registry.store import evaluate_challenger, get_champion_history, register_model
 
     _, _, usable = labelled_set
     rows = []
@@ -294,7 +294,7 @@ def test_evaluate_on_real_atlas_rows(atlas_dir, tmp_path):
     """The real schema and files: md5-named JPEGs, real labels, real skin types."""
     import pandas as pd
 
-    from dermflow.predict import bundle_from_model
+    from dermflow.evaluation.predict import bundle_from_model
 
     rows = pd.read_csv(atlas_dir / "rows.csv", dtype=str, keep_default_na=False)
     subset = rows.groupby("label").head(3)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dermflow.registry import (
+from dermflow.registry.store import (
     RegistryError,
     apply_retention,
     challenge_champion,

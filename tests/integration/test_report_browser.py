@@ -135,7 +135,7 @@ def _save_screenshot(devtools: DevTools, path: Path, *, full_page: bool) -> None
 def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_path):
     from tests.unit.test_report import make_inputs
 
-    from dermflow.report import build_report, write_report
+    from dermflow.evaluation.report import build_report, write_report
 
     run_id = "20261126-101500-browser-check"
     report = build_report(make_inputs(seed=2))

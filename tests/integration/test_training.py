@@ -61,7 +61,7 @@ def settings(store, tmp_path):
 def test_train_architecture_writes_model_metrics_and_predictions(store, settings):
     import keras
 
-    from dermflow.train import TrainConfig, train_architecture
+    from dermflow.modeling.train import TrainConfig, train_architecture
 
     split_key = write_split(store, {"train": 8, "val": 3, "test": 3, "verified_test": 2, "excluded": 1})
     events = []
@@ -107,7 +107,7 @@ def test_train_architecture_writes_model_metrics_and_predictions(store, settings
 
 @pytest.mark.slow
 def test_pretrained_architecture_warms_up_then_fine_tunes(store, settings):
-    from dermflow.train import TrainConfig, train_architecture
+    from dermflow.modeling.train import TrainConfig, train_architecture
 
     split_key = write_split(store, {"train": 4, "val": 2, "test": 2})
     # A constant rate per phase, so the history shows which phase's rate each epoch used.
@@ -142,7 +142,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
-    from dermflow.train import TrainConfig, train_architecture
+    from dermflow.modeling.train import TrainConfig, train_architecture
 
     split_key, cache_dir, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
     settings = load_settings(cache_dir=cache_dir, keep_checkpoints=1)
@@ -159,7 +159,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_rerun_after_sigkill_resumes_at_the_next_epoch(store, settings, s3_env, tmp_path):
-    from dermflow.train import TrainConfig, train_architecture
+    from dermflow.modeling.train import TrainConfig, train_architecture
 
     split_key = write_split(store, {"train": 6, "val": 3, "test": 2})
     env = {**os.environ, **s3_env}
@@ -192,7 +192,7 @@ def test_rerun_after_sigkill_resumes_at_the_next_epoch(store, settings, s3_env, 
 
 
 def test_too_few_training_images_is_a_clear_error(store, settings):
-    from dermflow.train import TrainConfig, TrainingError, train_architecture
+    from dermflow.modeling.train import TrainConfig, TrainingError, train_architecture
 
     split_key = write_split(store, {"train": 1, "val": 1})
     with pytest.raises(TrainingError, match="training split has 3 images"):
@@ -200,7 +200,7 @@ def test_too_few_training_images_is_a_clear_error(store, settings):
 
 
 def test_class_missing_from_training_split_is_a_clear_error(store, settings):
-    from dermflow.train import TrainConfig, TrainingError, train_architecture
+    from dermflow.modeling.train import TrainConfig, TrainingError, train_architecture
 
     split_key = write_split(store, {"train": 5, "val": 1})
     frame = store.get_dataframe_csv(split_key)

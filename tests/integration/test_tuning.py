@@ -44,7 +44,7 @@ def put_synthetic_split(store, n_train: int = 30, n_val: int = 15, size: int = 4
 
 
 def test_a_search_resumes_from_the_bucket_on_another_machine(store, tmp_path):
-    from dermflow import tuning
+    from dermflow.modeling import tuning
     from dermflow.settings import load_settings
 
     split_key = put_synthetic_split(store)
@@ -66,7 +66,7 @@ def test_a_search_resumes_from_the_bucket_on_another_machine(store, tmp_path):
 
 @pytest.mark.slow
 def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_path):
-    from dermflow import tuning
+    from dermflow.modeling import tuning
     from dermflow.settings import load_settings
 
     split_key = put_synthetic_split(store)
@@ -84,7 +84,7 @@ def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_pa
         spec_file.write_text(json.dumps(payload))
         env = {**os.environ, "DERMFLOW_CACHE_DIR": str(tmp_path / cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
         return subprocess.Popen(
-            [sys.executable, "-m", "dermflow.tuning", role, "--spec", str(spec_file), "--port", str(port), *extra],
+            [sys.executable, "-m", "dermflow.modeling.tuning", role, "--spec", str(spec_file), "--port", str(port), *extra],
             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     chief = launch("chief", "chief")
@@ -117,7 +117,7 @@ def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_pa
 def test_tune_architectures_flow_returns_train_config_overrides(store, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    from dermflow.train import TrainConfig
+    from dermflow.modeling.train import TrainConfig
 
     monkeypatch.setenv("DERMFLOW_CACHE_DIR", str(tmp_path / "cache"))
     from dermflow.settings import get_settings
@@ -193,7 +193,7 @@ def test_distributed_search_flow_runs_a_chief_and_worker_runs(store, tmp_path, m
         spec_file.write_text(json.dumps(payload))
         env = {**os.environ, "DERMFLOW_CACHE_DIR": str(tmp_path / tuner_id), "TF_CPP_MIN_LOG_LEVEL": "3"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dermflow.tuning", "worker", "--spec", str(spec_file),
+            sys.executable, "-m", "dermflow.modeling.tuning", "worker", "--spec", str(spec_file),
             "--host", parameters["oracle_host"], "--port", str(parameters["oracle_port"]), "--tuner-id", tuner_id,
             cwd=str(PROJECT_ROOT), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await process.communicate()

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-from dermflow import data  # noqa: E402
+from dermflow.dataset import arrays as data  # noqa: E402
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

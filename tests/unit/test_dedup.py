@@ -1,4 +1,4 @@
-"""dermflow.dedup: the perceptual hash, near-duplicate grouping (against a brute-force
+"""dermflow.dataset.dedup: the perceptual hash, near-duplicate grouping (against a brute-force
 reference, at threshold boundaries, and at the dataset's scale), exact duplicates, reports."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dermflow.dedup as dedup
-from dermflow.dedup import (
+import dermflow.dataset.dedup as dedup
+from dermflow.dataset.dedup import (
     NotAnImageError,
     duplicate_report,
     exact_duplicates,

@@ -60,7 +60,7 @@ def test_retrain_is_weekly_and_only_it_is_scheduled():
 def test_architecture_vocabulary_matches_the_registry():
     from typing import get_args
 
-    from dermflow.models import list_architectures
+    from dermflow.modeling.models import list_architectures
 
     assert set(get_args(flow_params.ArchitectureName)) == set(list_architectures())
     assert set(flow_params.REPORT_ARCHITECTURES) <= set(list_architectures())

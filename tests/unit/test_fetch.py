@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermflow.fetch import (
+from dermflow.ingestion.fetch import (
     MANIFEST_COLUMNS,
     FetchOptions,
     ImageRejected,
@@ -32,7 +32,7 @@ from dermflow.fetch import (
     summarize_manifest,
     verify_image,
 )
-from dermflow.netguard import BlockedURL, HostGuard, install_log_redaction, redact_text, redact_url
+from dermflow.ingestion.guard import BlockedURL, HostGuard, install_log_redaction, redact_text, redact_url
 
 pytestmark = pytest.mark.unit
 

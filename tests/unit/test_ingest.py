@@ -1,4 +1,4 @@
-"""dermflow.ingest: reading local CSVs, validation errors that name columns and rows,
+"""dermflow.ingestion.ingest: reading local CSVs, validation errors that name columns and rows,
 derived columns, per-label sampling, fingerprints, and the real dataset CSV."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import io
 import pandas as pd
 import pytest
 
-from dermflow.ingest import (
+from dermflow.ingestion.ingest import (
     DatasetError,
     DatasetSourceError,
     dataset_fingerprint,
@@ -165,7 +165,7 @@ def test_limit_per_label_is_deterministic_nested_and_seed_dependent(tmp_path):
 
 
 def test_limit_per_label_does_not_depend_on_row_order():
-    from dermflow.ingest import limit_rows_per_label
+    from dermflow.ingestion.ingest import limit_rows_per_label
 
     frame = synthetic_frame()
     shuffled = frame.sample(frac=1.0, random_state=3)

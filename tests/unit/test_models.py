@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 keras = pytest.importorskip("keras")
 
-from dermflow import models  # noqa: E402
+from dermflow.modeling import models  # noqa: E402
 
 
 # the three largest graphs take ~10 s each on a shared CPU: in the slow tier

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dermflow.registry import (
+from dermflow.registry.store import (
     champion_score_on_split,
     decide_promotion,
     flow_run_name,

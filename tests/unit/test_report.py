@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
-from dermflow import report as report_module
+from dermflow.evaluation import report as report_module
 from dermflow.metrics import RANGE_ORDER
-from dermflow.report import (
+from dermflow.evaluation.report import (
     ArchResult,
     Predictions,
     ReportInputs,
@@ -311,7 +311,7 @@ def test_label_groups_order_the_confusion_matrix():
     assert sorted(order.tolist()) == list(range(30))
     changes = sum(groups[i] != groups[i - 1] for i in range(1, len(groups)))
     assert changes == 1  # each group contiguous
-    from dermflow.figures import confusion_heatmap
+    from dermflow.evaluation.figures import confusion_heatmap
 
     png = confusion_heatmap(np.eye(30)[order], [names[i] for i in order], title="grouped", groups=groups)
     assert Image.open(io.BytesIO(png)).format == "PNG"

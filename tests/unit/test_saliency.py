@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermflow.saliency import SaliencyError, find_feature_layer, grad_cam, overlay_heatmap
+from dermflow.evaluation.saliency import SaliencyError, find_feature_layer, grad_cam, overlay_heatmap
 
 pytestmark = pytest.mark.unit
 

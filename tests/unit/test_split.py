@@ -1,4 +1,4 @@
-"""dermflow.split: proportions, joint label x range stratification, duplicate groups kept in
+"""dermflow.dataset.split: proportions, joint label x range stratification, duplicate groups kept in
 one split, determinism, label completeness, qc handling, errors, fingerprints; on synthetic
 manifests and on the real 16,577-row CSV (as if every image had been fetched)."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermflow.ingest import load_dataset
-from dermflow.split import SPLIT_COLUMNS, SplitError, split_dataset, split_fingerprint
+from dermflow.ingestion.ingest import load_dataset
+from dermflow.dataset.split import SPLIT_COLUMNS, SplitError, split_dataset, split_fingerprint
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.unit
 
 keras = pytest.importorskip("keras")
 
-from dermflow import data, train  # noqa: E402
+from dermflow.dataset import arrays as data
+from dermflow.modeling import train  # noqa: E402
 
 
 def tiny_classifier(num_classes: int = 3, size: int = 4) -> keras.Model:
@@ -131,7 +132,7 @@ def test_training_data_checks_name_the_problem():
 
 
 def test_compile_asks_for_xla_only_where_every_layer_supports_it():
-    from dermflow import models
+    from dermflow.modeling import models
 
     model = models.create_model("baseline_cnn", 3, 32)
     config = train.TrainConfig()

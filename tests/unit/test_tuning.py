@@ -1,4 +1,4 @@
-"""dermflow.tuning without services: the search space, the objective, resuming, the deadline."""
+"""dermflow.modeling.tuning without services: the search space, the objective, resuming, the deadline."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ pytestmark = pytest.mark.unit
 
 keras_tuner = pytest.importorskip("keras_tuner")
 
-from dermflow import data as data_lib  # noqa: E402
-from dermflow import tuning  # noqa: E402
+from dermflow.dataset import arrays as data_lib  # noqa: E402
+from dermflow.modeling import tuning  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
-from dermflow.train import TrainConfig  # noqa: E402
+from dermflow.modeling.train import TrainConfig  # noqa: E402
 
 SIZE = 32
 CLASSES = ["alpha", "beta", "gamma"]

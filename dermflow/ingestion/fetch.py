@@ -33,8 +33,8 @@ from datetime import timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from dermflow.dedup import draft_for_hash, phash_of_image
-from dermflow.netguard import (
+from dermflow.dataset.dedup import draft_for_hash, phash_of_image
+from dermflow.ingestion.guard import (
     BlockedURL,
     HostGuard,
     Resolver,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # heavy or optional imports stay out of import time
     from dermflow.settings import Settings
     from dermflow.storage import ObjectStore
 
-logger = logging.getLogger("dermflow.fetch")
+logger = logging.getLogger("dermflow.ingestion.fetch")
 
 IMAGES_PREFIX = "images/"
 MANIFEST_COLUMNS = [
@@ -225,7 +225,7 @@ def verify_image(body: bytes) -> ImageFacts:
         with Image.open(io.BytesIO(body)) as image:
             width, height = image.size
             image_format = image.format or ""
-            # The one hashing recipe of dermflow.dedup (draft decode, then pHash), so the
+            # The one hashing recipe of dermflow.dataset.dedup (draft decode, then pHash), so the
             # near-duplicate threshold validated there holds for the manifest's hashes.
             draft_for_hash(image)
             image.load()

@@ -1,7 +1,7 @@
 """Inference with trained models: image decoding shared with training, loading a registered
 model, predicting images (files or URLs), and evaluating a labelled set the user brings.
 
-`dermflow.images.load_image_array` is THE decoder: training and inference both use it, so a
+`dermflow.ingestion.images.load_image_array` is THE decoder: training and inference both use it, so a
 model sees images prepared the same way in both. Models take float images 0-255 of shape
 (size, size, 3) and do their own preprocessing.
 """
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from dermflow.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
-from dermflow.ingest import fitzpatrick_range
+from dermflow.ingestion.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
+from dermflow.ingestion.ingest import fitzpatrick_range
 from dermflow.metrics import classification_metrics
-from dermflow.registry import resolve_model
+from dermflow.registry.store import resolve_model
 from dermflow.storage import ObjectStore, StorageError
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
@@ -63,9 +63,9 @@ def load_keras_model(path: Path | str):
     import keras
 
     try:
-        import dermflow.models  # noqa: F401 - registers custom layers/objects for deserialization
+        import dermflow.modeling.models  # noqa: F401 - registers custom layers/objects for deserialization
     except ModuleNotFoundError as error:
-        if error.name != "dermflow.models":
+        if error.name != "dermflow.modeling.models":
             raise
     return keras.saving.load_model(str(path), compile=False)
 
@@ -248,7 +248,7 @@ def explain_image(
 ) -> dict:
     """Write a PNG of the image (as the model sees it) with its Grad-CAM heatmap for
     `class_index` (default: the predicted class). Returns `{"path", "label", "class_index"}`."""
-    from dermflow.saliency import grad_cam, overlay_heatmap
+    from dermflow.evaluation.saliency import grad_cam, overlay_heatmap
 
     image = load_image_array(read_source(source, http_client), bundle.image_size)
     if class_index is None:

@@ -365,7 +365,7 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
 
 
 def _thumbnail(inputs: ReportInputs, md5: str, caption: str, correct: bool):
-    from dermflow import figures as fig
+    from dermflow.evaluation import figures as fig
 
     image = heatmap = None
     if inputs.load_image is not None and md5:
@@ -397,7 +397,7 @@ def confusion_pairs(result: ArchResult, limit: int = CONFUSION_PAIRS) -> list[di
 
 
 def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dict[str, bytes]:
-    from dermflow import figures as fig  # matplotlib only when figures are drawn
+    from dermflow.evaluation import figures as fig  # matplotlib only when figures are drawn
 
     test = result.test
     names = list(result.class_names)
@@ -439,7 +439,7 @@ def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dic
 
 def build_figures(inputs: ReportInputs, metrics: Mapping[str, Any]) -> dict[str, bytes]:
     """Every figure of the report, name -> PNG bytes (names as in `FIGURE_TITLES`)."""
-    from dermflow import figures as fig  # matplotlib only when figures are drawn
+    from dermflow.evaluation import figures as fig  # matplotlib only when figures are drawn
 
     archs = metrics["architectures"]
     colors = fig.colors_for(list(archs))

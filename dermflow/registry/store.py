@@ -244,7 +244,7 @@ def champion_score_on_split(champion: Mapping[str, Any] | None, split_hash: str 
     """The champion's registered test score when it was scored on `split_hash`; None when
     there is no champion or it was scored on another split (the caller must then re-score the
     champion on the challenger's test split before deciding, e.g. with
-    `dermflow.predict.evaluate_split`)."""
+    `dermflow.evaluation.predict.evaluate_split`)."""
     if not champion:
         return None
     if champion.get("split_hash") != split_hash:
@@ -383,7 +383,7 @@ def evaluate_challenger(
                 f"champion {champion['run_id']}/{champion['arch']} was scored on split "
                 f"{champion.get('split_hash')!r}, not {split_hash!r}: pass split_key to re-score it"
             )
-        from dermflow.predict import evaluate_split, load_model_bundle
+        from dermflow.evaluation.predict import evaluate_split, load_model_bundle
 
         bundle = load_model_bundle(store, champion["run_id"], champion["arch"], cache_dir)
         champion_score = evaluate_split(bundle, store, split_key, "test")[PROMOTION_METRIC]

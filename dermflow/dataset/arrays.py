@@ -91,8 +91,8 @@ def cache_images_from_store(
 
 
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
-    """`dermflow.images.load_image_array` of a file or bytes, with a `DataError` naming it."""
-    from dermflow.images import ImageDecodeError, load_image_array
+    """`dermflow.ingestion.images.load_image_array` of a file or bytes, with a `DataError` naming it."""
+    from dermflow.ingestion.images import ImageDecodeError, load_image_array
 
     try:
         return load_image_array(source if isinstance(source, bytes) else Path(source).read_bytes(), size)

@@ -1,6 +1,6 @@
 """The one image decoder of dermflow: bytes -> the uint8 square array a model sees.
 
-Training (`dermflow.data`) and inference (`dermflow.predict`) both call `load_image_array`,
+Training (`dermflow.dataset.arrays`) and inference (`dermflow.evaluation.predict`) both call `load_image_array`,
 so a model sees images prepared the same way in both.
 """
 

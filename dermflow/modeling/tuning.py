@@ -1,11 +1,11 @@
 """Hyperparameter search with keras-tuner: one search space, three tuners, resumable, distributable.
 
 - The search space lives in ONE place, `DermHyperModel.build(hp)` (through `sample_config`): it
-  only samples values, turns them into `dermflow.train.TrainConfig` fields, and calls the
-  ordinary builder (`dermflow.models.create_model`) and compile step
-  (`dermflow.train.configure_phase`). So the best trial's values are a `TrainConfig` override
+  only samples values, turns them into `dermflow.modeling.train.TrainConfig` fields, and calls the
+  ordinary builder (`dermflow.modeling.models.create_model`) and compile step
+  (`dermflow.modeling.train.configure_phase`). So the best trial's values are a `TrainConfig` override
   that the final training (`derm-train`) takes as is.
-- The objective is `val_weighted_f1`, computed by `dermflow.train.ValWeightedF1` over the WHOLE
+- The objective is `val_weighted_f1`, computed by `dermflow.modeling.train.ValWeightedF1` over the WHOLE
   validation split once per epoch (scikit-learn, not a batch average), declared to keras-tuner
   as `keras_tuner.Objective("val_weighted_f1", direction="max")`.
 - Tuners: `random`, `hyperband`, `bayesian`. The first trial of `random`/`bayesian` runs the
@@ -15,7 +15,7 @@
   (`overwrite=False`), so a rerun with the same `tuning_id` continues where it stopped.
 - Distributed: keras-tuner's own chief/worker mode (`KERASTUNER_TUNER_ID`,
   `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`). `serve_oracle` is the chief (no training),
-  `run_worker` a worker; `python -m dermflow.tuning chief|worker --spec FILE` runs either in
+  `run_worker` a worker; `python -m dermflow.modeling.tuning chief|worker --spec FILE` runs either in
   its own process.
 - Time budget: past `deadline` the oracle hands out no new trial and the running trial stops
   after its current batch (its best epoch so far still counts).
@@ -42,12 +42,12 @@ import keras_tuner
 import numpy as np
 from keras_tuner.src.engine.trial import TrialStatus
 
-from dermflow import data as data_lib
-from dermflow import models
-from dermflow import train as train_lib
+from dermflow.dataset import arrays as data_lib
+from dermflow.modeling import models
+from dermflow.modeling import train as train_lib
 from dermflow.runs import content_hash
 
-log = logging.getLogger("dermflow.tuning")
+log = logging.getLogger("dermflow.modeling.tuning")
 
 TUNER_KINDS = ("random", "hyperband", "bayesian")
 OBJECTIVE_NAME = "val_weighted_f1"
@@ -138,7 +138,7 @@ class TrialData:
 class DermHyperModel(keras_tuner.HyperModel):
     """`build(hp)`: sample a config, build it with `create_model`, compile it like training does.
 
-    `fit` trains the way `dermflow.train` does (same datasets, class weights, phases for
+    `fit` trains the way `dermflow.modeling.train` does (same datasets, class weights, phases for
     pretrained backbones, validation weighted F1 callback first, time budget).
     `data` may be None where only the space is needed (the chief oracle).
     """
@@ -486,7 +486,7 @@ def default_tuning_id(architecture: str, split_key: str, tuner: str, image_size:
 
 
 def load_training_arrays(store, split_key: str, image_size: int, settings) -> data_lib.SplitArrays:
-    """The split manifest's images as cached arrays (the same cache `dermflow.train` uses)."""
+    """The split manifest's images as cached arrays (the same cache `dermflow.modeling.train` uses)."""
     frame = store.get_dataframe_csv(split_key)
     class_names = train_lib.check_training_data(frame, 2)
     used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
@@ -661,12 +661,12 @@ def tuning_deadline(deadline: float | None, share: float = DEFAULT_TUNING_SHARE,
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """`python -m dermflow.tuning chief|worker --spec FILE --host H --port P [--store]`.
+    """`python -m dermflow.modeling.tuning chief|worker --spec FILE --host H --port P [--store]`.
 
     The spec file is `{"spec": SearchSpec fields, "split_key": ..., "tuner_id": ...}`; with
     `--store` the bucket (from the settings) is synced and, for a worker, the images read.
     """
-    parser = argparse.ArgumentParser(prog="python -m dermflow.tuning")
+    parser = argparse.ArgumentParser(prog="python -m dermflow.modeling.tuning")
     parser.add_argument("role", choices=("chief", "worker"))
     parser.add_argument("--spec", required=True, type=Path)
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,7 +1,7 @@
 """The transfer-learning recipe and the one entry point that trains one architecture.
 
 `train_architecture(store, split_key, config, run_id)` reads a split manifest, prepares the
-cached image arrays (`dermflow.data`), builds the model (`dermflow.models`), trains it (head
+cached image arrays (`dermflow.dataset.arrays`), builds the model (`dermflow.modeling.models`), trains it (head
 warm-up on a frozen backbone, then the top of the backbone at a lower learning rate with
 BatchNormalization frozen; `baseline_cnn` trains whole), checkpoints every epoch to the bucket
 so that a rerun of the same run id resumes, evaluates the best epoch on `test` and
@@ -27,12 +27,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from dermflow import data as data_lib
-from dermflow import models
+from dermflow.dataset import arrays as data_lib
+from dermflow.modeling import models
 from dermflow.metrics import classification_metrics, weighted_f1
 from dermflow.settings import Settings, get_settings
 
-log = logging.getLogger("dermflow.train")
+log = logging.getLogger("dermflow.modeling.train")
 
 Progress = Callable[[dict], None]
 

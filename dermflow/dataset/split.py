@@ -4,7 +4,7 @@
 rows with `status == "ok"`, and assigns each to `train`, `val`, `test`, `verified_test` or
 `excluded`:
 
-- **Grouped.** Near-duplicate groups (`dermflow.dedup`, pHash within `dup_threshold`, joined
+- **Grouped.** Near-duplicate groups (`dermflow.dataset.dedup`, pHash within `dup_threshold`, joined
   with exact duplicates of the image bytes) are the unit of assignment: a group never spans
   two splits, so no lesion photographed twice trains and tests at once.
 - **Stratified** jointly by `label` x `fitzpatrick_range`. Cells with fewer than
@@ -37,14 +37,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from dermflow.dedup import (
+from dermflow.dataset.dedup import (
     DEFAULT_DUP_THRESHOLD,
     duplicate_report,
     exact_duplicates,
     group_near_duplicates,
     merge_groupings,
 )
-from dermflow.ingest import FITZPATRICK_RANGES, fitzpatrick_range
+from dermflow.ingestion.ingest import FITZPATRICK_RANGES, fitzpatrick_range
 
 TRAIN_VAL_TEST: tuple[str, ...] = ("train", "val", "test")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "verified_test", "excluded")

@@ -39,14 +39,14 @@ def _stack_env(settings: Settings) -> dict[str, str]:
 
 
 def _embedded_s3(settings: Settings) -> bool:
-    from dermflow.stack import is_local_url, url_port
+    from dermflow.ops.stack import is_local_url, url_port
 
     endpoint = settings.aws_endpoint_url or ""
     return bool(endpoint) and is_local_url(endpoint) and url_port(endpoint, 80) == settings.s3_port
 
 
 def _seaweed(settings: Settings):
-    from dermflow.stack import SeaweedServer
+    from dermflow.ops.stack import SeaweedServer
 
     if not settings.aws_access_key_id or not settings.aws_secret_access_key:
         raise CommandError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set (make up writes them to .env)")
@@ -60,7 +60,7 @@ def _seaweed(settings: Settings):
 
 
 def _prefect_server(settings: Settings):
-    from dermflow.stack import PrefectServer, is_local_url, url_port
+    from dermflow.ops.stack import PrefectServer, is_local_url, url_port
 
     if not is_local_url(settings.prefect_api_url):
         return None
@@ -68,7 +68,7 @@ def _prefect_server(settings: Settings):
 
 
 def gpu_slots(settings: Settings) -> int:
-    from dermflow.stack import detected_gpus
+    from dermflow.ops.stack import detected_gpus
 
     return settings.gpu_slots or max(detected_gpus(), 1)
 
@@ -77,7 +77,7 @@ def _workers(settings: Settings) -> list:
     """One orchestration worker, and one training worker per GPU slot, each with `--limit 1`
     and, where GPUs exist, its own `CUDA_VISIBLE_DEVICES`: Prefect hands each training run to a
     free worker, so each run sees exactly one GPU."""
-    from dermflow.stack import Worker, detected_gpus
+    from dermflow.ops.stack import Worker, detected_gpus
 
     state = settings.data_dir / "run"
     workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state)]
@@ -205,7 +205,7 @@ def set_prefect_profile(api_url: str) -> None:
 
 
 def cmd_up(args) -> int:
-    from dermflow.stack import default_env_values, ensure_env_file
+    from dermflow.ops.stack import default_env_values, ensure_env_file
 
     base = load_settings()
     added = ensure_env_file(env_file_path(), default_env_values(base.s3_port, base.prefect_port))
@@ -252,7 +252,7 @@ def cmd_down(args) -> int:
             print(f"stopped worker {worker.name}")
     # Workers started with more slots than today's setting are stopped too.
     for pid_file in sorted((settings.data_dir / "run").glob("worker-*.pid")):
-        from dermflow.stack import ManagedProcess
+        from dermflow.ops.stack import ManagedProcess
 
         if ManagedProcess(pid_file.stem, pid_file.parent).stop():
             print(f"stopped {pid_file.stem}")
@@ -289,7 +289,7 @@ def cmd_status(args) -> int:
 
 def _model_bundle(args):
     """The model `--model`/`--arch` name (default: the champion), cached locally once."""
-    from dermflow.predict import load_model_bundle
+    from dermflow.evaluation.predict import load_model_bundle
     from dermflow.storage import ObjectStore
 
     settings = get_settings()
@@ -298,12 +298,12 @@ def _model_bundle(args):
 
 
 def cmd_predict(args) -> int:
-    from dermflow.predict import predict_images
+    from dermflow.evaluation.predict import predict_images
 
     bundle = _model_bundle(args)
     results = predict_images(bundle, args.sources, top_k=args.top_k)
     if args.explain:
-        from dermflow.predict import explain_image
+        from dermflow.evaluation.predict import explain_image
 
         explain_image(bundle, args.sources[0], Path(args.explain))
     if args.json:
@@ -324,7 +324,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from dermflow.predict import evaluate_dataset
+    from dermflow.evaluation.predict import evaluate_dataset
 
     bundle = _model_bundle(args)
     with tqdm(desc="evaluating", unit="img", disable=args.json or not sys.stderr.isatty()) as bar:
@@ -425,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dermflow {args.command}: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
-        from dermflow.predict import EvaluationError
-        from dermflow.registry import RegistryError
-        from dermflow.stack import StackError
+        from dermflow.evaluation.predict import EvaluationError
+        from dermflow.registry.store import RegistryError
+        from dermflow.ops.stack import StackError
         from dermflow.storage import StorageError
 
         known = (StackError, StorageError, RegistryError, EvaluationError, ValueError, FileNotFoundError)

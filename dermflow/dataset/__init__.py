@@ -1,0 +1,1 @@
+"""The dataset: near-duplicate grouping, the split, and the cached training arrays."""

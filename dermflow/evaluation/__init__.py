@@ -1,0 +1,1 @@
+"""Evaluation: inference, saliency, figures, the report, and promotion."""

@@ -1,0 +1,1 @@
+"""Models: the architecture registry, training, and hyperparameter tuning."""

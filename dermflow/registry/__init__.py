@@ -1,0 +1,1 @@
+"""The model registry in the bucket: registered models, champions, run resolution, retention."""
