@@ -1,0 +1,172 @@
+"""The bucket layout: the only module that spells a bucket key.
+
+Every other module asks this one for keys and prefixes, so the layout below is true by
+construction (a test fails if a key literal appears anywhere else). Local cache paths are not
+bucket keys and are not spelled here.
+
+```
+images/<md5hash>                          original image bytes (complete, decodable)
+manifests/datasets/<fingerprint12>.csv    ingested dataset rows
+manifests/fetch.csv                       latest fetch manifest; manifests/fetch.json: its dataset
+manifests/fetch/<run_id>.csv              fetch manifest history
+manifests/split-<hash12>.csv | .json      split assignment and its summary
+runs/<run_id>/params.json | metrics.json | report.html | figures/<name>.png
+runs/<run_id>/models/<arch>/model.keras | metrics.json | history.json | params.json | predictions.npz
+runs/<run_id>/checkpoints/<arch>/epoch-<NNN>.keras | state.json
+tuning/<tuning_id>/...                    keras-tuner project directory
+registry/models/<run_id>/<arch>.json      registered model
+registry/champions/<label_set>.json       champion pointer (+ .history.jsonl)
+registry/trainings/<key>.json             outcome of a training, for retrain reuse
+```
+"""
+
+from __future__ import annotations
+
+import re
+
+IMAGES_PREFIX = "images/"
+MANIFESTS_PREFIX = "manifests/"
+RUNS_PREFIX = "runs/"
+TUNING_PREFIX = "tuning/"
+REGISTRY_PREFIX = "registry/"
+REGISTERED_MODELS_PREFIX = REGISTRY_PREFIX + "models/"
+CHAMPIONS_PREFIX = REGISTRY_PREFIX + "champions/"
+TRAININGS_PREFIX = REGISTRY_PREFIX + "trainings/"
+
+FETCH_MANIFEST_KEY = MANIFESTS_PREFIX + "fetch.csv"
+# Which dataset the latest manifest describes: refetch needs its real (unredacted) URLs.
+FETCH_STATE_KEY = MANIFESTS_PREFIX + "fetch.json"
+
+MODEL_FILE = "model.keras"
+CHAMPION_SUFFIX = ".json"
+CHAMPION_HISTORY_SUFFIX = ".history.jsonl"
+_CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)\.keras$")
+
+
+# --- images ---------------------------------------------------------------------------------
+def image_key(md5hash: str) -> str:
+    return f"{IMAGES_PREFIX}{md5hash}"
+
+
+def md5_of_image_key(key: str) -> str | None:
+    """The md5hash an `images/<md5hash>` key names, or None for any other key."""
+    if key.startswith(IMAGES_PREFIX) and len(key) > len(IMAGES_PREFIX):
+        return key[len(IMAGES_PREFIX):]
+    return None
+
+
+# --- manifests ------------------------------------------------------------------------------
+def dataset_key(fingerprint: str) -> str:
+    return f"{MANIFESTS_PREFIX}datasets/{fingerprint[:12]}.csv"
+
+
+def fetch_manifest_history_key(run_id: str) -> str:
+    return f"{MANIFESTS_PREFIX}fetch/{run_id}.csv"
+
+
+def split_manifest_key(fingerprint: str) -> str:
+    return f"{MANIFESTS_PREFIX}split-{fingerprint}.csv"
+
+
+def split_summary_key(fingerprint: str) -> str:
+    return f"{MANIFESTS_PREFIX}split-{fingerprint}.json"
+
+
+# --- runs -----------------------------------------------------------------------------------
+def run_prefix(run_id: str) -> str:
+    return f"{RUNS_PREFIX}{run_id}/"
+
+
+def run_key(run_id: str, *parts: str) -> str:
+    return run_prefix(run_id) + "/".join(parts)
+
+
+def run_params_key(run_id: str) -> str:
+    return run_key(run_id, "params.json")
+
+
+def run_metrics_key(run_id: str) -> str:
+    return run_key(run_id, "metrics.json")
+
+
+def report_key(run_id: str) -> str:
+    return run_key(run_id, "report.html")
+
+
+def figure_key(run_id: str, name: str) -> str:
+    return run_key(run_id, "figures", f"{name}.png")
+
+
+def run_id_of_key(key: str) -> str | None:
+    """The run id of a `runs/<run_id>/...` key (or prefix), else None."""
+    if not key.startswith(RUNS_PREFIX):
+        return None
+    run_id = key[len(RUNS_PREFIX):].split("/", 1)[0]
+    return run_id or None
+
+
+def models_prefix(run_id: str) -> str:
+    return run_key(run_id, "models") + "/"
+
+
+def model_prefix(run_id: str, architecture: str) -> str:
+    return run_key(run_id, "models", architecture) + "/"
+
+
+def model_key(run_id: str, architecture: str, name: str = MODEL_FILE) -> str:
+    """A file of a trained model: `model.keras` (default), `metrics.json`, `history.json`,
+    `params.json` or `predictions.npz`."""
+    return model_prefix(run_id, architecture) + name
+
+
+def checkpoints_prefix(run_id: str) -> str:
+    return run_key(run_id, "checkpoints") + "/"
+
+
+def checkpoint_prefix(run_id: str, architecture: str) -> str:
+    return run_key(run_id, "checkpoints", architecture) + "/"
+
+
+def checkpoint_key(run_id: str, architecture: str, epoch: int) -> str:
+    return checkpoint_prefix(run_id, architecture) + f"epoch-{epoch:03d}.keras"
+
+
+def checkpoint_state_key(run_id: str, architecture: str) -> str:
+    return checkpoint_prefix(run_id, architecture) + "state.json"
+
+
+def checkpoint_epoch(key: str) -> int | None:
+    """The epoch of a checkpoint key (`.../epoch-<NNN>.keras`), else None."""
+    match = _CHECKPOINT_NAME.match(key.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+# --- tuning ---------------------------------------------------------------------------------
+def tuning_prefix(tuning_id: str) -> str:
+    return f"{TUNING_PREFIX}{tuning_id}/"
+
+
+# --- registry -------------------------------------------------------------------------------
+def registered_run_prefix(run_id: str) -> str:
+    return f"{REGISTERED_MODELS_PREFIX}{run_id}/"
+
+
+def registered_model_key(run_id: str, architecture: str) -> str:
+    return f"{registered_run_prefix(run_id)}{architecture}.json"
+
+
+def champion_key(label_set: str) -> str:
+    return f"{CHAMPIONS_PREFIX}{label_set}{CHAMPION_SUFFIX}"
+
+
+def champion_history_key(label_set: str) -> str:
+    return f"{CHAMPIONS_PREFIX}{label_set}{CHAMPION_HISTORY_SUFFIX}"
+
+
+def is_champion_key(key: str) -> bool:
+    return (key.startswith(CHAMPIONS_PREFIX) and key.endswith(CHAMPION_SUFFIX)
+            and not key.endswith(CHAMPION_HISTORY_SUFFIX))
+
+
+def training_record_key(training_key: str) -> str:
+    return f"{TRAININGS_PREFIX}{training_key}.json"
