@@ -1,0 +1,287 @@
+"""The typed run configuration: every setting of a run, its default, bounds and description,
+declared once. Keras-free, so flows, the CLI and the benchmarks import it cheaply.
+
+- One pydantic model per stage: `DataConfig` (which rows), `FetchConfig`, `SplitConfig`,
+  `TrainingPlan` (which architectures, at what size), `TuningPlan`; `RunConfig` composes them
+  with the run-wide `mode`, `seed` and `budget_minutes`. `TrainConfig` is the full recipe of one
+  architecture's training (the `derm-train` flow's and the tuner's unit of work).
+- The flows keep flat parameters (`-p image_size=64`). Each flat parameter is a field of one
+  stage model, with a unique name, so `RunConfig.from_parameters(**flat)` and
+  `RunConfig.parameters()` convert both ways. A flow declares a parameter as
+  `image_size: ImageSize = RUN_DEFAULTS["image_size"]`: the annotation carries the bounds, the
+  model the default, and `describe_parameters` writes the model's descriptions into the flow's
+  docstring, where Prefect reads them for the UI's run form. A unit test checks that every
+  flow signature agrees with these models.
+- A run stores its resolved config with `RunConfig.model_dump()`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+DEFAULT_CSV_URL = "https://raw.githubusercontent.com/mattgroh/fitzpatrick17k/main/fitzpatrick17k.csv"
+
+# The registry of architectures lives in `dermflow.modeling.models` (Keras); a unit test keeps
+# this Literal equal to it, so the UI offers a dropdown and a typo fails before any work starts.
+ArchitectureName = Literal[
+    "baseline_cnn",
+    "vgg16",
+    "vgg19",
+    "resnet50v2",
+    "inception_v3",
+    "efficientnetv2_b0",
+    "convnext_tiny",
+]
+# The five architectures the student report compared.
+REPORT_ARCHITECTURES: tuple[str, ...] = ("baseline_cnn", "vgg16", "vgg19", "resnet50v2", "inception_v3")
+
+Mode = Literal["full", "fetch", "refetch", "retrain"]
+TunerName = Literal["random", "hyperband", "bayesian"]
+TaskRunnerName = Literal["threads", "dask"]
+OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
+LRScheduleName = Literal["cosine", "constant"]
+
+DEFAULT_EPOCHS = 30  # the final training's epochs when neither `epochs` nor a budget is given
+MAX_EPOCHS = 1000  # the cap under a time budget (the learning rate anneals by the deadline)
+DEFAULT_DUP_THRESHOLD = 8  # pHash bits; validated on atlas20's planted near-duplicates
+DEFAULT_TUNING_SHARE = 0.35  # of the time left when tuning starts; the final training gets the rest
+
+# --- the parameters' types: bounds here, descriptions here, defaults in the models ----------
+Csv = Annotated[str, Field(description=(
+    "The dataset CSV in the Fitzpatrick 17k schema: an https URL, a local path on the worker, "
+    "or an s3://bucket/key URI."))]
+LimitPerLabel = Annotated[int | None, Field(ge=1, description=(
+    "Keep at most this many rows per label (a seeded sample); empty: every row."))]
+Seed = Annotated[int, Field(description="Seed of the row sample, the split and training.")]
+BudgetMinutes = Annotated[float | None, Field(gt=0, description=(
+    "Wall-clock bound of the whole run from its start, fetching included; tuning gets "
+    f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts, the final training the rest, "
+    "and the run ends with the best model so far. Empty: no bound."))]
+ModeParam = Annotated[Mode, Field(description=(
+    "full: everything; fetch: fetch only; refetch: retry the failed rows of the latest fetch; "
+    "retrain: fetch what is new, reuse what is unchanged, promote only a better model."))]
+HostConcurrency = Annotated[int, Field(ge=1, le=256, description=(
+    "Requests in flight per image host, for the whole fetch."))]
+HostRateLimit = Annotated[float | None, Field(gt=0, description=(
+    "Requests per second per image host, for the whole fetch; empty: no limit."))]
+ShardSize = Annotated[int, Field(ge=1, le=10000, description=(
+    "Rows per fetch task run (a shard is retried as a whole)."))]
+TaskRunner = Annotated[TaskRunnerName, Field(description=(
+    "Runner of the fetch shards: threads in the flow's process, or a Dask cluster."))]
+DaskAddress = Annotated[str | None, Field(description=(
+    "tcp://scheduler:8786 of an existing Dask cluster (task_runner=dask); empty: a local cluster."))]
+DupThreshold = Annotated[int, Field(ge=0, le=64, description=(
+    "Images whose perceptual hashes differ by at most this many bits are near-duplicates and "
+    "stay in one split."))]
+ExcludeWronglyLabelled = Annotated[bool, Field(description=(
+    "Leave out rows whose qc column says '3 Wrongly labelled'."))]
+ImageSize = Annotated[int, Field(ge=32, le=1024, description=(
+    "Square input size in pixels (some architectures raise it to their minimum)."))]
+BatchSize = Annotated[int, Field(ge=1, le=1024, description="Training batch size.")]
+Weights = Annotated[str, Field(description=(
+    "Backbone initialisation: 'imagenet' (transfer learning), 'none' (from scratch), or the "
+    "path of a weights file on the worker."))]
+Architectures = Annotated[list[ArchitectureName], Field(min_length=1, description=(
+    "Architectures to train, each as its own derm-train subflow."))]
+Epochs = Annotated[int | None, Field(ge=1, le=MAX_EPOCHS, description=(
+    f"Final training epochs per architecture. Empty: {DEFAULT_EPOCHS}, or with budget_minutes "
+    "as many as fit, the learning rate annealed by the deadline."))]
+TrainEpochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS, description=(
+    "Epochs of this training, both phases together."))]
+Tune = Annotated[bool, Field(description=(
+    "Run a keras-tuner search per architecture first, then train with its best trial."))]
+Tuner = Annotated[TunerName, Field(description="keras-tuner algorithm: random, hyperband or bayesian.")]
+MaxTrials = Annotated[int, Field(ge=1, le=1000, description="Trials per architecture's search, at most.")]
+TuneWorkers = Annotated[int, Field(ge=1, le=64, description=(
+    "Workers of a distributed search (derm-tune/worker runs, each holding a gpu slot); 1: in process."))]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- the stages of a run --------------------------------------------------------------------
+class DataConfig(_Section):
+    """Which rows of which CSV."""
+
+    csv: Csv = DEFAULT_CSV_URL
+    limit_per_label: LimitPerLabel = None
+
+
+class FetchConfig(_Section):
+    """How images are fetched by URL."""
+
+    host_concurrency: HostConcurrency = 16
+    host_rate_limit: HostRateLimit = None
+    shard_size: ShardSize = 256
+    task_runner: TaskRunner = "threads"
+    dask_address: DaskAddress = None
+
+
+class SplitConfig(_Section):
+    """How the 70/15/15 split groups and filters rows."""
+
+    dup_threshold: DupThreshold = DEFAULT_DUP_THRESHOLD
+    exclude_wrongly_labelled: ExcludeWronglyLabelled = True
+
+
+class ModelInput(_Section):
+    """What every training and search shares: input size, batch size, initial weights."""
+
+    image_size: ImageSize = 256
+    batch_size: BatchSize = 32
+    weights: Weights = "imagenet"
+
+
+class TrainingPlan(ModelInput):
+    """Which architectures a run trains, and for how long."""
+
+    architectures: Architectures = Field(default_factory=lambda: list(REPORT_ARCHITECTURES))
+    epochs: Epochs = None
+
+
+class SearchOptions(_Section):
+    """The search algorithm and its size (shared by a run's plan and one search's spec)."""
+
+    tuner: Tuner = "random"
+    max_trials: MaxTrials = 10
+
+
+class TuningPlan(SearchOptions):
+    """Whether and how a run tunes before its final training."""
+
+    tune: Tune = False
+    tune_workers: TuneWorkers = 1
+
+
+class TrainConfig(ModelInput):
+    """Everything that decides one architecture's training (all JSON-able)."""
+
+    architecture: ArchitectureName = "baseline_cnn"
+    epochs: TrainEpochs = DEFAULT_EPOCHS
+    seed: Seed = 42
+    learning_rate: float = Field(1e-3, gt=0, description="baseline_cnn training and the head warm-up")
+    fine_tune_learning_rate: float = Field(1e-5, gt=0)
+    warmup_epochs: int = Field(3, ge=0)
+    fine_tune_fraction: float = Field(0.3, ge=0, le=1, description="top share of backbone layers unfrozen")
+    fine_tune_blocks: int | None = Field(None, ge=1, description="if set: unfreeze the last N blocks instead")
+    class_weights: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # cosine: linear warm-up, then cosine decay to ~0 by the end of each phase (its last epoch or
+    # the deadline, whichever comes first); constant: the phase's rate throughout.
+    lr_schedule: LRScheduleName = "cosine"
+    lr_warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    optimizer: OptimizerName = "adam"
+    weight_decay: float = Field(1e-4, ge=0, description="adamw only")
+    patience: int = Field(5, ge=1, description="epochs without val weighted F1 improvement (within a phase)")
+    deadline: float | None = Field(None, description="unix time: stop cleanly, keeping the best epoch so far")
+    head_width: int = Field(256, ge=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    augment: bool = True
+    arch_options: dict[str, Any] = Field(default_factory=dict)
+    min_train_images: int = Field(10, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    mixed_precision: bool | None = Field(None, description="None: only when a GPU is present")
+    jit_compile: bool | None = Field(None, description="None: XLA when a GPU is present (always under JAX)")
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Validated; an unknown field is an error naming it."""
+        return cls.model_validate(dict(values))
+
+
+# --- the run --------------------------------------------------------------------------------
+class RunConfig(_Section):
+    """A whole `derm` run: the stages plus the run-wide settings."""
+
+    mode: ModeParam = "full"
+    seed: Seed = 42
+    budget_minutes: BudgetMinutes = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    training: TrainingPlan = Field(default_factory=TrainingPlan)
+    tuning: TuningPlan = Field(default_factory=TuningPlan)
+
+    @classmethod
+    def sections(cls) -> dict[str, type[_Section]]:
+        return {name: info.annotation for name, info in cls.model_fields.items()
+                if isinstance(info.annotation, type) and issubclass(info.annotation, _Section)}
+
+    @classmethod
+    def parameter_fields(cls) -> dict[str, FieldInfo]:
+        """Every flat parameter (the flows' names) and its field, in a stable order."""
+        fields = {name: info for name, info in cls.model_fields.items() if name not in cls.sections()}
+        for section in cls.sections().values():
+            fields.update(section.model_fields)
+        return fields
+
+    @classmethod
+    def from_parameters(cls, **flat: Any) -> "RunConfig":
+        """Validate flat flow parameters into a RunConfig (unknown names are an error)."""
+        sections = cls.sections()
+        nested: dict[str, Any] = {name: {} for name in sections}
+        for name, value in flat.items():
+            owner = next((s for s, model in sections.items() if name in model.model_fields), None)
+            if owner is None:
+                nested[name] = value
+            else:
+                nested[owner][name] = value
+        return cls.model_validate(nested)
+
+    def parameters(self) -> dict[str, Any]:
+        """The flat parameters of this config (the inverse of `from_parameters`)."""
+        flat = {name: getattr(self, name) for name in type(self).model_fields if name not in self.sections()}
+        for name in self.sections():
+            flat.update(getattr(self, name).model_dump())
+        return flat
+
+    def final_epochs(self) -> int:
+        """The final training's epochs: as given; else the default, or under a time budget as
+        many as the budget allows (`MAX_EPOCHS` as the cap)."""
+        if self.training.epochs is not None:
+            return self.training.epochs
+        return MAX_EPOCHS if self.budget_minutes else DEFAULT_EPOCHS
+
+    def deadline(self, started: float) -> float | None:
+        """Unix time by which the run must end, or None without a budget."""
+        return started + self.budget_minutes * 60 if self.budget_minutes else None
+
+
+RUN_DEFAULTS: dict[str, Any] = RunConfig().parameters()
+TRAIN_DEFAULTS = TrainConfig()
+
+
+def field_descriptions(model: type[BaseModel]) -> dict[str, str]:
+    """Each (flat) parameter's description in `model`."""
+    fields = model.parameter_fields() if issubclass(model, RunConfig) else model.model_fields
+    return {name: info.description for name, info in fields.items() if info.description}
+
+
+def describe_parameters(*models: type[BaseModel], **extra: str) -> Callable[[Callable], Callable]:
+    """Decorator (under `@flow`): appends an `Args:` section to the function's docstring with
+    each parameter's description from `models` (the first that has it), or from `extra` for
+    flow-only parameters such as keys. Prefect reads it for the UI's run form and for
+    `prefect deployment inspect`."""
+
+    def decorate(fn: Callable) -> Callable:
+        descriptions: dict[str, str] = {}
+        for model in reversed(models):
+            descriptions.update(field_descriptions(model))
+        descriptions.update(extra)
+        names = list(inspect.signature(fn).parameters)
+        missing = [name for name in names if name not in descriptions]
+        if missing:
+            raise TypeError(f"{fn.__name__}: no description for parameter(s) {missing}")
+        args = "\n".join(f"    {name}: {' '.join(descriptions[name].split())}" for name in names)
+        fn.__doc__ = f"{inspect.getdoc(fn) or fn.__name__}\n\nArgs:\n{args}\n"
+        return fn
+
+    return decorate
