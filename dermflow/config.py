@@ -161,7 +161,7 @@ class TuningPlan(SearchOptions):
 class TrainConfig(ModelInput):
     """Everything that decides one architecture's training (all JSON-able)."""
 
-    architecture: ArchitectureName = "baseline_cnn"
+    architecture: ArchitectureName = Field("baseline_cnn", description="The architecture to train.")
     epochs: TrainEpochs = DEFAULT_EPOCHS
     seed: Seed = 42
     learning_rate: float = Field(1e-3, gt=0, description="baseline_cnn training and the head warm-up")

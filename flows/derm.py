@@ -3,56 +3,206 @@
 the latest manifest), `derm/retrain` (weekly: fetch what is new, reuse what is unchanged,
 promote a challenger only if it beats the champion).
 
-Training runs as `derm-train/default` flow runs started with `run_deployment`: subflows in
-the UI, each in its own worker process, concurrent up to the `gpu` concurrency limit.
-Cancelling a `derm` run cancels them too (the Prefect server's cancellation cleanup service
-cancels the subflow runs of a cancelled parent).
+The parameters are the flat fields of `dermflow.config.RunConfig`: their defaults, bounds and
+descriptions are declared there once. Training runs as `derm-train/default` flow runs started
+with `run_deployment`: subflows in the UI, each in its own worker process, concurrent up to the
+`gpu` concurrency limit. Cancelling a `derm` run cancels them too (the Prefect server's
+cancellation cleanup service cancels the subflow runs of a cancelled parent).
 """
-
-from __future__ import annotations
 
 import asyncio
 import time
 from pathlib import Path
-from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
-from pydantic import Field
 
-from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD
-from dermflow.params import (
-    DEFAULT_CSV_URL,
-    MAX_EPOCHS,
-    REPORT_ARCHITECTURES,
-    ArchitectureName,
-    Mode,
-    TaskRunnerName,
-    TunerName,
-    resolve_epochs,
+from dermflow.config import (
+    RUN_DEFAULTS,
+    Architectures,
+    BatchSize,
+    BudgetMinutes,
+    Csv,
+    DaskAddress,
+    DupThreshold,
+    Epochs,
+    ExcludeWronglyLabelled,
+    HostConcurrency,
+    HostRateLimit,
+    ImageSize,
+    LimitPerLabel,
+    MaxTrials,
+    ModeParam,
+    RunConfig,
+    Seed,
+    ShardSize,
+    TaskRunner,
+    Tune,
+    Tuner,
+    TuneWorkers,
+    Weights,
+    describe_parameters,
 )
+from dermflow.errors import DermflowError
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
 from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
 from tasks.registry import apply_retention, promote_if_better, reusable_training
 from tasks.report import build_and_store_report
-from tasks.runs import data_summary, record_params, training_outcome
+from tasks.runs import data_summary, record_run_config, training_outcome
 
 TRAIN_DEPLOYMENT = "derm-train/default"
+D = RUN_DEFAULTS
 
 
-class PipelineError(RuntimeError):
+class PipelineError(DermflowError):
     """A stage cannot go on; the message says why and what to do."""
 
 
-def _validate_weights(weights: str) -> str:
+@flow(name="derm", log_prints=True)
+@describe_parameters(RunConfig)
+async def derm(
+    mode: ModeParam = D["mode"],
+    csv: Csv = D["csv"],
+    limit_per_label: LimitPerLabel = D["limit_per_label"],
+    image_size: ImageSize = D["image_size"],
+    epochs: Epochs = D["epochs"],
+    batch_size: BatchSize = D["batch_size"],
+    architectures: Architectures = D["architectures"],
+    weights: Weights = D["weights"],
+    seed: Seed = D["seed"],
+    tune: Tune = D["tune"],
+    tuner: Tuner = D["tuner"],
+    max_trials: MaxTrials = D["max_trials"],
+    tune_workers: TuneWorkers = D["tune_workers"],
+    budget_minutes: BudgetMinutes = D["budget_minutes"],
+    host_concurrency: HostConcurrency = D["host_concurrency"],
+    host_rate_limit: HostRateLimit = D["host_rate_limit"],
+    shard_size: ShardSize = D["shard_size"],
+    dup_threshold: DupThreshold = D["dup_threshold"],
+    exclude_wrongly_labelled: ExcludeWronglyLabelled = D["exclude_wrongly_labelled"],
+    task_runner: TaskRunner = D["task_runner"],
+    dask_address: DaskAddress = D["dask_address"],
+) -> dict:
+    """Ingest the CSV, fetch every image into the bucket, split, (tune,) train each
+    architecture as a concurrent subflow, register and promote, and report."""
+    config = RunConfig.from_parameters(
+        mode=mode, csv=csv, limit_per_label=limit_per_label, image_size=image_size, epochs=epochs,
+        batch_size=batch_size, architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
+        tune=tune, tuner=tuner, max_trials=max_trials, tune_workers=tune_workers, budget_minutes=budget_minutes,
+        host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, shard_size=shard_size,
+        dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled, task_runner=task_runner,
+        dask_address=dask_address,
+    )
+    return await run_pipeline(config, started=time.time())
+
+
+async def run_pipeline(config: RunConfig, started: float) -> dict:
+    """The stages of a `derm` run, in order."""
+    logger = get_run_logger()
+    run_id = make_run_id(current_flow_run.name or "local")
+    train_params = training_parameters(config, started)
+    record_run_config(run_id, config.model_dump(mode="json"), resolved=train_params)
+    logger.info("run %s: mode=%s", run_id, config.mode)
+
+    dataset, fetched = ingest_and_fetch(config, run_id)
+    if config.mode in ("fetch", "refetch"):
+        return {"run_id": run_id, "fetch": fetched}
+    split = split_fetched(config, fetched)
+    hyperparameters, tuning_trials = await tune_if_asked(config, split["split_key"], run_id, train_params)
+    outcomes = await train_architectures(config, split, run_id, train_params, hyperparameters)
+
+    decision = promote_if_better(run_id, outcomes, split["split_key"], split["hash"], fetched["hash"],
+                                 train_params, config.mode)
+    report = build_and_store_report(
+        run_id, {**config.parameters(), **train_params, "run_id": run_id},
+        data_summary(dataset, fetched, split), outcomes,
+        tuning_trials=tuning_trials, retrain_decision=decision,
+    )
+    apply_retention()
+    return finish(run_id, outcomes, report, decision)
+
+
+def training_parameters(config: RunConfig, started: float) -> dict:
+    """What every architecture's training gets (and what the retrain reuse key is made of)."""
+    check_weights(config.training.weights)
+    return {"image_size": config.training.image_size, "epochs": config.final_epochs(),
+            "batch_size": config.training.batch_size, "weights": config.training.weights,
+            "seed": config.seed, "deadline": config.deadline(started)}
+
+
+def check_weights(weights: str) -> None:
     if weights in ("imagenet", "none") or Path(weights).expanduser().is_file():
-        return weights
+        return
     raise PipelineError(
         f"weights={weights!r}: expected 'imagenet', 'none', or the path of a local weights file "
         "that exists on the worker"
     )
+
+
+def ingest_and_fetch(config: RunConfig, run_id: str) -> tuple[dict | None, dict]:
+    """The dataset rows (None for a refetch) and the fetch result."""
+    runner, parallel_shards = fetch_runner(config.fetch.task_runner, config.fetch.dask_address)
+    fetch = fetch_images.with_options(task_runner=runner)
+    options = {"shard_size": config.fetch.shard_size, "host_concurrency": config.fetch.host_concurrency,
+               "host_rate_limit": config.fetch.host_rate_limit, "shard_parallelism": parallel_shards}
+    if config.mode == "refetch":
+        dataset = None
+        fetched = fetch(latest_dataset_key(), run_id, only_failed=True, **options)
+    else:
+        dataset = ingest_dataset(config.data.csv, config.data.limit_per_label, config.seed)
+        fetched = fetch(dataset["dataset_key"], run_id, **options)
+    counts = fetched["summary"]
+    get_run_logger().info("fetched %s of %s images; failures by reason: %s",
+                          counts["ok"], counts["rows"], counts["by_reason"])
+    return dataset, fetched
+
+
+def split_fetched(config: RunConfig, fetched: dict) -> dict:
+    """The split of what was fetched, or a PipelineError that says what to do."""
+    from dermflow.dataset.split import SplitError
+
+    counts = fetched["summary"]
+    try:
+        return split_dataset(fetched["manifest_key"], config.seed, config.split.dup_threshold,
+                             config.split.exclude_wrongly_labelled)
+    except SplitError as error:
+        raise PipelineError(
+            f"fetched {counts['ok']} of {counts['rows']} images "
+            f"(failures by reason: {counts['by_reason']}); too few to split: {error}. "
+            "Check that the image hosts are reachable (DERMFLOW_ALLOWED_HOSTS for local servers), "
+            "then run derm/refetch."
+        ) from error
+
+
+async def tune_if_asked(config: RunConfig, split_key: str, run_id: str,
+                        train_params: dict) -> tuple[dict, list[dict] | None]:
+    """{architecture: best TrainConfig override} and every trial, or ({}, None) untuned."""
+    if not config.tuning.tune:
+        return {}, None
+    from flows.tune import tune_architectures
+
+    tuned = await tune_architectures(config.training.architectures, split_key, run_id, train_params,
+                                     tuner=config.tuning.tuner, max_trials=config.tuning.max_trials,
+                                     workers=config.tuning.tune_workers)
+    return tuned["best"], tuned["trials"]
+
+
+async def train_architectures(config: RunConfig, split: dict, run_id: str, train_params: dict,
+                              hyperparameters: dict) -> list[dict]:
+    """One outcome per architecture: reused (retrain, nothing changed) or trained now."""
+    jobs, outcomes = {}, []
+    for architecture in config.training.architectures:
+        arch_params = {**train_params, "hyperparameters": hyperparameters.get(architecture)}
+        reused = reusable_training(split["hash"], architecture, arch_params) if config.mode == "retrain" else None
+        if reused:
+            get_run_logger().info("%s: data and parameters unchanged, reusing run %s",
+                                  architecture, reused["run_id"])
+            outcomes.append(reused)
+        else:
+            jobs[architecture] = arch_params
+    return outcomes + await _train_all(jobs, split["split_key"], run_id, str(current_flow_run.id or run_id))
 
 
 async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_id: str) -> list[dict]:
@@ -78,106 +228,8 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
     return list(await asyncio.gather(*(one(a, p) for a, p in jobs.items())))
 
 
-@flow(name="derm", log_prints=True)
-async def derm(
-    mode: Mode = "full",
-    csv: str = DEFAULT_CSV_URL,
-    limit_per_label: Annotated[int, Field(ge=1)] | None = None,
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 256,
-    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | None = None,
-    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
-    architectures: list[ArchitectureName] = REPORT_ARCHITECTURES,
-    weights: str = "imagenet",
-    seed: int = 42,
-    tune: bool = False,
-    tuner: TunerName = "random",
-    max_trials: Annotated[int, Field(ge=1, le=1000)] = 10,
-    tune_workers: Annotated[int, Field(ge=1, le=64)] = 1,
-    budget_minutes: Annotated[float, Field(gt=0)] | None = None,
-    host_concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
-    host_rate_limit: Annotated[float, Field(gt=0)] | None = None,
-    shard_size: Annotated[int, Field(ge=1, le=10000)] = 256,
-    dup_threshold: Annotated[int, Field(ge=0, le=64)] = DEFAULT_DUP_THRESHOLD,
-    exclude_wrongly_labelled: bool = True,
-    task_runner: TaskRunnerName = "threads",
-    dask_address: str | None = None,
-) -> dict:
-    logger = get_run_logger()
-    started = time.time()
-    deadline = started + budget_minutes * 60 if budget_minutes else None
-    epochs = resolve_epochs(epochs, budget_minutes)
-    run_id = make_run_id(current_flow_run.name or "local")
-    params = {k: v for k, v in locals().items() if k not in ("logger", "started")}
-    params["architectures"] = list(dict.fromkeys(architectures))
-    if not params["architectures"]:
-        raise PipelineError("architectures is empty: name at least one, e.g. '[\"baseline_cnn\"]'")
-    _validate_weights(weights)
-    record_params(run_id, params)
-    logger.info("run %s: mode=%s", run_id, mode)
-
-    # --- ingest and fetch ---
-    runner, parallel_shards = fetch_runner(task_runner, dask_address)
-    fetch = fetch_images.with_options(task_runner=runner)
-    dataset = None
-    if mode == "refetch":
-        fetched = fetch(latest_dataset_key(), run_id, shard_size, host_concurrency, host_rate_limit,
-                        only_failed=True, shard_parallelism=parallel_shards)
-    else:
-        dataset = ingest_dataset(csv, limit_per_label, seed)
-        fetched = fetch(dataset["dataset_key"], run_id, shard_size, host_concurrency, host_rate_limit,
-                        shard_parallelism=parallel_shards)
-    counts = fetched["summary"]
-    logger.info("fetched %s of %s images; failures by reason: %s",
-                counts["ok"], counts["rows"], counts["by_reason"])
-    if mode in ("fetch", "refetch"):
-        return {"run_id": run_id, "fetch": fetched}
-
-    # --- split ---
-    from dermflow.dataset.split import SplitError
-
-    try:
-        split = split_dataset(fetched["manifest_key"], seed, dup_threshold, exclude_wrongly_labelled)
-    except SplitError as error:
-        raise PipelineError(
-            f"fetched {counts['ok']} of {counts['rows']} images "
-            f"(failures by reason: {counts['by_reason']}); too few to split: {error}. "
-            "Check that the image hosts are reachable (DERMFLOW_ALLOWED_HOSTS for local servers), "
-            "then run derm/refetch."
-        ) from error
-
-    # --- tune, then train each architecture as its own subflow ---
-    train_params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-                    "weights": weights, "seed": seed, "deadline": deadline}
-    tuning_trials = None
-    if tune:
-        from flows.tune import tune_architectures
-
-        tuned = await tune_architectures(params["architectures"], split["split_key"], run_id, train_params,
-                                         tuner=tuner, max_trials=max_trials, workers=tune_workers)
-        tuning_trials = tuned["trials"]
-        hyperparameters = tuned["best"]
-    else:
-        hyperparameters = {}
-
-    jobs, outcomes = {}, []
-    for architecture in params["architectures"]:
-        arch_params = {**train_params, "hyperparameters": hyperparameters.get(architecture)}
-        reused = reusable_training(split["hash"], architecture, arch_params) if mode == "retrain" else None
-        if reused:
-            logger.info("%s: data and parameters unchanged, reusing run %s", architecture, reused["run_id"])
-            outcomes.append(reused)
-        else:
-            jobs[architecture] = arch_params
-    outcomes += await _train_all(jobs, split["split_key"], run_id, str(current_flow_run.id or run_id))
-
-    # --- registry, promotion, report ---
-    decision = promote_if_better(run_id, outcomes, split["split_key"], split["hash"], fetched["hash"],
-                                 train_params, mode)
-    report = build_and_store_report(
-        run_id, params, data_summary(dataset, fetched, split), outcomes,
-        tuning_trials=tuning_trials, retrain_decision=decision,
-    )
-    apply_retention()
+def finish(run_id: str, outcomes: list[dict], report: dict, decision: dict | None) -> dict:
+    """The run's result; a PipelineError when no architecture trained."""
     failed = [o for o in outcomes if o["status"] != "ok"]
     if len(failed) == len(outcomes):
         raise PipelineError(f"every architecture failed: {[(o['architecture'], o['error']) for o in failed]}")

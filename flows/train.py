@@ -1,36 +1,52 @@
 """Flow `derm-train`: one architecture per flow run, in its own process, holding a `gpu` slot.
 
 Started by `derm` through `run_deployment("derm-train/default")`, so it is a subflow in the UI
-while TensorFlow state and GPU memory stay isolated in the worker's child process. Each
-training worker is pinned to one GPU (`CUDA_VISIBLE_DEVICES`, set by `dermflow up`).
+while the backend's state and GPU memory stay isolated in the worker's child process. Each
+training worker is pinned to one GPU (`CUDA_VISIBLE_DEVICES`, set by `dermflow up`). The
+parameters' defaults, bounds and descriptions come from `dermflow.config.TrainConfig`.
 """
-
-from __future__ import annotations
-
-from typing import Annotated
 
 from prefect import flow
 from prefect.concurrency.sync import concurrency
-from pydantic import Field
 
-from dermflow.params import ArchitectureName
+from dermflow.config import (
+    TRAIN_DEFAULTS,
+    ArchitectureName,
+    BatchSize,
+    ImageSize,
+    Seed,
+    TrainConfig,
+    TrainEpochs,
+    Weights,
+    describe_parameters,
+)
 from tasks.train import train_architecture
+
+T = TRAIN_DEFAULTS
 
 
 @flow(name="derm-train", log_prints=True)
+@describe_parameters(
+    TrainConfig,
+    split_key="Bucket key of the split manifest to train on.",
+    run_id="The derm run this training belongs to (outputs go under its run folder).",
+    hyperparameters="TrainConfig fields that override the defaults, e.g. a tuned trial's.",
+    gpu_limit="Name of the global concurrency limit whose slot the training holds.",
+)
 def derm_train(
     architecture: ArchitectureName,
     split_key: str,
     run_id: str,
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 256,
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 30,
-    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
-    weights: str = "imagenet",
-    seed: int = 42,
+    image_size: ImageSize = T.image_size,
+    epochs: TrainEpochs = T.epochs,
+    batch_size: BatchSize = T.batch_size,
+    weights: Weights = T.weights,
+    seed: Seed = T.seed,
     hyperparameters: dict | None = None,
-    deadline: float | None = None,
+    deadline: float | None = T.deadline,
     gpu_limit: str = "gpu",
 ) -> dict:
+    """Train, evaluate and store one architecture's model."""
     config = {
         "architecture": architecture,
         "image_size": image_size,

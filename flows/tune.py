@@ -33,16 +33,40 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field
 
-from dermflow.params import ArchitectureName, TunerName
+from dermflow.config import (
+    DEFAULT_TUNING_SHARE,
+    MAX_EPOCHS,
+    TRAIN_DEFAULTS,
+    ArchitectureName,
+    BatchSize,
+    ImageSize,
+    MaxTrials,
+    Seed,
+    TrainConfig,
+    TrainEpochs,
+    Tuner,
+    TuneWorkers,
+    TuningPlan,
+    Weights,
+    describe_parameters,
+)
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
 WORKER_DEPLOYMENT = "derm-tune/worker"
-DEFAULT_TUNING_SHARE = 0.35  # dermflow.modeling.tuning.DEFAULT_TUNING_SHARE (not imported: no Keras at import)
+T = TRAIN_DEFAULTS
+S = TuningPlan()
 # How long the chief may outlive its workers (it polls every 20 s for running trials to end).
 CHIEF_GRACE_SECONDS = 90
 
 
 @flow(name="derm-tune", log_prints=True)
+@describe_parameters(
+    payload="The chief's search spec (JSON), as `tasks.tune.search_spec` made it.",
+    oracle_host="Address of the chief's oracle.",
+    oracle_port="Port of the chief's oracle.",
+    tuner_id="This worker's keras-tuner id (unique within the search).",
+    gpu_limit="Name of the global concurrency limit whose slot the worker holds while it trains.",
+)
 def derm_tune_worker(
     payload: dict,
     oracle_host: str,
@@ -57,12 +81,10 @@ def derm_tune_worker(
 
 def _options(train_params: dict, tuner: str, max_trials: int, trial_epochs: int | None,
              deadline: float | None, tuning_id: str | None) -> dict:
-    return {
-        "tuner": tuner, "max_trials": max_trials, "trial_epochs": trial_epochs,
-        "epochs": int(train_params.get("epochs", 30)), "image_size": int(train_params.get("image_size", 128)),
-        "batch_size": int(train_params.get("batch_size", 32)), "weights": str(train_params.get("weights", "imagenet")),
-        "seed": int(train_params.get("seed", 42)), "deadline": deadline, "tuning_id": tuning_id,
-    }
+    """The keyword arguments of `dermflow.modeling.tuning.tune_architecture`."""
+    training = {name: train_params[name] for name in ("epochs", "image_size", "batch_size", "weights", "seed")}
+    return {"tuner": tuner, "max_trials": max_trials, "trial_epochs": trial_epochs, "deadline": deadline,
+            "tuning_id": tuning_id, **training}
 
 
 async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_host: str) -> None:
@@ -116,21 +138,33 @@ async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_h
 
 
 @flow(name="derm-tune-search", log_prints=True)
+@describe_parameters(
+    TrainConfig, TuningPlan,
+    split_key="Bucket key of the split manifest to search on.",
+    run_id="The derm run this search belongs to.",
+    epochs="Epochs of the final training the search prepares (trials get a share of them).",
+    trial_epochs="Epochs per trial; empty: a sixth of `epochs`, between 2 and 10.",
+    deadline="Unix time by which this search stops (after its running trial); empty: none.",
+    tuning_id="Id of the search in the bucket; empty: derived from the architecture, split, tuner and space.",
+    workers="Workers of a distributed search; 1: in this process.",
+    oracle_host="Address the workers reach the chief on (DERMFLOW_TUNING_ORACLE_HOST, else 127.0.0.1).",
+    gpu_limit="Name of the global concurrency limit whose slot each training holds.",
+)
 async def tune_architecture(
     architecture: ArchitectureName,
     split_key: str,
     run_id: str,
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 128,
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 30,
-    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
-    weights: str = "imagenet",
-    seed: int = 42,
-    tuner: TunerName = "random",
-    max_trials: Annotated[int, Field(ge=1, le=1000)] = 10,
-    trial_epochs: Annotated[int, Field(ge=1, le=1000)] | None = None,
+    image_size: ImageSize = T.image_size,
+    epochs: TrainEpochs = T.epochs,
+    batch_size: BatchSize = T.batch_size,
+    weights: Weights = T.weights,
+    seed: Seed = T.seed,
+    tuner: Tuner = S.tuner,
+    max_trials: MaxTrials = S.max_trials,
+    trial_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | None = None,
     deadline: float | None = None,
     tuning_id: str | None = None,
-    workers: Annotated[int, Field(ge=1, le=64)] = 1,
+    workers: TuneWorkers = S.tune_workers,
     oracle_host: str | None = None,
     gpu_limit: str = "gpu",
 ) -> dict:
@@ -158,9 +192,9 @@ async def tune_architectures(
     run_id: str,
     train_params: dict,
     *,
-    tuner: str = "random",
-    max_trials: int = 10,
-    workers: int = 1,
+    tuner: str = S.tuner,
+    max_trials: int = S.max_trials,
+    workers: int = S.tune_workers,
     trial_epochs: int | None = None,
     tuning_share: float = DEFAULT_TUNING_SHARE,
     tuning_id: str | None = None,
@@ -187,9 +221,9 @@ async def tune_architectures(
         try:
             result = await tune_architecture(
                 architecture=architecture, split_key=split_key, run_id=run_id,
-                image_size=int(train_params.get("image_size", 128)), epochs=int(train_params.get("epochs", 30)),
-                batch_size=int(train_params.get("batch_size", 32)), weights=str(train_params.get("weights", "imagenet")),
-                seed=int(train_params.get("seed", 42)), tuner=tuner, max_trials=max_trials, trial_epochs=trial_epochs,
+                image_size=train_params["image_size"], epochs=train_params["epochs"],
+                batch_size=train_params["batch_size"], weights=train_params["weights"],
+                seed=train_params["seed"], tuner=tuner, max_trials=max_trials, trial_epochs=trial_epochs,
                 deadline=arch_deadline, tuning_id=arch_tuning_id, workers=workers,
             )
         except Exception as error:  # noqa: BLE001 - one failed search must not stop the run

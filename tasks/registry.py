@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from dermflow.registry.store import store as registry
+from dermflow.registry import store as registry
 from dermflow.runs import content_hash, model_key
 from tasks.common import object_store, settings
 

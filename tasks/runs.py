@@ -38,3 +38,13 @@ def data_summary(dataset: dict | None, fetched: dict, split: dict) -> dict:
                "split_key": split.get("split_key"), "split_reused": split.get("reused")}
     summary.update(split.get("summary") or {})
     return summary
+
+
+@task(name="record-run-config")
+def record_run_config(run_id: str, config: dict, resolved: dict) -> str:
+    """The run's resolved configuration (`RunConfig.model_dump()`) and what was derived from it
+    (final epochs, deadline), at the run's params key."""
+    from dermflow import layout
+
+    return object_store().put_json(layout.run_params_key(run_id),
+                                   {"run_id": run_id, "config": config, "resolved": resolved})

@@ -13,7 +13,7 @@ import yaml
 from prefect.cli.deploy._models import PrefectYamlModel
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-from dermflow import params as flow_params
+from dermflow import config as flow_params
 
 pytestmark = pytest.mark.unit
 

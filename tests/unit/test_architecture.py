@@ -1,0 +1,80 @@
+"""Code-shape rules that hold the architecture in place: the import contracts (layers, and no
+Prefect in the core), and bucket keys spelled only by `dermflow.layout`."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CODE_DIRS = ("dermflow", "tasks", "flows")
+KEY_PREFIXES = ("images/", "manifests/", "runs/", "registry/", "tuning/")
+LAYOUT = ROOT / "dermflow" / "layout.py"
+
+
+def _lint_imports() -> list[str]:
+    executable = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert executable, "lint-imports (import-linter, a dev dependency) is not installed"
+    return [executable, "--config", str(ROOT / "pyproject.toml"), "--no-cache"]
+
+
+def test_import_contracts_are_kept():
+    result = subprocess.run(_lint_imports(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_the_contracts_catch_a_violation(tmp_path):
+    """The linter does fail on a core module importing Prefect (so the test above can fail)."""
+    offending = ROOT / "dermflow" / "dataset" / "_contract_probe.py"
+    offending.write_text('"""Probe."""\nimport prefect  # noqa: F401\n')
+    try:
+        result = subprocess.run(_lint_imports(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        offending.unlink()
+    assert result.returncode != 0 and "dermflow.dataset._contract_probe" in result.stdout
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def key_literals(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-string parts included, docstrings excluded)
+    that spells a bucket key prefix."""
+    tree = ast.parse(source)
+    docstrings = _docstring_nodes(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if any(prefix in node.value for prefix in KEY_PREFIXES):
+                found.append((node.lineno, node.value))
+    return found
+
+
+def test_key_literal_finder_sees_plain_and_f_strings():
+    source = 'def f(run_id, md5):\n    """runs/<id>/ in a docstring is prose."""\n    a = f"runs/{run_id}/x"\n    return "images/" + md5\n'
+    assert [line for line, _ in key_literals(source)] == [3, 4]
+
+
+def test_only_the_layout_module_spells_bucket_keys():
+    offenders = []
+    for directory in CODE_DIRS:
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            if path == LAYOUT:
+                continue
+            offenders += [f"{path.relative_to(ROOT)}:{line}: {text!r}" for line, text in key_literals(path.read_text())]
+    assert not offenders, "bucket keys spelled outside dermflow/layout.py:\n" + "\n".join(offenders)
