@@ -81,8 +81,12 @@ def test_full_run_leaves_everything_in_the_bucket(full_run):
     assert metrics["duplicates"]["cross_split"] == 0
     html = store.get_bytes(f"runs/{run_id}/report.html").decode()
     assert "baseline_cnn" in html and "not for clinical use" in html.lower()
-    params = store.get_json(f"runs/{run_id}/params.json")
-    assert params["image_size"] == 64 and params["architectures"] == ["baseline_cnn"]
+    from dermflow.config import RunConfig
+
+    stored = store.get_json(f"runs/{run_id}/params.json")  # the resolved config, a model dump
+    config = RunConfig.model_validate(stored["config"])
+    assert config.training.image_size == 64 and config.training.architectures == ["baseline_cnn"]
+    assert stored["run_id"] == run_id and stored["resolved"]["epochs"] == config.final_epochs()
 
 
 def test_rerun_of_fetch_fetches_nothing(stack, full_run, image_source):
