@@ -20,9 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 ATLAS_COLUMNS = [
     "md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
@@ -30,116 +28,14 @@ ATLAS_COLUMNS = [
 ]
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-
-    def handle_error(self, request, client_address):  # resets and aborted clients are expected here
-        pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like real image hosts
-
-    def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
-        pass
-
-    def send_bytes(self, body: bytes, content_type: str = "image/jpeg", status: int = 200, headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def _start(server: ThreadingHTTPServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    return thread
-
-
-@contextlib.contextmanager
-def _serving(server: ThreadingHTTPServer, state) -> Iterator[None]:
-    """Serve in a thread, set `state.base_url`, and shut the server down afterwards."""
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    _start(server)
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-# --------------------------------------------------------------------------------------------
-# the atlas server
-
-
-@dataclass
-class AtlasServer:
-    base_url: str
-    hits: Counter = field(default_factory=Counter)  # imageId -> requests served
-
-
-def _image_ids(rows_csv: Path) -> dict[str, str]:
-    """imageId -> md5hash from a rows.csv's atlas URLs."""
-    ids: dict[str, str] = {}
-    with open(rows_csv, newline="") as handle:
-        for row in csv.DictReader(handle):
-            query = parse_qs(urlsplit(row.get("url") or "").query)
-            if "imageId" in query:
-                ids[query["imageId"][0]] = row["md5hash"]
-    return ids
-
-
-@contextlib.contextmanager
-def serve_atlas(images_dir: Path, rows_csv: Path, latency_s: float = 0.0, port: int = 0) -> Iterator[AtlasServer]:
-    """A threaded server on 127.0.0.1 answering `/img?imageId=N` with `images_dir/<md5hash>.jpg`."""
-    images_dir, ids = Path(images_dir), _image_ids(Path(rows_csv))
-    state = AtlasServer(base_url="")
-    lock = threading.Lock()
-
-    class Handler(_Handler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if latency_s:
-                time.sleep(latency_s)
-            parts = urlsplit(self.path)
-            image_id = (parse_qs(parts.query).get("imageId") or [""])[0]
-            md5hash = ids.get(image_id)
-            path = images_dir / f"{md5hash}.jpg" if md5hash else None
-            if parts.path != "/img" or path is None or not path.exists():
-                self.send_bytes(b"<html>not found</html>", "text/html", 404)
-                return
-            with lock:
-                state.hits[image_id] += 1
-            self.send_bytes(path.read_bytes())
-
-    with _serving(_QuietServer(("127.0.0.1", port), Handler), state):
-        yield state
-
-
-def rewrite_csv_host(rows_csv: Path, base_url: str, out: Path, limit_per_label: int | None = None) -> Path:
-    """A copy of `rows_csv` whose URLs keep path and query but point at `base_url`."""
-    target = urlsplit(base_url)
-    per_label: Counter = Counter()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(rows_csv, newline="") as source, open(out, "w", newline="") as sink:
-        reader = csv.DictReader(source)
-        writer = csv.DictWriter(sink, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        for row in reader:
-            if limit_per_label is not None:
-                if per_label[row["label"]] >= limit_per_label:
-                    continue
-                per_label[row["label"]] += 1
-            if row.get("url"):
-                parts = urlsplit(row["url"])
-                row["url"] = urlunsplit((target.scheme, target.netloc, parts.path, parts.query, ""))
-            writer.writerow(row)
-    return out
+from dermflow.ops.mirror import (  # noqa: E402 - the servers the project itself ships
+    AtlasServer,
+    _Handler,
+    _QuietServer,
+    _serving,
+    rewrite_csv_host,
+    serve_atlas,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,36 +245,3 @@ __all__ = [
     "AtlasServer", "FaultServer", "PERMANENT_FAULTS", "TRANSIENT_FAULTS", "load_images", "rewrite_csv_host",
     "serve_atlas", "serve_faults", "synthetic_atlas",
 ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`serve ATLAS_DIR [--port P]` serves ATLAS_DIR/images by the URLs of ATLAS_DIR/rows.csv;
-    `rewrite ROWS.csv BASE_URL OUT.csv [--limit-per-label N]` points a CSV's URLs at a server."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tests.support.image_servers", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve")
-    serve.add_argument("atlas_dir", type=Path)
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--latency", type=float, default=0.0, help="seconds added to each response")
-    rewrite = sub.add_parser("rewrite")
-    rewrite.add_argument("rows_csv", type=Path)
-    rewrite.add_argument("base_url")
-    rewrite.add_argument("out", type=Path)
-    rewrite.add_argument("--limit-per-label", type=int)
-    args = parser.parse_args(argv)
-    if args.command == "rewrite":
-        print(rewrite_csv_host(args.rows_csv, args.base_url, args.out, args.limit_per_label))
-        return 0
-    with serve_atlas(args.atlas_dir / "images", args.atlas_dir / "rows.csv", args.latency, args.port) as server:
-        print(f"serving {args.atlas_dir / 'images'} at {server.base_url} (Ctrl-C stops)", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
