@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from dermflow.errors import DermflowError
+
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -132,3 +134,21 @@ def rewrite_csv_host(rows_csv: Path, base_url: str, out: Path, limit_per_label: 
             writer.writerow(row)
     return out
 
+
+def run_mirror(atlas_dir: Path, port: int, csv_out: Path | None = None, *, host_in_csv: str = "127.0.0.1",
+               limit_per_label: int | None = None, latency_s: float = 0.0) -> None:
+    """Serve `atlas_dir` until interrupted; with `csv_out`, first write the CSV that fetches
+    from it. Prints where it serves and the CSV's path."""
+    images_dir, rows_csv = Path(atlas_dir) / "images", Path(atlas_dir) / "rows.csv"
+    for needed in (images_dir, rows_csv):
+        if not needed.exists():
+            raise DermflowError(f"{needed} does not exist: expected ATLAS_DIR/images/<md5hash>.jpg and ATLAS_DIR/rows.csv")
+    with serve_atlas(images_dir, rows_csv, latency_s, port) as server:
+        if csv_out is not None:
+            base_url = server.base_url.replace("127.0.0.1", host_in_csv)
+            print(f"wrote {rewrite_csv_host(rows_csv, base_url, csv_out, limit_per_label)}", flush=True)
+        print(f"serving {images_dir} at {server.base_url} (Ctrl-C stops)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
