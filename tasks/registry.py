@@ -1,6 +1,6 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
-`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.store.decide_promotion`):
+`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.promotion.decide_promotion`):
 the first model of a label set becomes its champion; later ones only if they beat the
 champion's weighted F1 on the same test split.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from dermflow.registry.store import store as registry
+from dermflow.registry import entries, promotion, retention
 from dermflow.runs import content_hash, model_key
 from tasks.common import object_store, settings
 
@@ -44,7 +44,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
     for outcome in fresh:
         arch = outcome["architecture"]
         params = store.get_json(model_key(run_id, arch, "params.json"))
-        registry.register_model(
+        entries.register_model(
             store, run_id, arch, metrics={"test": outcome["test"], "verified_test": outcome.get("verified_test")},
             params=params, data_manifest_hash=manifest_hash, split_hash=split_hash,
             label_set=params["class_names"],
@@ -58,7 +58,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
     if not candidates:
         return None
     best = max(candidates, key=lambda o: o["test"]["weighted_f1"])
-    decision = registry.evaluate_challenger(
+    decision = promotion.evaluate_challenger(
         store, challenger_run=best["run_id"], challenger_arch=best["architecture"],
         challenger_score=best["test"]["weighted_f1"], split_key=split_key, split_hash=split_hash,
     )
@@ -81,7 +81,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
 def apply_retention() -> dict:
     """Delete runs beyond `DERMFLOW_KEEP_RUNS` and old checkpoints; champions' runs are kept."""
     current = settings()
-    result = registry.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
+    result = retention.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
     get_run_logger().info("retention: %d run(s) deleted, %d checkpoint(s) deleted, %d protected",
                           len(result["deleted_runs"]), len(result["deleted_checkpoints"]), len(result["protected_runs"]))
     return {k: v for k, v in result.items() if k != "kept_runs"}

@@ -20,7 +20,7 @@ import numpy as np
 from dermflow.ingestion.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
 from dermflow.ingestion.ingest import fitzpatrick_range
 from dermflow.metrics import classification_metrics
-from dermflow.registry.store import resolve_model
+from dermflow.registry.runs import resolve_model
 from dermflow.storage import ObjectStore, StorageError
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)

@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
         from dermflow.evaluation.predict import EvaluationError
-        from dermflow.registry.store import RegistryError
+        from dermflow.registry.entries import RegistryError
         from dermflow.ops.stack import StackError
         from dermflow.storage import StorageError
 

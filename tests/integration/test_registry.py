@@ -2,18 +2,17 @@
 
 import pytest
 
-from dermflow.registry.store import (
+from dermflow.registry.entries import (
     RegistryError,
-    apply_retention,
-    challenge_champion,
     get_champion,
     get_champion_history,
     label_set_id,
     list_registered_models,
-    promote,
     register_model,
-    resolve_model,
 )
+from dermflow.registry.promotion import challenge_champion, promote
+from dermflow.registry.retention import apply_retention
+from dermflow.registry.runs import resolve_model
 
 pytestmark = pytest.mark.integration
 
