@@ -1,6 +1,6 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
-`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.promotion.decide_promotion`):
+`derm/full` and `derm/retrain` promote by the same rule (`dermflow.evaluation.promotion.decide_promotion`):
 the first model of a label set becomes its champion; later ones only if they beat the
 champion's weighted F1 on the same test split.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from dermflow.registry import entries, promotion, retention
+from dermflow.evaluation import promotion
+from dermflow.registry import entries, retention
 from dermflow.runs import content_hash, model_key
 from tasks.common import object_store, settings
 

@@ -249,7 +249,7 @@ def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(
     import pandas as pd
 
     from dermflow.registry.entries import get_champion_history, register_model
-    from dermflow.registry.promotion import evaluate_challenger
+    from dermflow.evaluation.promotion import evaluate_challenger
 
     _, _, usable = labelled_set
     rows = []

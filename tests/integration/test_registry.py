@@ -10,7 +10,7 @@ from dermflow.registry.entries import (
     list_registered_models,
     register_model,
 )
-from dermflow.registry.promotion import challenge_champion, promote
+from dermflow.evaluation.promotion import challenge_champion, promote
 from dermflow.registry.retention import apply_retention
 from dermflow.registry.runs import resolve_model
 
