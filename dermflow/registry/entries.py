@@ -113,7 +113,7 @@ def library_versions() -> dict[str, str | None]:
     }
 
 
-def _now() -> str:
+def now_iso() -> str:
     # microseconds: promotions within one second must still order correctly
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -167,7 +167,7 @@ def register_model(
         "split_hash": split_hash,
         "code_version": code_version(),
         "versions": library_versions(),
-        "created_at": _now(),
+        "created_at": now_iso(),
     }
     store.put_json(entry["registry_key"], entry)
     return entry
@@ -176,6 +176,18 @@ def register_model(
 def get_registered_model(store: ObjectStore, run_id: str, arch: str) -> dict | None:
     key = registry_entry_key(run_id, arch)
     return store.get_json(key) if store.exists(key) else None
+
+
+def require_registered_model(store: ObjectStore, run_id: str, arch: str) -> dict:
+    """The registry entry of `run_id/arch`; RegistryError (listing what is registered) if none."""
+    entry = get_registered_model(store, run_id, arch)
+    if entry is None:
+        registered = [f"{e['run_id']}/{e['arch']}" for e in list_registered_models(store)][-20:]
+        raise RegistryError(
+            f"{run_id}/{arch} is not registered (register_model first); "
+            f"registered: {', '.join(registered) or 'none'}"
+        )
+    return entry
 
 
 def list_registered_models(store: ObjectStore, run_id: str | None = None) -> list[dict]:
@@ -207,3 +219,18 @@ def get_champion_history(store: ObjectStore, label_set: str) -> list[dict]:
         return []
     text = store.get_bytes(key).decode("utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def record_champion(store: ObjectStore, pointer: Mapping[str, Any]) -> dict:
+    """Store `pointer` as the champion of its label set and append it to the history."""
+    label_set = pointer["label_set_id"]
+    # S3 has no append: read, add a line, write back. Promotions are rare and serialized by
+    # the flow, so the read-modify-write race does not arise in practice.
+    history_key = champion_history_key(label_set)
+    history = store.get_bytes(history_key).decode("utf-8") if store.exists(history_key) else ""
+    if history and not history.endswith("\n"):
+        history += "\n"
+    history += json.dumps(pointer, default=str) + "\n"
+    store.put_bytes(history_key, history.encode("utf-8"), "application/x-ndjson")
+    store.put_json(champion_key(label_set), pointer)
+    return dict(pointer)
