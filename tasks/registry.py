@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from dermflow.evaluation import promotion
 from dermflow.registry import entries, retention
-from dermflow.runs import content_hash, model_key
+from dermflow.layout import model_key, training_record_key
+from dermflow.runs import content_hash
 from tasks.common import object_store, settings
 
 
@@ -26,7 +27,7 @@ def training_key(split_hash: str, architecture: str, params: dict) -> str:
 def reusable_training(split_hash: str, architecture: str, params: dict) -> dict | None:
     """A previous run's outcome for the same split and parameters, if its model still exists."""
     store = object_store()
-    key = f"registry/trainings/{training_key(split_hash, architecture, params)}.json"
+    key = training_record_key(training_key(split_hash, architecture, params))
     if not store.exists(key):
         return None
     record = store.get_json(key)
@@ -52,7 +53,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
         )
         arch_params = {k: v for k, v in train_params.items()}
         arch_params["hyperparameters"] = outcome.get("hyperparameters")
-        store.put_json(f"registry/trainings/{training_key(split_hash, arch, arch_params)}.json",
+        store.put_json(training_record_key(training_key(split_hash, arch, arch_params)),
                        {"architecture": arch, "status": "ok", "run_id": run_id, "test": outcome["test"],
                         "verified_test": outcome.get("verified_test"), "model_key": outcome["model_key"]})
     candidates = [o for o in outcomes if o["status"] == "ok"]

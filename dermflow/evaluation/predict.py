@@ -19,6 +19,7 @@ import numpy as np
 
 from dermflow.ingestion.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
 from dermflow.ingestion.ingest import fitzpatrick_range
+from dermflow.layout import image_key
 from dermflow.metrics import classification_metrics
 from dermflow.registry.runs import resolve_model
 from dermflow.storage import ObjectStore, StorageError
@@ -407,14 +408,14 @@ def evaluate_split(
     tta: bool = False,
     progress: ProgressCallback | None = None,
 ) -> dict:
-    """Score a model on one split of a split manifest in the bucket (`manifests/split-*.csv`),
+    """Score a model on one split of a split manifest in the bucket (`layout.split_manifest_key`),
     e.g. to re-score a champion on a challenger's test split before deciding a promotion.
     Rows whose label the model does not know are counted in `skipped.unknown_label`."""
     frame = store.get_dataframe_csv(split_key)
     frame = frame[frame["split"] == split]
     class_index = {name: i for i, name in enumerate(bundle.class_names)}
     known = frame[frame["label"].isin(class_index)].reset_index(drop=True)
-    keys = [key or f"images/{md5}" for key, md5 in zip(known["key"], known["md5hash"])]
+    keys = [key or image_key(md5) for key, md5 in zip(known["key"], known["md5hash"])]
     scored, y_prob, unreadable = _score_rows(
         bundle, lambda i: store.get_bytes(keys[i]), len(known), batch_size=batch_size, tta=tta, progress=progress
     )

@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from dermflow.evaluation.predict import evaluate_split, load_model_bundle
+from dermflow.layout import registered_model_key
 from dermflow.registry.entries import (
     PROMOTION_METRIC,
     RegistryError,
     get_champion,
     now_iso,
     record_champion,
-    registry_entry_key,
     require_registered_model,
 )
 from dermflow.storage import ObjectStore
@@ -93,7 +93,7 @@ def promote(
         "run_id": entry["run_id"],
         "arch": entry["arch"],
         "model_key": entry["model_key"],
-        "registry_key": entry.get("registry_key", registry_entry_key(entry["run_id"], entry["arch"])),
+        "registry_key": entry.get("registry_key", registered_model_key(entry["run_id"], entry["arch"])),
         "split_hash": scores.get("split_hash", entry.get("split_hash")),
         "score": scores.get("challenger", (entry.get("score") or {}).get("value")),
         "class_names": entry.get("class_names"),

@@ -347,20 +347,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _print_run_metrics(metrics: dict) -> None:
+    """One line per architecture of a run's metrics.json: its test scores, or why it failed."""
+    for arch, entry in metrics.get("architectures", {}).items():
+        test = entry.get("test") or {}
+        if entry.get("status") == "ok":
+            print(f"  {arch:20} accuracy={test.get('accuracy', float('nan')):.4f} "
+                  f"weighted_f1={test.get('weighted_f1', float('nan')):.4f}")
+        else:
+            print(f"  {arch:20} FAILED: {entry.get('error')}")
+
+
 def cmd_report(args) -> int:
+    from dermflow.layout import report_key, run_metrics_key
+    from dermflow.registry.runs import list_runs, resolve_run_id
     from dermflow.storage import ObjectStore, StorageError
 
-    settings = get_settings()
-    store = ObjectStore.from_settings(settings)
-    run_id = args.run_id
-    key = f"runs/{run_id}/report.html"
+    store = ObjectStore.from_settings(get_settings())
+    run_id = resolve_run_id(store, args.run_id)
+    key = report_key(run_id)
     try:
         if args.output:
             store.download_file(key, Path(args.output))
             print(f"report written to {args.output}")
-        metrics = store.get_json(f"runs/{run_id}/metrics.json")
+        metrics = store.get_json(run_metrics_key(run_id))
     except StorageError as error:
-        runs = sorted({k.split("/")[1] for k in store.iter_keys("runs/") if k.endswith("/report.html")})
+        runs = [run for run in list_runs(store) if store.exists(report_key(run))]
         raise CommandError(f"{error}; runs with a report: {', '.join(runs[-10:]) or 'none'}") from error
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -369,12 +381,7 @@ def cmd_report(args) -> int:
     url = store.presign(key)
     if url:
         print(f"open:   {url}")
-    for arch, entry in metrics.get("architectures", {}).items():
-        test = entry.get("test") or {}
-        if entry.get("status") == "ok":
-            print(f"  {arch:20} accuracy={test.get('accuracy', float('nan')):.4f} weighted_f1={test.get('weighted_f1', float('nan')):.4f}")
-        else:
-            print(f"  {arch:20} FAILED: {entry.get('error')}")
+    _print_run_metrics(metrics)
     return 0
 
 
@@ -410,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     report = sub.add_parser("report", help="where a run's report is, and its headline metrics")
-    report.add_argument("run_id")
+    report.add_argument("run_id", help="a run id or the flow run's name")
     report.add_argument("--output", "-o", help="download report.html here")
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)

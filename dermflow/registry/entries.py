@@ -1,14 +1,12 @@
 """The registry's entries in the bucket: registered models, champion pointers and their
 history, and the identities they carry (label sets, code and library versions, scores).
 
-Layout (see docs/DESIGN.md):
-```
-registry/models/<run_id>/<arch>.json              one entry per trained model
-registry/champions/<label_set_id>.json            the champion of a label set
-registry/champions/<label_set_id>.history.jsonl   every promotion, oldest first
-```
-A label set is the set of class names a model predicts; models are only comparable within
-one, so there is one champion per label set. Light module: no TensorFlow import.
+One entry per trained model (`layout.registered_model_key`), one champion pointer per label
+set (`layout.champion_key`) and its promotion history, oldest first
+(`layout.champion_history_key`). A label set is the set of class names a model predicts;
+models are only comparable within one, so there is one champion per label set. Deciding a
+promotion is not done here (`dermflow.evaluation.promotion`): this module is storage only.
+Light module: no TensorFlow import.
 """
 
 from __future__ import annotations
@@ -17,49 +15,31 @@ import hashlib
 import json
 import math
 import os
-import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from dermflow.layout import (
+    CHAMPIONS_PREFIX,
+    REGISTERED_MODELS_PREFIX,
+    champion_history_key,
+    champion_key,
+    is_champion_key,
+    model_key,
+    registered_model_key,
+    registered_run_prefix,
+)
 from dermflow.settings import PROJECT_ROOT
 from dermflow.storage import ObjectStore
 
-REGISTRY_MODELS_PREFIX = "registry/models/"
-CHAMPIONS_PREFIX = "registry/champions/"
-RUNS_PREFIX = "runs/"
 PROMOTION_METRIC = "weighted_f1"
-
-# `epoch-<NNN>.keras` under runs/<run_id>/checkpoints/<arch>/
-_CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)\.keras$")
 
 
 class RegistryError(LookupError):
     """A run, architecture, model or champion asked for does not exist (the message lists
     what does)."""
-
-
-# --- keys ---------------------------------------------------------------------------------
-def model_dir_key(run_id: str, arch: str) -> str:
-    return f"{RUNS_PREFIX}{run_id}/models/{arch}/"
-
-
-def model_key(run_id: str, arch: str) -> str:
-    return f"{model_dir_key(run_id, arch)}model.keras"
-
-
-def registry_entry_key(run_id: str, arch: str) -> str:
-    return f"{REGISTRY_MODELS_PREFIX}{run_id}/{arch}.json"
-
-
-def champion_key(label_set: str) -> str:
-    return f"{CHAMPIONS_PREFIX}{label_set}.json"
-
-
-def champion_history_key(label_set: str) -> str:
-    return f"{CHAMPIONS_PREFIX}{label_set}.history.jsonl"
 
 
 # --- identities and versions -----------------------------------------------------------------
@@ -143,7 +123,7 @@ def register_model(
     split_hash: str | None,
     label_set: Sequence[str],
 ) -> dict:
-    """Write `registry/models/<run_id>/<arch>.json` and return the entry.
+    """Write the entry at `layout.registered_model_key(run_id, arch)` and return it.
 
     `metrics` is the model's metrics.json (`{"test": ..., "verified_test": ...}`), `params`
     the resolved parameters, `label_set` the model's class names in output order.
@@ -159,7 +139,7 @@ def register_model(
         "class_names": list(label_set),
         "model_key": model_key(run_id, arch),
         "model_uri": store.uri(model_key(run_id, arch)),
-        "registry_key": registry_entry_key(run_id, arch),
+        "registry_key": registered_model_key(run_id, arch),
         "score": {"metric": f"test.{PROMOTION_METRIC}", "value": promotion_score(metrics)},
         "metrics": dict(metrics),
         "params": dict(params),
@@ -174,7 +154,7 @@ def register_model(
 
 
 def get_registered_model(store: ObjectStore, run_id: str, arch: str) -> dict | None:
-    key = registry_entry_key(run_id, arch)
+    key = registered_model_key(run_id, arch)
     return store.get_json(key) if store.exists(key) else None
 
 
@@ -192,7 +172,7 @@ def require_registered_model(store: ObjectStore, run_id: str, arch: str) -> dict
 
 def list_registered_models(store: ObjectStore, run_id: str | None = None) -> list[dict]:
     """Registry entries, oldest run first (optionally of one run)."""
-    prefix = f"{REGISTRY_MODELS_PREFIX}{run_id}/" if run_id else REGISTRY_MODELS_PREFIX
+    prefix = registered_run_prefix(run_id) if run_id else REGISTERED_MODELS_PREFIX
     return [store.get_json(key) for key in sorted(store.iter_keys(prefix)) if key.endswith(".json")]
 
 
@@ -205,11 +185,7 @@ def get_champion(store: ObjectStore, label_set: str) -> dict | None:
 
 def list_champions(store: ObjectStore) -> list[dict]:
     """All champion pointers, the most recently promoted first."""
-    pointers = [
-        store.get_json(key)
-        for key in store.iter_keys(CHAMPIONS_PREFIX)
-        if key.endswith(".json") and not key.endswith(".history.json")
-    ]
+    pointers = [store.get_json(key) for key in store.iter_keys(CHAMPIONS_PREFIX) if is_champion_key(key)]
     return sorted(pointers, key=lambda p: p.get("promoted_at", ""), reverse=True)
 
 

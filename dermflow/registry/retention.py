@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
-import json
-
-from dermflow.registry.entries import _CHECKPOINT_NAME, CHAMPIONS_PREFIX, REGISTRY_MODELS_PREFIX, RUNS_PREFIX
+from dermflow.layout import checkpoint_epoch, checkpoints_prefix, registered_run_prefix, run_prefix
+from dermflow.registry.entries import get_champion_history, list_champions
 from dermflow.registry.runs import list_runs
 from dermflow.storage import ObjectStore
+
+# S3's DeleteObjects takes at most 1000 keys per request
+_DELETE_BATCH = 1000
 
 
 def protected_runs(store: ObjectStore) -> set[str]:
     """Runs referenced by any champion pointer or champion history: never deleted."""
     protected: set[str] = set()
-    for key in store.iter_keys(CHAMPIONS_PREFIX):
-        if key.endswith(".history.jsonl"):
-            text = store.get_bytes(key).decode("utf-8")
-            protected.update(json.loads(line)["run_id"] for line in text.splitlines() if line.strip())
-        elif key.endswith(".json"):
-            protected.add(store.get_json(key)["run_id"])
+    for champion in list_champions(store):
+        protected.add(champion["run_id"])
+        protected.update(entry["run_id"] for entry in get_champion_history(store, champion["label_set_id"]))
     return protected
+
+
+def delete_run(store: ObjectStore, run_id: str) -> int:
+    """Delete a run's objects and its registry entries; returns the number of objects deleted."""
+    return store.delete_prefix(run_prefix(run_id)) + store.delete_prefix(registered_run_prefix(run_id))
+
+
+def stale_checkpoints(store: ObjectStore, run_id: str, keep_checkpoints: int) -> list[str]:
+    """Keys of a run's `epoch-<NNN>.keras` checkpoints beyond the newest `keep_checkpoints` per
+    architecture (`state.json` and anything else is never listed)."""
+    prefix = checkpoints_prefix(run_id)
+    by_arch: dict[str, list[tuple[int, str]]] = {}
+    for key in store.iter_keys(prefix):
+        arch_and_name = key[len(prefix):].split("/")
+        epoch = checkpoint_epoch(key)
+        if len(arch_and_name) == 2 and epoch is not None:
+            by_arch.setdefault(arch_and_name[0], []).append((epoch, key))
+    stale: list[str] = []
+    for checkpoints in by_arch.values():
+        checkpoints.sort()
+        stale += [key for _, key in checkpoints[:-keep_checkpoints]]
+    return stale
+
+
+def delete_keys(store: ObjectStore, keys: list[str]) -> None:
+    """Delete exactly these keys, in batches."""
+    for start in range(0, len(keys), _DELETE_BATCH):
+        batch = keys[start:start + _DELETE_BATCH]
+        store.client.delete_objects(Bucket=store.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
 
 
 def apply_retention(store: ObjectStore, keep_runs: int, keep_checkpoints: int) -> dict:
@@ -33,30 +61,11 @@ def apply_retention(store: ObjectStore, keep_runs: int, keep_checkpoints: int) -
     runs = list_runs(store)
     protected = protected_runs(store)
     newest = set(runs[-keep_runs:])
-    deleted_runs: list[str] = []
-    deleted_objects = 0
-    for run_id in runs:
-        if run_id in newest or run_id in protected:
-            continue
-        deleted_objects += store.delete_prefix(f"{RUNS_PREFIX}{run_id}/")
-        deleted_objects += store.delete_prefix(f"{REGISTRY_MODELS_PREFIX}{run_id}/")
-        deleted_runs.append(run_id)
+    deleted_runs = [run_id for run_id in runs if run_id not in newest and run_id not in protected]
+    deleted_objects = sum(delete_run(store, run_id) for run_id in deleted_runs)
     kept = [run_id for run_id in runs if run_id not in deleted_runs]
-    deleted_checkpoints: list[str] = []
-    for run_id in kept:
-        by_arch: dict[str, list[tuple[int, str]]] = {}
-        for key in store.iter_keys(f"{RUNS_PREFIX}{run_id}/checkpoints/"):
-            arch_and_name = key[len(f"{RUNS_PREFIX}{run_id}/checkpoints/") :].split("/")
-            if len(arch_and_name) != 2:
-                continue
-            match = _CHECKPOINT_NAME.match(arch_and_name[1])
-            if match:
-                by_arch.setdefault(arch_and_name[0], []).append((int(match.group(1)), key))
-        for checkpoints in by_arch.values():
-            checkpoints.sort()
-            for _, key in checkpoints[:-keep_checkpoints]:
-                store.client.delete_object(Bucket=store.bucket, Key=key)
-                deleted_checkpoints.append(key)
+    deleted_checkpoints = [key for run_id in kept for key in stale_checkpoints(store, run_id, keep_checkpoints)]
+    delete_keys(store, deleted_checkpoints)
     return {
         "deleted_runs": deleted_runs,
         "kept_runs": kept,
