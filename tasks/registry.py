@@ -14,7 +14,7 @@ from dermflow.evaluation import promotion
 from dermflow.registry import entries, retention
 from dermflow.layout import model_key, training_record_key
 from dermflow.runs import content_hash
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
 def training_key(split_hash: str, architecture: str, params: dict) -> str:
@@ -23,7 +23,7 @@ def training_key(split_hash: str, architecture: str, params: dict) -> str:
     return content_hash(split_hash, architecture, stable)[:16]
 
 
-@task(name="find-reusable-training")
+@task(name="find-reusable-training", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def reusable_training(split_hash: str, architecture: str, params: dict) -> dict | None:
     """A previous run's outcome for the same split and parameters, if its model still exists."""
     store = object_store()
@@ -79,7 +79,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
     return decision
 
 
-@task(name="apply-retention")
+@task(name="apply-retention", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def apply_retention() -> dict:
     """Delete runs beyond `DERMFLOW_KEEP_RUNS` and old checkpoints; champions' runs are kept."""
     current = settings()

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dermflow.errors import DermflowError
 from dermflow.ingestion.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
 from dermflow.ingestion.ingest import fitzpatrick_range
 from dermflow.layout import image_key
@@ -31,8 +32,9 @@ REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
 
 
-class EvaluationError(ValueError):
-    """A labelled set that cannot be evaluated (bad CSV, nothing usable)."""
+class EvaluationError(DermflowError, ValueError):
+    """A labelled set that cannot be evaluated (bad CSV, nothing usable), or images or a model
+    output of the wrong shape."""
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def predict_arrays(bundle: ModelBundle, images: np.ndarray, *, tta: bool = False
     `tta`: average with the horizontally flipped images."""
     batch = np.asarray(images, dtype=np.float32)
     if batch.ndim != 4 or batch.shape[1:] != (bundle.image_size, bundle.image_size, 3):
-        raise ValueError(
+        raise EvaluationError(
             f"images have shape {batch.shape}; the model takes (n, {bundle.image_size}, {bundle.image_size}, 3)"
         )
     probs = np.asarray(bundle.model.predict_on_batch(batch))
@@ -130,7 +132,7 @@ def predict_arrays(bundle: ModelBundle, images: np.ndarray, *, tta: bool = False
         probs = (probs + np.asarray(bundle.model.predict_on_batch(batch[:, :, ::-1, :].copy()))) / 2.0
     probs = _softmax_if_needed(probs)
     if probs.shape != (len(batch), len(bundle.class_names)):
-        raise ValueError(
+        raise EvaluationError(
             f"model output has shape {probs.shape}; params.json lists {len(bundle.class_names)} classes"
         )
     return probs

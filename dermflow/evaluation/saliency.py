@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dermflow.errors import DermflowError
 
-class SaliencyError(ValueError):
+
+class SaliencyError(DermflowError, ValueError):
     """No usable feature layer, or gradients could not be computed."""
 
 
@@ -175,12 +177,12 @@ def overlay_heatmap(
 
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3); got shape {image.shape}")
+        raise SaliencyError(f"image must be (H, W, 3); got shape {image.shape}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise SaliencyError(f"alpha must be in [0, 1], got {alpha}")
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
     if heat.ndim != 2:
-        raise ValueError(f"heatmap must be (H, W); got shape {heat.shape}")
+        raise SaliencyError(f"heatmap must be (H, W); got shape {heat.shape}")
     heat = _resize_float(heat, image.shape[0], image.shape[1])
     colors = colormaps[colormap](heat)[..., :3] * 255.0
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors

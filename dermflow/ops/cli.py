@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dermflow.errors import DermflowError
 from dermflow.settings import PROJECT_ROOT, Settings, env_file_path, get_settings, load_settings
 
 NOT_FOR_CLINICAL_USE = (
@@ -25,7 +26,7 @@ GPU_LIMIT = "gpu"
 PROFILE = "dermflow"
 
 
-class CommandError(RuntimeError):
+class CommandError(DermflowError, RuntimeError):
     """A command failed with a message for the user (exit code 1)."""
 
 
@@ -428,20 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CommandError as error:
+    # dermflow's own errors, and a file the user named that is not there: one clear line, exit 1;
+    # anything else is a bug and keeps its traceback
+    except (DermflowError, FileNotFoundError) as error:
         print(f"dermflow {args.command}: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
-        from dermflow.evaluation.predict import EvaluationError
-        from dermflow.registry.entries import RegistryError
-        from dermflow.ops.stack import StackError
-        from dermflow.storage import StorageError
-
-        known = (StackError, StorageError, RegistryError, EvaluationError, ValueError, FileNotFoundError)
-        if isinstance(error, known):
-            print(f"dermflow {args.command}: {error}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from dermflow.errors import DermflowError
 from dermflow.layout import (
     CHAMPIONS_PREFIX,
     REGISTERED_MODELS_PREFIX,
@@ -37,7 +38,7 @@ from dermflow.storage import ObjectStore
 PROMOTION_METRIC = "weighted_f1"
 
 
-class RegistryError(LookupError):
+class RegistryError(DermflowError, LookupError):
     """A run, architecture, model or champion asked for does not exist (the message lists
     what does)."""
 
