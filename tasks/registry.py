@@ -1,7 +1,7 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
-`derm/full` and `derm/retrain` promote by the same rule (`dermflow.evaluation.promotion.decide_promotion`):
-the first model of a label set becomes its champion; later ones only if they beat the
+`derm/full` and `derm/retrain` promote by the same rule
+(`dermflow.evaluation.promotion.evaluate_challenger`): the first model of a label set becomes its champion; later ones only if they beat the
 champion's weighted F1 on the same test split.
 """
 
@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from dermflow.evaluation import promotion
-from dermflow.registry import entries, retention
 from dermflow.layout import model_key, training_record_key
+from dermflow.registry import entries, retention
 from dermflow.runs import content_hash
 from tasks.common import object_store, retry_unless_permanent, settings
 
@@ -36,14 +36,13 @@ def reusable_training(split_hash: str, architecture: str, params: dict) -> dict 
     return {**record, "reused": True}
 
 
-@task(name="register-and-promote")
-def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_hash: str,
-                      manifest_hash: str, train_params: dict, mode: str) -> dict | None:
-    """Register every new model, then promote this run's best if it beats the champion."""
-    store = object_store()
-    logger = get_run_logger()
-    fresh = [o for o in outcomes if o["status"] == "ok" and not o.get("reused")]
-    for outcome in fresh:
+def register_fresh_models(store, run_id: str, outcomes: list[dict], split_hash: str, manifest_hash: str,
+                          train_params: dict) -> None:
+    """Register every model this run trained (not reused ones), and record each training's
+    outcome under its reuse key so that an unchanged retrain can reuse it."""
+    for outcome in outcomes:
+        if outcome["status"] != "ok" or outcome.get("reused"):
+            continue
         arch = outcome["architecture"]
         params = store.get_json(model_key(run_id, arch, "params.json"))
         entries.register_model(
@@ -51,11 +50,30 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
             params=params, data_manifest_hash=manifest_hash, split_hash=split_hash,
             label_set=params["class_names"],
         )
-        arch_params = {k: v for k, v in train_params.items()}
-        arch_params["hyperparameters"] = outcome.get("hyperparameters")
+        arch_params = {**train_params, "hyperparameters": outcome.get("hyperparameters")}
         store.put_json(training_record_key(training_key(split_hash, arch, arch_params)),
                        {"architecture": arch, "status": "ok", "run_id": run_id, "test": outcome["test"],
                         "verified_test": outcome.get("verified_test"), "model_key": outcome["model_key"]})
+
+
+def promotion_markdown(mode: str, best: dict, decision: dict) -> str:
+    """The promotion decision as a Markdown table for the run's artifact."""
+    verdict = "Promoted" if decision["promoted"] else "Kept champion"
+    return (
+        f"## Promotion decision ({mode})\n\n| | run | architecture | test weighted F1 |\n|---|---|---|---|\n"
+        f"| challenger | {best['run_id']} | {best['architecture']} | {decision.get('challenger_score')} |\n"
+        f"| champion | {decision.get('champion_run') or '-'} | {decision.get('champion_arch') or '-'} | "
+        f"{decision.get('champion_score')} |\n\n**{verdict}**: {decision['reason']}\n"
+    )
+
+
+@task(name="register-and-promote")
+def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_hash: str,
+                      manifest_hash: str, train_params: dict, mode: str) -> dict | None:
+    """Register every new model, then promote this run's best if it beats the champion."""
+    store = object_store()
+    logger = get_run_logger()
+    register_fresh_models(store, run_id, outcomes, split_hash, manifest_hash, train_params)
     candidates = [o for o in outcomes if o["status"] == "ok"]
     if not candidates:
         return None
@@ -68,14 +86,8 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
         logger.info("promoted %s/%s: %s", best["run_id"], best["architecture"], decision["reason"])
     else:
         logger.info("champion kept: %s", decision["reason"])
-    create_markdown_artifact(
-        f"## Promotion decision ({mode})\n\n| | run | architecture | test weighted F1 |\n|---|---|---|---|\n"
-        f"| challenger | {best['run_id']} | {best['architecture']} | {decision.get('challenger_score')} |\n"
-        f"| champion | {decision.get('champion_run') or '-'} | {decision.get('champion_arch') or '-'} | "
-        f"{decision.get('champion_score')} |\n\n**{'Promoted' if decision['promoted'] else 'Kept champion'}**: "
-        f"{decision['reason']}\n",
-        key="derm-promotion", description=f"run {run_id}",
-    )
+    create_markdown_artifact(promotion_markdown(mode, best, decision), key="derm-promotion",
+                             description=f"run {run_id}")
     return decision
 
 

@@ -313,6 +313,53 @@ def _score_rows(
     return scored, y_prob, unreadable
 
 
+def read_labelled_csv(csv_path: Path) -> "pd.DataFrame":
+    """A labelled set in the Fitzpatrick 17k schema, as strings; EvaluationError when it cannot
+    be read or lacks a required column."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"cannot read {csv_path}: {error}") from error
+    missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise EvaluationError(
+            f"{csv_path} lacks column(s) {missing_columns}; it has {list(frame.columns)}"
+        )
+    return frame
+
+
+@dataclass
+class LabelledRows:
+    """The rows of a labelled set a model can score, and why the others were skipped."""
+
+    usable: list[tuple[str, int, str, Path]] = field(default_factory=list)  # md5hash, class, range, path
+    skipped: dict[str, list[str]] = field(
+        default_factory=lambda: {"missing_image": [], "unknown_label": [], "unreadable_image": []}
+    )
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+
+
+def sort_labelled_rows(frame, images: dict[str, Path], class_names: Sequence[str]) -> LabelledRows:
+    """Which rows have a known label and an image file; the rest are counted, never dropped."""
+    class_index = {name: i for i, name in enumerate(class_names)}
+    rows = LabelledRows()
+    for row in frame.itertuples(index=False):
+        md5hash = str(row.md5hash).strip().lower()
+        label = str(row.label).strip()
+        if label not in class_index:
+            rows.skipped["unknown_label"].append(md5hash)
+            rows.unknown_labels[label] = rows.unknown_labels.get(label, 0) + 1
+            continue
+        path = images.get(md5hash)
+        if path is None:
+            rows.skipped["missing_image"].append(md5hash)
+            continue
+        rows.usable.append((md5hash, class_index[label], fitzpatrick_range(row.fitzpatrick_scale), path))
+    return rows
+
+
 def evaluate_dataset(
     bundle: ModelBundle,
     csv_path: Path | str,
@@ -332,47 +379,16 @@ def evaluate_dataset(
     per_range, range_gap_weighted_f1, n) plus `model`, `rows`, `evaluated`, `skipped`,
     `skipped_examples`, `unknown_labels`, `tta`.
     """
-    import pandas as pd
-
     csv_path = Path(csv_path)
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise EvaluationError(f"cannot read {csv_path}: {error}") from error
-    missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
-    if missing_columns:
-        raise EvaluationError(
-            f"{csv_path} lacks column(s) {missing_columns}; it has {list(frame.columns)}"
-        )
-    images = index_images(images_dir)
-    class_index = {name: i for i, name in enumerate(bundle.class_names)}
-
-    skipped: dict[str, list[str]] = {"missing_image": [], "unknown_label": [], "unreadable_image": []}
-    unknown_labels: dict[str, int] = {}
-    usable: list[tuple[str, int, str, Path]] = []  # md5hash, class index, range, path
-    for row in frame.itertuples(index=False):
-        md5hash = str(row.md5hash).strip().lower()
-        label = str(row.label).strip()
-        if label not in class_index:
-            skipped["unknown_label"].append(md5hash)
-            unknown_labels[label] = unknown_labels.get(label, 0) + 1
-            continue
-        path = images.get(md5hash)
-        if path is None:
-            skipped["missing_image"].append(md5hash)
-            continue
-        usable.append((md5hash, class_index[label], fitzpatrick_range(row.fitzpatrick_scale), path))
-
+    frame = read_labelled_csv(csv_path)
+    rows = sort_labelled_rows(frame, index_images(images_dir), bundle.class_names)
+    usable = rows.usable
     scored, y_prob, unreadable = _score_rows(
-        bundle,
-        lambda i: usable[i][3].read_bytes(),
-        len(usable),
-        batch_size=batch_size,
-        tta=tta,
-        progress=progress,
+        bundle, lambda i: usable[i][3].read_bytes(), len(usable),
+        batch_size=batch_size, tta=tta, progress=progress,
     )
-    skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
-    counts = {reason: len(hashes) for reason, hashes in skipped.items()}
+    rows.skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
+    counts = {reason: len(hashes) for reason, hashes in rows.skipped.items()}
     if not scored:
         raise EvaluationError(
             f"none of the {len(frame)} rows of {csv_path} could be evaluated: "
@@ -381,10 +397,7 @@ def evaluate_dataset(
             f"{counts['unreadable_image']} unreadable images"
         )
     metrics = classification_metrics(
-        [usable[i][1] for i in scored],
-        y_prob,
-        bundle.class_names,
-        ranges=[usable[i][2] for i in scored],
+        [usable[i][1] for i in scored], y_prob, bundle.class_names, ranges=[usable[i][2] for i in scored],
     )
     return {
         **metrics,
@@ -394,8 +407,8 @@ def evaluate_dataset(
         "rows": int(len(frame)),
         "evaluated": len(scored),
         "skipped": counts,
-        "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in skipped.items()},
-        "unknown_labels": dict(sorted(unknown_labels.items(), key=lambda kv: -kv[1])),
+        "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in rows.skipped.items()},
+        "unknown_labels": dict(sorted(rows.unknown_labels.items(), key=lambda kv: -kv[1])),
         "tta": tta,
     }
 

@@ -205,7 +205,8 @@ def set_prefect_profile(api_url: str) -> None:
     subprocess.run(prefect + ["profile", "use", PROFILE], capture_output=True, text=True, check=True)
 
 
-def cmd_up(args) -> int:
+def _settings_with_env_file():
+    """Write the keys `.env` lacks (embedded stack, fresh keys), then the settings it gives."""
     from dermflow.ops.stack import default_env_values, ensure_env_file
 
     base = load_settings()
@@ -213,20 +214,24 @@ def cmd_up(args) -> int:
     if added:
         print(f"wrote {', '.join(added)} to {env_file_path()}")
     get_settings.cache_clear()
-    settings = load_settings()
-    env = _stack_env(settings)
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+    return load_settings()
+
+
+def _start_storage(settings: Settings) -> None:
+    """The embedded SeaweedFS (unless S3 is elsewhere), and the bucket."""
+    from dermflow.storage import ObjectStore
 
     if _embedded_s3(settings):
         print(f"SeaweedFS S3        {settings.aws_endpoint_url}  (data in {settings.data_dir / 'seaweedfs'})")
         _seaweed(settings).start()
     else:
         print(f"S3 endpoint         {settings.aws_endpoint_url or 'AWS default'} (not embedded)")
-    from dermflow.storage import ObjectStore
-
     ObjectStore.from_settings(settings).ensure_bucket()
     print(f"bucket              s3://{settings.bucket}")
 
+
+def _start_orchestration(settings: Settings) -> None:
+    """The Prefect server (when local), the profile, the work pool and limit, the workers."""
     server = _prefect_server(settings)
     if server is not None:
         server.start()
@@ -237,8 +242,15 @@ def cmd_up(args) -> int:
     for worker in _workers(settings):
         started = worker.start(settings.prefect_api_url, PROJECT_ROOT)
         print(f"worker              {worker.name} ({'started' if started else 'running'})")
+
+
+def cmd_up(args) -> int:
+    settings = _settings_with_env_file()
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+    _start_storage(settings)
+    _start_orchestration(settings)
     if not args.no_deploy:
-        register_deployments(settings, env)
+        register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
               "derm-tune/worker")
         if configure_alerts(settings):
