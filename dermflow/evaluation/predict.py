@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from dermflow.layout import image_key
 from dermflow.metrics import classification_metrics
 from dermflow.registry.runs import resolve_model
 from dermflow.storage import ObjectStore, StorageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
@@ -313,7 +316,7 @@ def _score_rows(
     return scored, y_prob, unreadable
 
 
-def read_labelled_csv(csv_path: Path) -> "pd.DataFrame":
+def read_labelled_csv(csv_path: Path) -> pd.DataFrame:
     """A labelled set in the Fitzpatrick 17k schema, as strings; EvaluationError when it cannot
     be read or lacks a required column."""
     import pandas as pd
@@ -341,7 +344,7 @@ class LabelledRows:
     unknown_labels: dict[str, int] = field(default_factory=dict)
 
 
-def sort_labelled_rows(frame, images: dict[str, Path], class_names: Sequence[str]) -> LabelledRows:
+def sort_labelled_rows(frame: pd.DataFrame, images: dict[str, Path], class_names: Sequence[str]) -> LabelledRows:
     """Which rows have a known label and an image file; the rest are counted, never dropped."""
     class_index = {name: i for i, name in enumerate(class_names)}
     rows = LabelledRows()
