@@ -1,4 +1,6 @@
-"""Run identity and the bucket keys a run writes: one place for the layout of `runs/<run_id>/`."""
+"""Run identity: time-sortable run ids, and the content hash that reuse decisions key on.
+
+The bucket keys a run writes are spelled in `dermflow.layout`, not here."""
 
 from __future__ import annotations
 
@@ -15,14 +17,6 @@ def make_run_id(flow_run_name: str, when: datetime | None = None) -> str:
     when = when or datetime.now(timezone.utc)
     slug = re.sub(r"[^a-z0-9]+", "-", flow_run_name.lower()).strip("-") or "run"
     return f"{when:%Y%m%d-%H%M%S}-{slug}"
-
-
-def run_key(run_id: str, *parts: str) -> str:
-    return "/".join(["runs", run_id, *parts])
-
-
-def model_key(run_id: str, architecture: str, name: str = "model.keras") -> str:
-    return run_key(run_id, "models", architecture, name)
 
 
 def content_hash(*objects) -> str:

@@ -18,11 +18,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from dermflow.errors import DermflowError
 from dermflow.settings import Settings, get_settings
 
 
-class StorageError(RuntimeError):
+class StorageError(DermflowError, RuntimeError):
     """The object store is unreachable, misconfigured, or an object is missing."""
+
+    transient = True
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
-`derm/full` and `derm/retrain` promote by the same rule (`dermflow.registry.store.decide_promotion`):
-the first model of a label set becomes its champion; later ones only if they beat the
+`derm/full` and `derm/retrain` promote by the same rule
+(`dermflow.evaluation.promotion.evaluate_challenger`): the first model of a label set becomes its champion; later ones only if they beat the
 champion's weighted F1 on the same test split.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from dermflow.registry import store as registry
-from dermflow.runs import content_hash, model_key
-from tasks.common import object_store, settings
+from dermflow.evaluation import promotion
+from dermflow.layout import model_key, training_record_key
+from dermflow.registry import entries, retention
+from dermflow.runs import content_hash
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
 def training_key(split_hash: str, architecture: str, params: dict) -> str:
@@ -21,11 +23,11 @@ def training_key(split_hash: str, architecture: str, params: dict) -> str:
     return content_hash(split_hash, architecture, stable)[:16]
 
 
-@task(name="find-reusable-training")
+@task(name="find-reusable-training", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def reusable_training(split_hash: str, architecture: str, params: dict) -> dict | None:
     """A previous run's outcome for the same split and parameters, if its model still exists."""
     store = object_store()
-    key = f"registry/trainings/{training_key(split_hash, architecture, params)}.json"
+    key = training_record_key(training_key(split_hash, architecture, params))
     if not store.exists(key):
         return None
     record = store.get_json(key)
@@ -34,31 +36,49 @@ def reusable_training(split_hash: str, architecture: str, params: dict) -> dict 
     return {**record, "reused": True}
 
 
+def register_fresh_models(store, run_id: str, outcomes: list[dict], split_hash: str, manifest_hash: str,
+                          train_params: dict) -> None:
+    """Register every model this run trained (not reused ones), and record each training's
+    outcome under its reuse key so that an unchanged retrain can reuse it."""
+    for outcome in outcomes:
+        if outcome["status"] != "ok" or outcome.get("reused"):
+            continue
+        arch = outcome["architecture"]
+        params = store.get_json(model_key(run_id, arch, "params.json"))
+        entries.register_model(
+            store, run_id, arch, metrics={"test": outcome["test"], "verified_test": outcome.get("verified_test")},
+            params=params, data_manifest_hash=manifest_hash, split_hash=split_hash,
+            label_set=params["class_names"],
+        )
+        arch_params = {**train_params, "hyperparameters": outcome.get("hyperparameters")}
+        store.put_json(training_record_key(training_key(split_hash, arch, arch_params)),
+                       {"architecture": arch, "status": "ok", "run_id": run_id, "test": outcome["test"],
+                        "verified_test": outcome.get("verified_test"), "model_key": outcome["model_key"]})
+
+
+def promotion_markdown(mode: str, best: dict, decision: dict) -> str:
+    """The promotion decision as a Markdown table for the run's artifact."""
+    verdict = "Promoted" if decision["promoted"] else "Kept champion"
+    return (
+        f"## Promotion decision ({mode})\n\n| | run | architecture | test weighted F1 |\n|---|---|---|---|\n"
+        f"| challenger | {best['run_id']} | {best['architecture']} | {decision.get('challenger_score')} |\n"
+        f"| champion | {decision.get('champion_run') or '-'} | {decision.get('champion_arch') or '-'} | "
+        f"{decision.get('champion_score')} |\n\n**{verdict}**: {decision['reason']}\n"
+    )
+
+
 @task(name="register-and-promote")
 def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_hash: str,
                       manifest_hash: str, train_params: dict, mode: str) -> dict | None:
     """Register every new model, then promote this run's best if it beats the champion."""
     store = object_store()
     logger = get_run_logger()
-    fresh = [o for o in outcomes if o["status"] == "ok" and not o.get("reused")]
-    for outcome in fresh:
-        arch = outcome["architecture"]
-        params = store.get_json(model_key(run_id, arch, "params.json"))
-        registry.register_model(
-            store, run_id, arch, metrics={"test": outcome["test"], "verified_test": outcome.get("verified_test")},
-            params=params, data_manifest_hash=manifest_hash, split_hash=split_hash,
-            label_set=params["class_names"],
-        )
-        arch_params = {k: v for k, v in train_params.items()}
-        arch_params["hyperparameters"] = outcome.get("hyperparameters")
-        store.put_json(f"registry/trainings/{training_key(split_hash, arch, arch_params)}.json",
-                       {"architecture": arch, "status": "ok", "run_id": run_id, "test": outcome["test"],
-                        "verified_test": outcome.get("verified_test"), "model_key": outcome["model_key"]})
+    register_fresh_models(store, run_id, outcomes, split_hash, manifest_hash, train_params)
     candidates = [o for o in outcomes if o["status"] == "ok"]
     if not candidates:
         return None
     best = max(candidates, key=lambda o: o["test"]["weighted_f1"])
-    decision = registry.evaluate_challenger(
+    decision = promotion.evaluate_challenger(
         store, challenger_run=best["run_id"], challenger_arch=best["architecture"],
         challenger_score=best["test"]["weighted_f1"], split_key=split_key, split_hash=split_hash,
     )
@@ -66,22 +86,16 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
         logger.info("promoted %s/%s: %s", best["run_id"], best["architecture"], decision["reason"])
     else:
         logger.info("champion kept: %s", decision["reason"])
-    create_markdown_artifact(
-        f"## Promotion decision ({mode})\n\n| | run | architecture | test weighted F1 |\n|---|---|---|---|\n"
-        f"| challenger | {best['run_id']} | {best['architecture']} | {decision.get('challenger_score')} |\n"
-        f"| champion | {decision.get('champion_run') or '-'} | {decision.get('champion_arch') or '-'} | "
-        f"{decision.get('champion_score')} |\n\n**{'Promoted' if decision['promoted'] else 'Kept champion'}**: "
-        f"{decision['reason']}\n",
-        key="derm-promotion", description=f"run {run_id}",
-    )
+    create_markdown_artifact(promotion_markdown(mode, best, decision), key="derm-promotion",
+                             description=f"run {run_id}")
     return decision
 
 
-@task(name="apply-retention")
+@task(name="apply-retention", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def apply_retention() -> dict:
     """Delete runs beyond `DERMFLOW_KEEP_RUNS` and old checkpoints; champions' runs are kept."""
     current = settings()
-    result = registry.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
+    result = retention.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
     get_run_logger().info("retention: %d run(s) deleted, %d checkpoint(s) deleted, %d protected",
                           len(result["deleted_runs"]), len(result["deleted_checkpoints"]), len(result["protected_runs"]))
     return {k: v for k, v in result.items() if k != "kept_runs"}

@@ -7,7 +7,7 @@ import io
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from dermflow.runs import model_key
+from dermflow.layout import model_key
 from tasks.common import object_store, settings
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dermflow.runs import model_key, run_key
+from dermflow.layout import checkpoint_state_key, model_key, run_params_key
 from tasks.common import object_store
 
 
 @task(name="record-params")
 def record_params(run_id: str, params: dict) -> str:
-    return object_store().put_json(run_key(run_id, "params.json"), params)
+    return object_store().put_json(run_params_key(run_id), params)
 
 
 @task(name="collect-training-outcome")
@@ -21,7 +21,7 @@ def training_outcome(run_id: str, architecture: str, state_name: str, state_mess
     key = model_key(run_id, architecture, "metrics.json")
     if completed and store.exists(key):
         metrics = store.get_json(key)
-        state_key = run_key(run_id, "checkpoints", architecture, "state.json")
+        state_key = checkpoint_state_key(run_id, architecture)
         summary = (store.get_json(state_key).get("summary") or {}) if store.exists(state_key) else {}
         return {"architecture": architecture, "status": "ok", "run_id": run_id,
                 "test": metrics.get("test"), "verified_test": metrics.get("verified_test"),

@@ -13,15 +13,20 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dermflow.errors import DermflowError
 from dermflow.ingestion.images import ImageDecodeError, load_image_array  # noqa: F401 - re-exported
 from dermflow.ingestion.ingest import fitzpatrick_range
+from dermflow.layout import image_key
 from dermflow.metrics import classification_metrics
-from dermflow.registry.store import resolve_model
+from dermflow.registry.runs import resolve_model
 from dermflow.storage import ObjectStore, StorageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
@@ -30,8 +35,9 @@ REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
 
 
-class EvaluationError(ValueError):
-    """A labelled set that cannot be evaluated (bad CSV, nothing usable)."""
+class EvaluationError(DermflowError, ValueError):
+    """A labelled set that cannot be evaluated (bad CSV, nothing usable), or images or a model
+    output of the wrong shape."""
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ def predict_arrays(bundle: ModelBundle, images: np.ndarray, *, tta: bool = False
     `tta`: average with the horizontally flipped images."""
     batch = np.asarray(images, dtype=np.float32)
     if batch.ndim != 4 or batch.shape[1:] != (bundle.image_size, bundle.image_size, 3):
-        raise ValueError(
+        raise EvaluationError(
             f"images have shape {batch.shape}; the model takes (n, {bundle.image_size}, {bundle.image_size}, 3)"
         )
     probs = np.asarray(bundle.model.predict_on_batch(batch))
@@ -129,7 +135,7 @@ def predict_arrays(bundle: ModelBundle, images: np.ndarray, *, tta: bool = False
         probs = (probs + np.asarray(bundle.model.predict_on_batch(batch[:, :, ::-1, :].copy()))) / 2.0
     probs = _softmax_if_needed(probs)
     if probs.shape != (len(batch), len(bundle.class_names)):
-        raise ValueError(
+        raise EvaluationError(
             f"model output has shape {probs.shape}; params.json lists {len(bundle.class_names)} classes"
         )
     return probs
@@ -310,6 +316,53 @@ def _score_rows(
     return scored, y_prob, unreadable
 
 
+def read_labelled_csv(csv_path: Path) -> pd.DataFrame:
+    """A labelled set in the Fitzpatrick 17k schema, as strings; EvaluationError when it cannot
+    be read or lacks a required column."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"cannot read {csv_path}: {error}") from error
+    missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise EvaluationError(
+            f"{csv_path} lacks column(s) {missing_columns}; it has {list(frame.columns)}"
+        )
+    return frame
+
+
+@dataclass
+class LabelledRows:
+    """The rows of a labelled set a model can score, and why the others were skipped."""
+
+    usable: list[tuple[str, int, str, Path]] = field(default_factory=list)  # md5hash, class, range, path
+    skipped: dict[str, list[str]] = field(
+        default_factory=lambda: {"missing_image": [], "unknown_label": [], "unreadable_image": []}
+    )
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+
+
+def sort_labelled_rows(frame: pd.DataFrame, images: dict[str, Path], class_names: Sequence[str]) -> LabelledRows:
+    """Which rows have a known label and an image file; the rest are counted, never dropped."""
+    class_index = {name: i for i, name in enumerate(class_names)}
+    rows = LabelledRows()
+    for row in frame.itertuples(index=False):
+        md5hash = str(row.md5hash).strip().lower()
+        label = str(row.label).strip()
+        if label not in class_index:
+            rows.skipped["unknown_label"].append(md5hash)
+            rows.unknown_labels[label] = rows.unknown_labels.get(label, 0) + 1
+            continue
+        path = images.get(md5hash)
+        if path is None:
+            rows.skipped["missing_image"].append(md5hash)
+            continue
+        rows.usable.append((md5hash, class_index[label], fitzpatrick_range(row.fitzpatrick_scale), path))
+    return rows
+
+
 def evaluate_dataset(
     bundle: ModelBundle,
     csv_path: Path | str,
@@ -329,47 +382,16 @@ def evaluate_dataset(
     per_range, range_gap_weighted_f1, n) plus `model`, `rows`, `evaluated`, `skipped`,
     `skipped_examples`, `unknown_labels`, `tta`.
     """
-    import pandas as pd
-
     csv_path = Path(csv_path)
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise EvaluationError(f"cannot read {csv_path}: {error}") from error
-    missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
-    if missing_columns:
-        raise EvaluationError(
-            f"{csv_path} lacks column(s) {missing_columns}; it has {list(frame.columns)}"
-        )
-    images = index_images(images_dir)
-    class_index = {name: i for i, name in enumerate(bundle.class_names)}
-
-    skipped: dict[str, list[str]] = {"missing_image": [], "unknown_label": [], "unreadable_image": []}
-    unknown_labels: dict[str, int] = {}
-    usable: list[tuple[str, int, str, Path]] = []  # md5hash, class index, range, path
-    for row in frame.itertuples(index=False):
-        md5hash = str(row.md5hash).strip().lower()
-        label = str(row.label).strip()
-        if label not in class_index:
-            skipped["unknown_label"].append(md5hash)
-            unknown_labels[label] = unknown_labels.get(label, 0) + 1
-            continue
-        path = images.get(md5hash)
-        if path is None:
-            skipped["missing_image"].append(md5hash)
-            continue
-        usable.append((md5hash, class_index[label], fitzpatrick_range(row.fitzpatrick_scale), path))
-
+    frame = read_labelled_csv(csv_path)
+    rows = sort_labelled_rows(frame, index_images(images_dir), bundle.class_names)
+    usable = rows.usable
     scored, y_prob, unreadable = _score_rows(
-        bundle,
-        lambda i: usable[i][3].read_bytes(),
-        len(usable),
-        batch_size=batch_size,
-        tta=tta,
-        progress=progress,
+        bundle, lambda i: usable[i][3].read_bytes(), len(usable),
+        batch_size=batch_size, tta=tta, progress=progress,
     )
-    skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
-    counts = {reason: len(hashes) for reason, hashes in skipped.items()}
+    rows.skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
+    counts = {reason: len(hashes) for reason, hashes in rows.skipped.items()}
     if not scored:
         raise EvaluationError(
             f"none of the {len(frame)} rows of {csv_path} could be evaluated: "
@@ -378,10 +400,7 @@ def evaluate_dataset(
             f"{counts['unreadable_image']} unreadable images"
         )
     metrics = classification_metrics(
-        [usable[i][1] for i in scored],
-        y_prob,
-        bundle.class_names,
-        ranges=[usable[i][2] for i in scored],
+        [usable[i][1] for i in scored], y_prob, bundle.class_names, ranges=[usable[i][2] for i in scored],
     )
     return {
         **metrics,
@@ -391,8 +410,8 @@ def evaluate_dataset(
         "rows": int(len(frame)),
         "evaluated": len(scored),
         "skipped": counts,
-        "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in skipped.items()},
-        "unknown_labels": dict(sorted(unknown_labels.items(), key=lambda kv: -kv[1])),
+        "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in rows.skipped.items()},
+        "unknown_labels": dict(sorted(rows.unknown_labels.items(), key=lambda kv: -kv[1])),
         "tta": tta,
     }
 
@@ -407,14 +426,14 @@ def evaluate_split(
     tta: bool = False,
     progress: ProgressCallback | None = None,
 ) -> dict:
-    """Score a model on one split of a split manifest in the bucket (`manifests/split-*.csv`),
+    """Score a model on one split of a split manifest in the bucket (`layout.split_manifest_key`),
     e.g. to re-score a champion on a challenger's test split before deciding a promotion.
     Rows whose label the model does not know are counted in `skipped.unknown_label`."""
     frame = store.get_dataframe_csv(split_key)
     frame = frame[frame["split"] == split]
     class_index = {name: i for i, name in enumerate(bundle.class_names)}
     known = frame[frame["label"].isin(class_index)].reset_index(drop=True)
-    keys = [key or f"images/{md5}" for key, md5 in zip(known["key"], known["md5hash"])]
+    keys = [key or image_key(md5) for key, md5 in zip(known["key"], known["md5hash"])]
     scored, y_prob, unreadable = _score_rows(
         bundle, lambda i: store.get_bytes(keys[i]), len(known), batch_size=batch_size, tta=tta, progress=progress
     )

@@ -9,14 +9,17 @@ model's structure does not matter. `overlay_heatmap` renders the map over the im
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from dermflow.errors import DermflowError
 
-class SaliencyError(ValueError):
+
+class SaliencyError(DermflowError, ValueError):
     """No usable feature layer, or gradients could not be computed."""
 
 
@@ -91,6 +94,65 @@ def _final_softmax_layer(model: Any) -> Any | None:
     return leaves[-1] if getattr(activation, "__name__", "") == "softmax" else None
 
 
+@contextmanager
+def _capturing_features(feature_layer: Any, softmax_layer: Any, on_features: Callable[[Any], None]):
+    """While active, `feature_layer` hands each output to `on_features`, and the final softmax
+    (if any) is linear: Grad-CAM differentiates the class logit, not its probability.
+    Both are restored on exit."""
+    import keras
+
+    original_call = feature_layer.call
+    had_own_call = "call" in feature_layer.__dict__
+    original_activation = softmax_layer.activation if softmax_layer is not None else None
+
+    def capturing_call(*args, **kwargs):
+        outputs = original_call(*args, **kwargs)
+        on_features(outputs)
+        return outputs
+
+    # object.__setattr__: bypass Keras' attribute tracking; restored in `finally`.
+    object.__setattr__(feature_layer, "call", capturing_call)
+    if softmax_layer is not None:
+        object.__setattr__(softmax_layer, "activation", keras.activations.linear)
+    try:
+        yield
+    finally:
+        if had_own_call:
+            object.__setattr__(feature_layer, "call", original_call)
+        else:
+            object.__delattr__(feature_layer, "call")
+        if softmax_layer is not None:
+            object.__setattr__(softmax_layer, "activation", original_activation)
+
+
+def _class_score(outputs: Any, class_index: int | None) -> tuple[Any, int]:
+    """The logit to explain (of `class_index`, default the predicted class) -> (score, index)."""
+    import tensorflow as tf
+
+    if isinstance(outputs, (list, tuple)):
+        outputs = outputs[0]
+    n_classes = int(outputs.shape[-1])
+    if class_index is None:
+        class_index = int(tf.argmax(outputs[0]))
+    if not 0 <= class_index < n_classes:
+        raise SaliencyError(f"class_index {class_index} is out of range for {n_classes} classes")
+    return outputs[:, class_index], class_index
+
+
+def _weighted_heatmap(features: Any, gradients: Any, height: int, width: int) -> np.ndarray:
+    """Feature maps weighted by their mean gradient, rectified, normalised to [0, 1] and
+    resized to (height, width); all zeros when nothing supports the class."""
+    import tensorflow as tf
+
+    channel_weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * channel_weights, axis=-1))[0].numpy()
+    cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(cam.max()) if cam.size else 0.0
+    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    heatmap = _resize_float(cam, height, width)
+    return np.clip(np.nan_to_num(heatmap, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
 def grad_cam(
     model: Any,
     image: np.ndarray,
@@ -104,7 +166,6 @@ def grad_cam(
     is resized to the model's input size for the forward pass and the map back to (H, W).
     All zeros when no region supports the class.
     """
-    import keras
     import tensorflow as tf
 
     image = np.asarray(image)
@@ -114,43 +175,18 @@ def grad_cam(
     input_h, input_w = _model_input_size(model)
     model_image = _resize_float(image.astype(np.float32), input_h or height, input_w or width)
     batch = tf.convert_to_tensor(model_image[None, ...], dtype=tf.float32)
-
     feature_layer = find_feature_layer(model, layer_name)
-    softmax_layer = _final_softmax_layer(model)
-    original_activation = softmax_layer.activation if softmax_layer is not None else None
     captured: dict[str, Any] = {}
-    original_call = feature_layer.call
-    had_own_call = "call" in feature_layer.__dict__
 
     with tf.GradientTape() as tape:
 
-        def capturing_call(*args, **kwargs):
-            outputs = original_call(*args, **kwargs)
-            tape.watch(outputs)
-            captured["features"] = outputs
-            return outputs
+        def keep_features(features: Any) -> None:
+            tape.watch(features)
+            captured["features"] = features
 
-        # object.__setattr__: bypass Keras' attribute tracking; restored in `finally`.
-        object.__setattr__(feature_layer, "call", capturing_call)
-        if softmax_layer is not None:
-            object.__setattr__(softmax_layer, "activation", keras.activations.linear)
-        try:
+        with _capturing_features(feature_layer, _final_softmax_layer(model), keep_features):
             outputs = model(batch, training=False)
-        finally:
-            if had_own_call:
-                object.__setattr__(feature_layer, "call", original_call)
-            else:
-                object.__delattr__(feature_layer, "call")
-            if softmax_layer is not None:
-                object.__setattr__(softmax_layer, "activation", original_activation)
-        if isinstance(outputs, (list, tuple)):
-            outputs = outputs[0]
-        n_classes = int(outputs.shape[-1])
-        if class_index is None:
-            class_index = int(tf.argmax(outputs[0]))
-        if not 0 <= class_index < n_classes:
-            raise SaliencyError(f"class_index {class_index} is out of range for {n_classes} classes")
-        score = outputs[:, class_index]
+        score, class_index = _class_score(outputs, class_index)
 
     features = captured.get("features")
     if features is None:
@@ -158,13 +194,7 @@ def grad_cam(
     gradients = tape.gradient(score, features)
     if gradients is None:
         raise SaliencyError(f"the score of class {class_index} does not depend on layer {feature_layer.name!r}")
-    channel_weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * channel_weights, axis=-1))[0].numpy()
-    cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
-    peak = float(cam.max()) if cam.size else 0.0
-    cam = cam / peak if peak > 0 else np.zeros_like(cam)
-    heatmap = _resize_float(cam, height, width)
-    return np.clip(np.nan_to_num(heatmap, nan=0.0), 0.0, 1.0).astype(np.float32)
+    return _weighted_heatmap(features, gradients, height, width)
 
 
 def overlay_heatmap(
@@ -175,12 +205,12 @@ def overlay_heatmap(
 
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3); got shape {image.shape}")
+        raise SaliencyError(f"image must be (H, W, 3); got shape {image.shape}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise SaliencyError(f"alpha must be in [0, 1], got {alpha}")
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
     if heat.ndim != 2:
-        raise ValueError(f"heatmap must be (H, W); got shape {heat.shape}")
+        raise SaliencyError(f"heatmap must be (H, W); got shape {heat.shape}")
     heat = _resize_float(heat, image.shape[0], image.shape[1])
     colors = colormaps[colormap](heat)[..., :3] * 255.0
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors

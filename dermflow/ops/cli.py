@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dermflow.errors import DermflowError
 from dermflow.settings import PROJECT_ROOT, Settings, env_file_path, get_settings, load_settings
 
 NOT_FOR_CLINICAL_USE = (
@@ -25,7 +26,7 @@ GPU_LIMIT = "gpu"
 PROFILE = "dermflow"
 
 
-class CommandError(RuntimeError):
+class CommandError(DermflowError, RuntimeError):
     """A command failed with a message for the user (exit code 1)."""
 
 
@@ -204,7 +205,8 @@ def set_prefect_profile(api_url: str) -> None:
     subprocess.run(prefect + ["profile", "use", PROFILE], capture_output=True, text=True, check=True)
 
 
-def cmd_up(args) -> int:
+def _settings_with_env_file():
+    """Write the keys `.env` lacks (embedded stack, fresh keys), then the settings it gives."""
     from dermflow.ops.stack import default_env_values, ensure_env_file
 
     base = load_settings()
@@ -212,20 +214,24 @@ def cmd_up(args) -> int:
     if added:
         print(f"wrote {', '.join(added)} to {env_file_path()}")
     get_settings.cache_clear()
-    settings = load_settings()
-    env = _stack_env(settings)
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+    return load_settings()
+
+
+def _start_storage(settings: Settings) -> None:
+    """The embedded SeaweedFS (unless S3 is elsewhere), and the bucket."""
+    from dermflow.storage import ObjectStore
 
     if _embedded_s3(settings):
         print(f"SeaweedFS S3        {settings.aws_endpoint_url}  (data in {settings.data_dir / 'seaweedfs'})")
         _seaweed(settings).start()
     else:
         print(f"S3 endpoint         {settings.aws_endpoint_url or 'AWS default'} (not embedded)")
-    from dermflow.storage import ObjectStore
-
     ObjectStore.from_settings(settings).ensure_bucket()
     print(f"bucket              s3://{settings.bucket}")
 
+
+def _start_orchestration(settings: Settings) -> None:
+    """The Prefect server (when local), the profile, the work pool and limit, the workers."""
     server = _prefect_server(settings)
     if server is not None:
         server.start()
@@ -236,8 +242,15 @@ def cmd_up(args) -> int:
     for worker in _workers(settings):
         started = worker.start(settings.prefect_api_url, PROJECT_ROOT)
         print(f"worker              {worker.name} ({'started' if started else 'running'})")
+
+
+def cmd_up(args) -> int:
+    settings = _settings_with_env_file()
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+    _start_storage(settings)
+    _start_orchestration(settings)
     if not args.no_deploy:
-        register_deployments(settings, env)
+        register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
               "derm-tune/worker")
         if configure_alerts(settings):
@@ -347,20 +360,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _print_run_metrics(metrics: dict) -> None:
+    """One line per architecture of a run's metrics.json: its test scores, or why it failed."""
+    for arch, entry in metrics.get("architectures", {}).items():
+        test = entry.get("test") or {}
+        if entry.get("status") == "ok":
+            print(f"  {arch:20} accuracy={test.get('accuracy', float('nan')):.4f} "
+                  f"weighted_f1={test.get('weighted_f1', float('nan')):.4f}")
+        else:
+            print(f"  {arch:20} FAILED: {entry.get('error')}")
+
+
 def cmd_report(args) -> int:
+    from dermflow.layout import report_key, run_metrics_key
+    from dermflow.registry.runs import list_runs, resolve_run_id
     from dermflow.storage import ObjectStore, StorageError
 
-    settings = get_settings()
-    store = ObjectStore.from_settings(settings)
-    run_id = args.run_id
-    key = f"runs/{run_id}/report.html"
+    store = ObjectStore.from_settings(get_settings())
+    run_id = resolve_run_id(store, args.run_id)
+    key = report_key(run_id)
     try:
         if args.output:
             store.download_file(key, Path(args.output))
             print(f"report written to {args.output}")
-        metrics = store.get_json(f"runs/{run_id}/metrics.json")
+        metrics = store.get_json(run_metrics_key(run_id))
     except StorageError as error:
-        runs = sorted({k.split("/")[1] for k in store.iter_keys("runs/") if k.endswith("/report.html")})
+        runs = [run for run in list_runs(store) if store.exists(report_key(run))]
         raise CommandError(f"{error}; runs with a report: {', '.join(runs[-10:]) or 'none'}") from error
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -369,12 +394,7 @@ def cmd_report(args) -> int:
     url = store.presign(key)
     if url:
         print(f"open:   {url}")
-    for arch, entry in metrics.get("architectures", {}).items():
-        test = entry.get("test") or {}
-        if entry.get("status") == "ok":
-            print(f"  {arch:20} accuracy={test.get('accuracy', float('nan')):.4f} weighted_f1={test.get('weighted_f1', float('nan')):.4f}")
-        else:
-            print(f"  {arch:20} FAILED: {entry.get('error')}")
+    _print_run_metrics(metrics)
     return 0
 
 
@@ -410,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     report = sub.add_parser("report", help="where a run's report is, and its headline metrics")
-    report.add_argument("run_id")
+    report.add_argument("run_id", help="a run id or the flow run's name")
     report.add_argument("--output", "-o", help="download report.html here")
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)
@@ -421,20 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CommandError as error:
+    # dermflow's own errors, and a file the user named that is not there: one clear line, exit 1;
+    # anything else is a bug and keeps its traceback
+    except (DermflowError, FileNotFoundError) as error:
         print(f"dermflow {args.command}: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # noqa: BLE001 - any known failure type: one clear line, exit 1
-        from dermflow.evaluation.predict import EvaluationError
-        from dermflow.registry.store import RegistryError
-        from dermflow.ops.stack import StackError
-        from dermflow.storage import StorageError
-
-        known = (StackError, StorageError, RegistryError, EvaluationError, ValueError, FileNotFoundError)
-        if isinstance(error, known):
-            print(f"dermflow {args.command}: {error}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

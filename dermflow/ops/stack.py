@@ -20,8 +20,10 @@ from pathlib import Path
 
 import httpx
 
+from dermflow.errors import DermflowError
 
-class StackError(RuntimeError):
+
+class StackError(DermflowError, RuntimeError):
     """A service could not start, or is not answering."""
 
 

@@ -121,7 +121,7 @@ def _flow_runs(stack, flow_name: str) -> list:
 
 
 def _champion(store) -> dict:
-    from dermflow.registry.store import list_champions
+    from dermflow.registry.entries import list_champions
 
     champions = list_champions(store)
     assert len(champions) == 1

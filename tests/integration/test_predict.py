@@ -248,7 +248,8 @@ def test_load_image_array_crops_the_centre_square_and_resizes():
 def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(saved_model, labelled_set, tmp_path):
     import pandas as pd
 
-    from dermflow.registry.store import evaluate_challenger, get_champion_history, register_model
+    from dermflow.registry.entries import get_champion_history, register_model
+    from dermflow.evaluation.promotion import evaluate_challenger
 
     _, _, usable = labelled_set
     rows = []

@@ -2,18 +2,18 @@
 
 import pytest
 
-from dermflow.registry.store import (
+from dermflow.evaluation import promotion
+from dermflow.evaluation.promotion import evaluate_challenger, promote
+from dermflow.registry.entries import (
     RegistryError,
-    apply_retention,
-    challenge_champion,
     get_champion,
     get_champion_history,
     label_set_id,
     list_registered_models,
-    promote,
     register_model,
-    resolve_model,
 )
+from dermflow.registry.retention import apply_retention
+from dermflow.registry.runs import resolve_model
 
 pytestmark = pytest.mark.integration
 
@@ -47,22 +47,29 @@ def test_register_writes_a_complete_entry(store):
     assert [e["arch"] for e in list_registered_models(store)] == ["efficientnetb0"]
 
 
+def challenge(store, entry, **options):
+    """The production promotion step for a registered model."""
+    return evaluate_challenger(store, challenger_run=entry["run_id"], challenger_arch=entry["arch"], **options)
+
+
 def test_promotion_rules_first_worse_better(store):
     labels = label_set_id(CLASSES)
     assert get_champion(store, labels) is None
 
     first = put_run_model(store, "20261126-100000-calm-fox", "cnn", 0.40)
-    decision = challenge_champion(store, first)
+    decision = challenge(store, first)
     assert decision["promoted"] and "first model" in decision["reason"]
     assert get_champion(store, labels)["run_id"] == "20261126-100000-calm-fox"
+    again = challenge(store, first)
+    assert not again["promoted"] and again["reason"] == "this model is already the champion"
 
     worse = put_run_model(store, "20261126-110000-shy-owl", "cnn", 0.35)
-    decision = challenge_champion(store, worse)
-    assert not decision["promoted"]
+    decision = challenge(store, worse)
+    assert not decision["promoted"] and decision["champion_score"] == 0.40
     assert get_champion(store, labels)["run_id"] == "20261126-100000-calm-fox"
 
     better = put_run_model(store, "20261126-120000-bold-elk", "resnet50", 0.47)
-    decision = challenge_champion(store, better)
+    decision = challenge(store, better)
     assert decision["promoted"]
     champion = get_champion(store, labels)
     assert (champion["run_id"], champion["arch"]) == ("20261126-120000-bold-elk", "resnet50")
@@ -74,15 +81,27 @@ def test_promotion_rules_first_worse_better(store):
     assert all(h["reason"] for h in history)
 
 
-def test_scores_on_different_test_splits_are_not_compared(store):
-    put_run_model(store, "20261126-100000-calm-fox", "cnn", 0.40, split_hash="split-a")
-    challenge_champion(store, store.get_json("registry/models/20261126-100000-calm-fox/cnn.json"))
+def test_an_unregistered_challenger_is_refused_with_what_is_registered(store):
+    put_run_model(store, "20261126-100000-calm-fox", "cnn", 0.40)
+    with pytest.raises(RegistryError, match="20261126-100000-calm-fox/cnn"):
+        evaluate_challenger(store, challenger_run="20261126-100000-calm-fox", challenger_arch="vgg16")
+
+
+def test_scores_on_different_test_splits_are_not_compared(store, monkeypatch):
+    """Re-scoring the champion would need a real model: `promotion.rescore_champion` is
+    replaced by a stand-in that says how the champion scores on the challenger's split."""
+    champion = put_run_model(store, "20261126-100000-calm-fox", "cnn", 0.40, split_hash="split-a")
+    challenge(store, champion)
     challenger = put_run_model(store, "20261126-110000-shy-owl", "cnn", 0.45, split_hash="split-b")
-    with pytest.raises(RegistryError, match="re-score the champion"):
-        challenge_champion(store, challenger)
+    with pytest.raises(RegistryError, match="pass split_key to re-score it"):
+        challenge(store, challenger)
+    rescored = []
+    monkeypatch.setattr(promotion, "rescore_champion",
+                        lambda store, champion, split_key, cache_dir=None: rescored.append(split_key) or 0.50)
     # the champion re-scored on split-b is stronger there: no promotion
-    decision = challenge_champion(store, challenger, champion_score=0.50)
-    assert not decision["promoted"]
+    decision = challenge(store, challenger, split_key="manifests/split-b.csv")
+    assert rescored == ["manifests/split-b.csv"]
+    assert not decision["promoted"] and decision["champion_rescored"] and decision["champion_score"] == 0.50
     assert get_champion(store, label_set_id(CLASSES))["run_id"] == "20261126-100000-calm-fox"
 
 

@@ -4,13 +4,9 @@ import math
 
 import pytest
 
-from dermflow.registry.store import (
-    champion_score_on_split,
-    decide_promotion,
-    flow_run_name,
-    label_set_id,
-    promotion_score,
-)
+from dermflow.registry.entries import label_set_id, promotion_score
+from dermflow.evaluation.promotion import champion_score_on_split, decide_promotion
+from dermflow.registry.runs import flow_run_name
 
 pytestmark = pytest.mark.unit
 

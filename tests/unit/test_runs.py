@@ -4,7 +4,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from dermflow.runs import RUN_ID_PATTERN, content_hash, make_run_id, model_key
+from dermflow.layout import model_key
+from dermflow.runs import RUN_ID_PATTERN, content_hash, make_run_id
 
 pytestmark = pytest.mark.unit
 

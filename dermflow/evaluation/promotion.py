@@ -1,0 +1,190 @@
+"""Promotion: whether a registered model replaces its label set's champion, and why.
+
+The one promotion path is `evaluate_challenger` (used by `derm/full` and `derm/retrain` through
+`tasks.registry.promote_if_better`). Scores are test weighted F1 and are only compared on the
+same test split: when the champion was scored on another split, its model is re-scored on the
+challenger's test split first (`rescore_champion`, which needs inference, so promotion lives
+here in evaluation and the registry stays plain storage).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from dermflow.evaluation.predict import evaluate_split, load_model_bundle
+from dermflow.layout import registered_model_key
+from dermflow.registry.entries import (
+    PROMOTION_METRIC,
+    RegistryError,
+    get_champion,
+    now_iso,
+    record_champion,
+    require_registered_model,
+)
+from dermflow.storage import ObjectStore
+
+# float noise (0.52 - 0.50 = 0.020000000000000018) must decide nothing
+_SCORE_TOLERANCE = 1e-9
+
+
+def decide_promotion(
+    champion_score: float | None, challenger_score: float, min_improvement: float = 0.0
+) -> tuple[bool, str]:
+    """Whether a challenger replaces the champion, and why.
+
+    Scores are test weighted F1 on the same test split. No champion: the challenger wins.
+    Otherwise it must beat the champion by more than `min_improvement`.
+    """
+    if min_improvement < 0:
+        raise ValueError(f"min_improvement must be >= 0, got {min_improvement}")
+    if challenger_score is None or not math.isfinite(float(challenger_score)):
+        return False, f"challenger has no finite {PROMOTION_METRIC} ({challenger_score!r})"
+    challenger_score = float(challenger_score)
+    if champion_score is None or not math.isfinite(float(champion_score)):
+        return True, f"first model for this label set ({PROMOTION_METRIC} {challenger_score:.4f})"
+    champion_score = float(champion_score)
+    margin = challenger_score - champion_score
+    if margin > min_improvement + _SCORE_TOLERANCE:
+        return True, (
+            f"{PROMOTION_METRIC} {challenger_score:.4f} beats the champion's {champion_score:.4f} "
+            f"by {margin:+.4f} (required > {min_improvement:.4f})"
+        )
+    return False, (
+        f"{PROMOTION_METRIC} {challenger_score:.4f} does not beat the champion's "
+        f"{champion_score:.4f} (margin {margin:+.4f}, required > {min_improvement:.4f})"
+    )
+
+
+def champion_score_on_split(champion: Mapping[str, Any] | None, split_hash: str | None) -> float | None:
+    """The champion's registered test score when it was scored on `split_hash`; None when
+    there is no champion or it was scored on another split (it must then be re-scored on the
+    challenger's test split before deciding: `rescore_champion`)."""
+    if not champion:
+        return None
+    if champion.get("split_hash") != split_hash:
+        return None
+    return champion.get("score")
+
+
+def rescore_champion(
+    store: ObjectStore, champion: Mapping[str, Any], split_key: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> float:
+    """The champion model's test weighted F1 on the test rows of the split manifest `split_key`
+    (downloads and runs the model)."""
+    bundle = load_model_bundle(store, champion["run_id"], champion["arch"], cache_dir)
+    return evaluate_split(bundle, store, split_key, "test")[PROMOTION_METRIC]
+
+
+def promote(
+    store: ObjectStore, entry: Mapping[str, Any], reason: str, scores: Mapping[str, Any]
+) -> dict:
+    """Make a registered model the champion of its label set; record the promotion.
+
+    `scores` documents the decision, e.g. `{"challenger": 0.61, "champion": 0.55,
+    "split_hash": "..."}`. Returns the new pointer.
+    """
+    previous = get_champion(store, entry["label_set_id"])
+    pointer = {
+        "label_set_id": entry["label_set_id"],
+        "run_id": entry["run_id"],
+        "arch": entry["arch"],
+        "model_key": entry["model_key"],
+        "registry_key": entry.get("registry_key", registered_model_key(entry["run_id"], entry["arch"])),
+        "split_hash": scores.get("split_hash", entry.get("split_hash")),
+        "score": scores.get("challenger", (entry.get("score") or {}).get("value")),
+        "class_names": entry.get("class_names"),
+        "promoted_at": now_iso(),
+        "reason": reason,
+        "scores": dict(scores),
+        "previous": (
+            {"run_id": previous["run_id"], "arch": previous["arch"], "score": previous.get("score")}
+            if previous
+            else None
+        ),
+    }
+    return record_champion(store, pointer)
+
+
+def _champion_score_for(
+    store: ObjectStore, champion: Mapping[str, Any] | None, split_hash: str | None,
+    split_key: str | None, cache_dir: str | os.PathLike | None,
+) -> tuple[float | None, bool]:
+    """The champion's score on the challenger's split -> (score, whether it was re-scored)."""
+    score = champion_score_on_split(champion, split_hash)
+    if champion is None or score is not None:
+        return score, False
+    if not split_key:
+        raise RegistryError(
+            f"champion {champion['run_id']}/{champion['arch']} was scored on split "
+            f"{champion.get('split_hash')!r}, not {split_hash!r}: pass split_key to re-score it"
+        )
+    return rescore_champion(store, champion, split_key, cache_dir), True
+
+
+def _decision_scores(
+    challenger_score: float | None, champion_score: float | None, champion: Mapping[str, Any] | None,
+    rescored: bool, split_hash: str | None, min_improvement: float,
+) -> dict:
+    """What a promotion records about the comparison that decided it."""
+    return {
+        "metric": f"test.{PROMOTION_METRIC}",
+        "challenger": challenger_score,
+        "champion": champion_score,
+        "champion_model": f"{champion['run_id']}/{champion['arch']}" if champion else None,
+        "champion_rescored": rescored,
+        "split_hash": split_hash,
+        "min_improvement": min_improvement,
+    }
+
+
+def evaluate_challenger(
+    store: ObjectStore,
+    *,
+    challenger_run: str,
+    challenger_arch: str,
+    challenger_score: float | None = None,
+    split_key: str | None = None,
+    split_hash: str | None = None,
+    min_improvement: float = 0.0,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """The promotion step of a flow: compare a registered model with its label set's champion
+    on the same test split, promote it if it wins, and say why.
+
+    The champion's registered score is used when it was scored on `split_hash` (default: the
+    challenger's registered split); otherwise the champion model is re-scored on the test rows
+    of `split_key` (the challenger's split manifest); without `split_key` that raises
+    RegistryError, since scores on different test sets cannot be compared. Returns
+    `{"promoted", "reason", "challenger_run", "challenger_arch", "challenger_score",
+    "champion_run", "champion_arch", "champion_score", "champion_rescored", "champion"}`: the
+    champion fields describe the champion compared with, `champion` is the pointer after.
+    """
+    entry = require_registered_model(store, challenger_run, challenger_arch)
+    if challenger_score is None:
+        challenger_score = (entry.get("score") or {}).get("value")
+    split_hash = split_hash if split_hash is not None else entry.get("split_hash")
+    champion = get_champion(store, entry["label_set_id"])
+    result = {
+        "challenger_run": challenger_run,
+        "challenger_arch": challenger_arch,
+        "challenger_score": challenger_score,
+        "champion_run": champion["run_id"] if champion else None,
+        "champion_arch": champion["arch"] if champion else None,
+    }
+    if champion and (champion["run_id"], champion["arch"]) == (challenger_run, challenger_arch):
+        return {**result, "champion_score": champion.get("score"), "champion_rescored": False,
+                "promoted": False, "reason": "this model is already the champion", "champion": champion}
+    champion_score, rescored = _champion_score_for(store, champion, split_hash, split_key, cache_dir)
+    promoted, reason = decide_promotion(champion_score, challenger_score, min_improvement)
+    if rescored:
+        reason += f" (champion re-scored on split {split_hash})"
+    if promoted:
+        scores = _decision_scores(challenger_score, champion_score, champion, rescored, split_hash,
+                                  min_improvement)
+        champion = promote(store, entry, reason, scores)
+    return {**result, "champion_score": champion_score, "champion_rescored": rescored,
+            "promoted": promoted, "reason": reason, "champion": champion}
