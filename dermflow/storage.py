@@ -74,7 +74,7 @@ class ObjectStore:
         if uri_or_key.startswith("s3://"):
             bucket, key = parse_s3_uri(uri_or_key)
             if bucket != self.bucket:
-                raise StorageError(f"{uri_or_key} is not in bucket {self.bucket!r}")
+                raise StorageError(f"{uri_or_key} is not in bucket {self.bucket!r}", transient=False)
             return key
         return uri_or_key
 
@@ -100,7 +100,7 @@ class ObjectStore:
             return self.client.get_object(Bucket=self.bucket, Key=self.key_of(key))["Body"].read()
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise StorageError(f"no object {self.uri(self.key_of(key))}") from error
+                raise StorageError(f"no object {self.uri(self.key_of(key))}", transient=False) from error
             raise
 
     def put_json(self, key: str, obj: Any) -> str:
@@ -121,7 +121,9 @@ class ObjectStore:
         try:
             self.client.download_file(self.bucket, self.key_of(key), str(tmp))
         except ClientError as error:
-            raise StorageError(f"cannot download {self.uri(self.key_of(key))}: {error}") from error
+            missing = error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+            raise StorageError(f"cannot download {self.uri(self.key_of(key))}: {error}",
+                               transient=not missing) from error
         tmp.replace(path)  # atomic: readers never see a partial file
         return path
 

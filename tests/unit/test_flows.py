@@ -130,3 +130,22 @@ def test_a_run_where_every_architecture_failed_is_an_error():
         finish("run", failed, {}, None)
     result = finish("run", failed + [{"architecture": "baseline_cnn", "status": "ok"}], {"report_key": "k"}, None)
     assert result["failed"] == ["vgg16"]
+
+
+def test_missing_objects_are_permanent_and_unreachable_storage_is_transient():
+    from dermflow.errors import is_transient
+    from dermflow.storage import StorageError
+    from tasks.common import retry_unless_permanent
+
+    store = memory_store()
+    with pytest.raises(StorageError) as missing:
+        store.get_bytes("nowhere")
+    assert not is_transient(missing.value)
+    assert is_transient(StorageError("endpoint unreachable")) and is_transient(OSError("reset"))
+
+    class FailedState:
+        def __init__(self, error):
+            self.data = error
+
+    assert retry_unless_permanent(None, None, FailedState(missing.value)) is False
+    assert retry_unless_permanent(None, None, FailedState(ConnectionError("reset"))) is True
