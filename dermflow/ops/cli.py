@@ -398,6 +398,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_mirror(args) -> int:
+    from dermflow.ops.mirror import run_mirror
+
+    run_mirror(args.atlas_dir, args.port, args.csv_out, limit_per_label=args.limit_per_label)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -434,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", help="download report.html here")
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)
+
+    mirror = sub.add_parser("mirror", help="serve a folder of dataset images locally, for runs without internet")
+    mirror.add_argument("atlas_dir", type=Path, help="a folder with images/<md5hash>.jpg and rows.csv")
+    mirror.add_argument("--port", type=int, default=8765)
+    mirror.add_argument("--csv-out", type=Path, help="write a copy of rows.csv whose URLs point at the mirror")
+    mirror.add_argument("--limit-per-label", type=int, help="only this many rows per label in --csv-out")
+    mirror.set_defaults(func=cmd_mirror)
     return parser
 
 
