@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
 from dermflow.evaluation import report as report_module
+from dermflow.evaluation import report_figures, report_html
 from dermflow.metrics import RANGE_ORDER
 from dermflow.evaluation.report import (
     ArchResult,
@@ -148,7 +149,7 @@ def built(inputs):
     return build_report(inputs, report_uri="s3://bucket/runs/x/report.html")
 
 
-SECTION_IDS = [sid for sid, _ in report_module.SECTIONS]
+SECTION_IDS = [sid for sid, _ in report_html.SECTIONS]
 EXPECTED_FIGURES = {
     "weighted_f1_by_architecture", "accuracy_by_architecture", "per_range", "top_k_accuracy", "calibration",
     "confusion_all_labels", "confusion_top5", "misclassified_examples", "correct_examples", "training_curves",
@@ -307,7 +308,7 @@ def test_label_groups_order_the_confusion_matrix():
     inputs = make_inputs(n_rows=150, n_classes=30, with_images=False)
     names = inputs.architectures["resnet50"].class_names
     inputs.label_groups = {n: ("inflammatory" if i % 3 else "malignant epidermal") for i, n in enumerate(names)}
-    order, groups = report_module._label_order(inputs.architectures["resnet50"], inputs.label_groups)
+    order, groups = report_figures._label_order(inputs.architectures["resnet50"], inputs.label_groups)
     assert sorted(order.tolist()) == list(range(30))
     changes = sum(groups[i] != groups[i - 1] for i in range(1, len(groups)))
     assert changes == 1  # each group contiguous
