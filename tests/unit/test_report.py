@@ -318,6 +318,27 @@ def test_label_groups_order_the_confusion_matrix():
     assert Image.open(io.BytesIO(png)).format == "PNG"
 
 
+HOSTILE = "<script>alert(1)</script>"
+
+
+def test_hostile_labels_run_ids_and_errors_are_escaped():
+    inputs = make_inputs(n_rows=60, n_classes=8, with_images=False)
+    inputs.run_id = f"run-{HOSTILE}"
+    for result in inputs.architectures.values():
+        if result.status == "ok":
+            result.class_names = [HOSTILE, *list(result.class_names)[1:]]
+    inputs.architectures[HOSTILE] = ArchResult(status="failed", error=f"{HOSTILE} & <b>bold</b>")
+    inputs.params = {"note": HOSTILE, "nested": {"value": HOSTILE}}
+    inputs.data_summary = {**inputs.data_summary, "dropped_labels": [HOSTILE]}
+    inputs.retrain_decision = {**inputs.retrain_decision, "reason": HOSTILE}
+    page = build_report(inputs).html
+    assert HOSTILE not in page and "<b>bold</b>" not in page
+    assert page.count("<script>") == 1  # the page's own sorting script, nothing injected
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "&amp; &lt;b&gt;" in page
+    assert "<title>dermflow report run-&lt;script&gt;" in page
+
+
 def test_bad_predictions_name_the_architecture():
     inputs = make_inputs(n_rows=40, n_classes=10, with_images=False)
     broken = inputs.architectures["resnet50"]
