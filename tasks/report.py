@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -15,7 +13,7 @@ def _load_arch_result(store, run_id: str, outcome: dict):
     """An `ArchResult` from what the training run stored (keys only travel between tasks)."""
     import numpy as np
 
-    from dermflow.evaluation.report import ArchResult
+    from dermflow.evaluation.report import ArchResult, Predictions, predictions_from_npz
 
     arch = outcome["architecture"]
     if outcome.get("status") != "ok":
@@ -23,24 +21,14 @@ def _load_arch_result(store, run_id: str, outcome: dict):
     source_run = outcome.get("run_id", run_id)  # a reused model lives under its own run
     params = store.get_json(model_key(source_run, arch, "params.json"))
     history = store.get_json(model_key(source_run, arch, "history.json"))
-    with np.load(io.BytesIO(store.get_bytes(model_key(source_run, arch, "predictions.npz"))),
-                 allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    test = arrays["split"] == "test"
-    verified = arrays["split"] == "verified_test"
-    return ArchResult(
-        status="ok",
-        class_names=list(params["class_names"]),
-        y_true=arrays["y_true"][test],
-        y_prob=arrays["y_prob"][test],
-        md5hash=arrays["md5hash"][test],
-        fitzpatrick_range=arrays["fitzpatrick_range"][test],
-        verified_y_true=arrays["y_true"][verified] if verified.any() else None,
-        verified_y_prob=arrays["y_prob"][verified] if verified.any() else None,
-        verified_fitzpatrick_range=arrays["fitzpatrick_range"][verified] if verified.any() else None,
-        history=history,
-        seconds=outcome.get("seconds"),
-    )
+    splits = predictions_from_npz(store.get_bytes(model_key(source_run, arch, "predictions.npz")))
+    class_names = list(params["class_names"])
+    # training writes an empty npz when the test split had no rows
+    empty = Predictions(y_true=np.zeros(0, dtype=int), y_prob=np.zeros((0, len(class_names))),
+                        fitzpatrick_range=np.zeros(0, dtype=str))
+    return ArchResult.from_predictions(class_names, test=splits.get("test", empty),
+                                       verified_test=splits.get("verified_test"), history=history,
+                                       seconds=outcome.get("seconds"))
 
 
 def _best_model_saliency(store, outcomes: list[dict]):
