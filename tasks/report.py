@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from dermflow.runs import model_key
+from dermflow import layout
 from tasks.common import object_store, settings
 
 
@@ -19,9 +19,9 @@ def _load_arch_result(store, run_id: str, outcome: dict):
     if outcome.get("status") != "ok":
         return ArchResult(status="failed", error=outcome.get("error") or "unknown error")
     source_run = outcome.get("run_id", run_id)  # a reused model lives under its own run
-    params = store.get_json(model_key(source_run, arch, "params.json"))
-    history = store.get_json(model_key(source_run, arch, "history.json"))
-    splits = predictions_from_npz(store.get_bytes(model_key(source_run, arch, "predictions.npz")))
+    params = store.get_json(layout.model_key(source_run, arch, "params.json"))
+    history = store.get_json(layout.model_key(source_run, arch, "history.json"))
+    splits = predictions_from_npz(store.get_bytes(layout.model_key(source_run, arch, "predictions.npz")))
     class_names = list(params["class_names"])
     # training writes an empty npz when the test split had no rows
     empty = Predictions(y_true=np.zeros(0, dtype=int), y_prob=np.zeros((0, len(class_names))),
@@ -43,7 +43,7 @@ def _best_model_saliency(store, outcomes: list[dict]):
     bundle = load_model_bundle(store, best["run_id"], best["architecture"], settings().local_cache_dir / "models")
 
     def saliency(md5hash: str):
-        image = load_image_array(store.get_bytes(f"images/{md5hash}"), bundle.image_size)
+        image = load_image_array(store.get_bytes(layout.image_key(md5hash)), bundle.image_size)
         return grad_cam(bundle.model, image)
 
     return saliency
@@ -63,7 +63,7 @@ def build_and_store_report(
 
     store = object_store()
     architectures = {o["architecture"]: _load_arch_result(store, run_id, o) for o in outcomes}
-    report_key = f"runs/{run_id}/report.html"
+    report_key = layout.report_key(run_id)
     inputs = ReportInputs(
         run_id=run_id,
         params=params,
@@ -71,7 +71,7 @@ def build_and_store_report(
         architectures=architectures,
         tuning_trials=tuning_trials,
         retrain_decision=retrain_decision,
-        load_image=lambda md5: store.get_bytes(f"images/{md5}"),
+        load_image=lambda md5: store.get_bytes(layout.image_key(md5)),
         saliency=_best_model_saliency(store, outcomes),
     )
     report = build_report(inputs, report_uri=store.uri(report_key))
@@ -85,5 +85,5 @@ def build_and_store_report(
     create_link_artifact(link, link_text=f"report {run_id}", key="derm-report",
                          description=store.uri(report_key))
     get_run_logger().info("report: %s", store.uri(report_key))
-    return {"report_key": report_key, "metrics_key": f"runs/{run_id}/metrics.json", **keys,
+    return {"report_key": report_key, "metrics_key": layout.run_metrics_key(run_id), **keys,
             "best_architecture": report.metrics.get("best_architecture")}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 
+from dermflow import layout
 from dermflow.evaluation.report_figures import build_figures
 from dermflow.evaluation.report_html import render_html
 from dermflow.evaluation.report_inputs import ArchResult, Predictions, Report, ReportInputs, predictions_from_npz
@@ -31,13 +32,8 @@ from dermflow.evaluation.report_metrics import calibration_bins, compute_metrics
 
 __all__ = [
     "ArchResult", "Predictions", "Report", "ReportInputs", "build_report", "calibration_bins", "compute_metrics",
-    "predictions_from_npz", "report_keys", "summary_markdown", "table_rows", "write_report",
+    "predictions_from_npz", "summary_markdown", "table_rows", "write_report",
 ]
-
-
-def report_keys(run_id: str) -> dict[str, str]:
-    """Where `write_report` puts the page and the metrics of a run."""
-    return {"report": f"runs/{run_id}/report.html", "metrics": f"runs/{run_id}/metrics.json"}
 
 
 def build_report(inputs: ReportInputs, *, report_uri: str | None = None) -> Report:
@@ -60,12 +56,11 @@ def write_report(report: Report, store, run_id: str) -> dict[str, str]:
     """
     if not run_id or "/" in run_id:
         raise ValueError(f"run_id must be a non-empty name without '/'; got {run_id!r}")
-    keys = report_keys(run_id)
     uris = {
-        "report": store.put_bytes(keys["report"], report.html.encode("utf-8"), "text/html; charset=utf-8"),
-        "metrics": store.put_bytes(keys["metrics"], json.dumps(report.metrics, indent=2, allow_nan=False).encode(),
-                                   "application/json"),
+        "report": store.put_bytes(layout.report_key(run_id), report.html.encode("utf-8"), "text/html; charset=utf-8"),
+        "metrics": store.put_bytes(layout.run_metrics_key(run_id),
+                                   json.dumps(report.metrics, indent=2, allow_nan=False).encode(), "application/json"),
     }
     for name, png in report.figures.items():
-        uris[f"figures/{name}"] = store.put_bytes(f"runs/{run_id}/figures/{name}.png", png, "image/png")
+        uris[f"figures/{name}"] = store.put_bytes(layout.figure_key(run_id, name), png, "image/png")
     return uris

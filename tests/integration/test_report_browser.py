@@ -135,18 +135,19 @@ def _save_screenshot(devtools: DevTools, path: Path, *, full_page: bool) -> None
 def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_path):
     from tests.unit.test_report import make_inputs
 
+    from dermflow import layout
     from dermflow.evaluation.report import build_report, write_report
 
     run_id = "20261126-101500-browser-check"
     report = build_report(make_inputs(seed=2))
     uris = write_report(report, store, run_id)
-    assert uris["report"] == store.uri(f"runs/{run_id}/report.html")
-    assert store.get_json(f"runs/{run_id}/metrics.json") == report.metrics
-    assert sorted(store.list_keys(f"runs/{run_id}/figures/")) == sorted(
-        f"runs/{run_id}/figures/{name}.png" for name in report.figures)
+    assert uris["report"] == store.uri(layout.report_key(run_id))
+    assert store.get_json(layout.run_metrics_key(run_id)) == report.metrics
+    assert sorted(store.list_keys(layout.run_key(run_id, "figures") + "/")) == sorted(
+        layout.figure_key(run_id, name) for name in report.figures)
     # the page as a user downloads it from the bucket
     page = tmp_path / "report.html"
-    page.write_bytes(store.get_bytes(f"runs/{run_id}/report.html"))
+    page.write_bytes(store.get_bytes(layout.report_key(run_id)))
 
     for domain in ("Page", "Network", "Runtime", "Log"):
         browser.send(f"{domain}.enable")

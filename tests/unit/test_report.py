@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from dermflow.evaluation import report as report_module
 from dermflow.evaluation import report_figures, report_html
+from dermflow import layout
 from dermflow.metrics import RANGE_ORDER
 from dermflow.evaluation.report import (
     ArchResult,
@@ -146,7 +147,7 @@ def inputs() -> ReportInputs:
 
 @pytest.fixture(scope="module")
 def built(inputs):
-    return build_report(inputs, report_uri="s3://bucket/runs/x/report.html")
+    return build_report(inputs, report_uri=f"s3://bucket/{layout.report_key('x')}")
 
 
 SECTION_IDS = [sid for sid, _ in report_html.SECTIONS]
@@ -270,7 +271,7 @@ def test_summary_markdown_and_table_rows(built):
     text = built.summary_markdown
     best = built.metrics["best_architecture"]
     assert f"**Best model:** `{best}`" in text
-    assert "s3://bucket/runs/x/report.html" in text
+    assert f"s3://bucket/{layout.report_key('x')}" in text
     assert "failed: ResourceExhaustedError" in text and "\\|" in text  # pipe in the error escaped for the table
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 4
     rows = {row["architecture"]: row for row in built.table_rows}
@@ -372,15 +373,16 @@ class MemoryStore:
 
 def test_write_report_lays_out_the_run_folder(built):
     store = MemoryStore()
-    uris = report_module.write_report(built, store, "20261126-101500-brave-otter")
-    prefix = "runs/20261126-101500-brave-otter/"
-    assert uris["report"] == f"s3://bucket/{prefix}report.html"
-    assert uris["metrics"] == f"s3://bucket/{prefix}metrics.json"
-    assert set(store.objects) == {f"{prefix}report.html", f"{prefix}metrics.json",
-                                  *(f"{prefix}figures/{name}.png" for name in built.figures)}
-    assert store.objects[f"{prefix}report.html"][1].startswith("text/html")
-    assert json.loads(store.objects[f"{prefix}metrics.json"][0]) == built.metrics
-    assert store.objects[f"{prefix}figures/calibration.png"] == (built.figures["calibration"], "image/png")
+    run_id = "20261126-101500-brave-otter"
+    uris = report_module.write_report(built, store, run_id)
+    report_key, metrics_key = layout.report_key(run_id), layout.run_metrics_key(run_id)
+    assert uris["report"] == f"s3://bucket/{report_key}"
+    assert uris["metrics"] == f"s3://bucket/{metrics_key}"
+    assert set(store.objects) == {report_key, metrics_key, *(layout.figure_key(run_id, name) for name in built.figures)}
+    assert all(key.startswith(layout.run_prefix(run_id)) for key in store.objects)
+    assert store.objects[report_key][1].startswith("text/html")
+    assert json.loads(store.objects[metrics_key][0]) == built.metrics
+    assert store.objects[layout.figure_key(run_id, "calibration")] == (built.figures["calibration"], "image/png")
     with pytest.raises(ValueError, match="run_id"):
         report_module.write_report(built, store, "a/b")
 
