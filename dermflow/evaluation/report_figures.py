@@ -36,7 +36,8 @@ def _label_order(result: ArchResult, label_groups: Mapping[str, str] | None) -> 
     return np.array(order), None
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    """n x n counts: rows are true labels, columns predicted ones."""
     return np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
 
 
@@ -114,11 +115,30 @@ def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dic
 
 
 def build_figures(inputs: ReportInputs, metrics: Mapping[str, Any]) -> dict[str, bytes]:
-    """Every figure of the report, name -> PNG bytes (names as in `FIGURE_TITLES`)."""
+    """Every figure of the report, name -> PNG bytes (names as in `report_html.FIGURE_TITLES`)."""
     from dermflow.evaluation import figures as fig  # matplotlib only when figures are drawn
 
+    colors = fig.colors_for(list(metrics["architectures"]))
+    figures = _comparison_figures(metrics, colors)
+    best = metrics.get("best_architecture")
+    if best:
+        figures.update(_best_model_figures(inputs, inputs.architectures[best], best))
+        figures.update(_example_figures(inputs, inputs.architectures[best], best))
+    histories = {n: r.history for n, r in inputs.architectures.items() if r.status == "ok" and r.history}
+    if histories:
+        figures["training_curves"] = fig.training_curves(histories, colors)
+    trials = list(inputs.tuning_trials or [])
+    if trials:
+        figures["tuning"] = fig.tuning_chart(trials, _numeric_hyperparameters(trials))
+    figures.update(_data_figures(inputs.data_summary))
+    return figures
+
+
+def _comparison_figures(metrics: Mapping[str, Any], colors: Mapping[str, tuple]) -> dict[str, bytes]:
+    """The architectures side by side: weighted F1 and accuracy, per range, top-k."""
+    from dermflow.evaluation import figures as fig
+
     archs = metrics["architectures"]
-    colors = fig.colors_for(list(archs))
     ok = [n for n, a in archs.items() if a["status"] == "ok" and a["test"]]
     best = metrics.get("best_architecture")
     figures: dict[str, bytes] = {}
@@ -134,43 +154,53 @@ def build_figures(inputs: ReportInputs, metrics: Mapping[str, Any]) -> dict[str,
             {n: archs[n]["test"].get("range_gap_weighted_f1") for n in ok}, colors, RANGE_ORDER)
         figures["top_k_accuracy"] = fig.top_k_chart(
             {n: [archs[n]["test_top_k_accuracy"][str(k)] for k in range(1, TOP_K + 1)] for n in ok}, colors)
-    if best:
-        result = inputs.architectures[best]
-        test = result.test
-        bins = calibration_bins(test.y_true, test.y_prob)
-        figures["calibration"] = fig.reliability_diagram(
-            bins["edges"], bins["accuracy"], bins["confidence"], bins["count"], bins["ece"],
-            f"Reliability diagram: {best} (test, {CALIBRATION_BINS} bins)")
-        n = len(result.class_names)
-        counts = _confusion(test.y_true, test.y_pred, n)
-        order, groups = _label_order(result, inputs.label_groups)
-        ordered = counts[np.ix_(order, order)].astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            normalized = ordered / ordered.sum(axis=1, keepdims=True)
-        ordering = "grouped, then by test frequency" if groups else "ordered by test frequency"
-        figures["confusion_all_labels"] = fig.confusion_heatmap(
-            normalized, [result.class_names[i] for i in order], groups=groups,
-            title=f"{best}: confusion matrix, all {n} labels ({ordering}; rows normalized)")
-        top5 = list(np.argsort(-np.bincount(test.y_true, minlength=n), kind="stable")[:5])
-        small = np.zeros((len(top5), len(top5) + 1))
-        predicted = test.y_pred
-        for r, t in enumerate(top5):
-            rows = predicted[test.y_true == t]
-            for c, p in enumerate(top5):
-                small[r, c] = np.sum(rows == p)
-            small[r, -1] = len(rows) - small[r, :-1].sum()
-        labels = [result.class_names[i] for i in top5]
-        figures["confusion_top5"] = fig.confusion_small(
-            small, labels, labels + ["any other label"],
-            f"{best}: five most frequent labels (test)")
-        figures.update(_example_figures(inputs, result, best))
-    histories = {n: r.history for n, r in inputs.architectures.items() if r.status == "ok" and r.history}
-    if histories:
-        figures["training_curves"] = fig.training_curves(histories, colors)
-    trials = list(inputs.tuning_trials or [])
-    if trials:
-        figures["tuning"] = fig.tuning_chart(trials, _numeric_hyperparameters(trials))
-    data = data_view(inputs.data_summary)
+    return figures
+
+
+def _best_model_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dict[str, bytes]:
+    """The best architecture's reliability diagram and confusion matrices (all labels; top five)."""
+    from dermflow.evaluation import figures as fig
+
+    test = result.test
+    bins = calibration_bins(test.y_true, test.y_prob)
+    figures = {"calibration": fig.reliability_diagram(
+        bins["edges"], bins["accuracy"], bins["confidence"], bins["count"], bins["ece"],
+        f"Reliability diagram: {best} (test, {CALIBRATION_BINS} bins)")}
+    n = len(result.class_names)
+    counts = confusion_counts(test.y_true, test.y_pred, n)
+    order, groups = _label_order(result, inputs.label_groups)
+    ordered = counts[np.ix_(order, order)].astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalized = ordered / ordered.sum(axis=1, keepdims=True)
+    ordering = "grouped, then by test frequency" if groups else "ordered by test frequency"
+    figures["confusion_all_labels"] = fig.confusion_heatmap(
+        normalized, [result.class_names[i] for i in order], groups=groups,
+        title=f"{best}: confusion matrix, all {n} labels ({ordering}; rows normalized)")
+    top5 = list(np.argsort(-np.bincount(test.y_true, minlength=n), kind="stable")[:5])
+    labels = [result.class_names[i] for i in top5]
+    figures["confusion_top5"] = fig.confusion_small(
+        _top_labels_confusion(test.y_true, test.y_pred, top5), labels, labels + ["any other label"],
+        f"{best}: five most frequent labels (test)")
+    return figures
+
+
+def _top_labels_confusion(y_true: np.ndarray, y_pred: np.ndarray, top: Sequence[int]) -> np.ndarray:
+    """Counts among the `top` labels, with one last column for predictions of any other label."""
+    small = np.zeros((len(top), len(top) + 1))
+    for r, t in enumerate(top):
+        rows = y_pred[y_true == t]
+        for c, p in enumerate(top):
+            small[r, c] = np.sum(rows == p)
+        small[r, -1] = len(rows) - small[r, :-1].sum()
+    return small
+
+
+def _data_figures(data_summary: Mapping[str, Any]) -> dict[str, bytes]:
+    """Fetch outcomes and split sizes by range, when the data summary has them."""
+    from dermflow.evaluation import figures as fig
+
+    data = data_view(data_summary)
+    figures: dict[str, bytes] = {}
     if data["failed_by_reason"] is not None and data["fetched_ok"] is not None:
         figures["fetch_outcomes"] = fig.fetch_outcomes_chart(int(data["fetched_ok"]), dict(data["failed_by_reason"]))
     if data.get("split_by_range"):

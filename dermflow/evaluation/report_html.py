@@ -19,9 +19,9 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from dermflow.evaluation.report_figures import _confusion, confusion_pairs, data_view
+from dermflow.evaluation.report_figures import confusion_counts, confusion_pairs, data_view
 from dermflow.evaluation.report_inputs import ArchResult, ReportInputs
-from dermflow.evaluation.report_metrics import DISCLAIMER_TEXT, LICENCE_TEXT, _fmt, table_rows
+from dermflow.evaluation.report_metrics import DISCLAIMER_TEXT, LICENCE_TEXT, format_value, table_rows
 from dermflow.metrics import RANGE_ORDER
 
 TEMPLATE = "report.html.j2"
@@ -83,7 +83,7 @@ class Table:
 def number_cell(value: Any, digits: int = 3) -> Cell:
     """A right-aligned number; anything else in a number column shows as text and sorts first."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-        return Cell(_fmt(value, digits), sort_value="-1")
+        return Cell(format_value(value, digits), sort_value="-1")
     if isinstance(value, int):
         text = f"{value:,}"
     elif 0 < value < 0.001:  # learning rates and the like
@@ -128,10 +128,10 @@ def summary_cards(metrics: Mapping) -> list[tuple[str, str]]:
     cards = []
     if best:
         test = archs[best]["test"]
-        cards += [("best architecture", best), ("weighted F1 (test)", _fmt(test["weighted_f1"])),
-                  ("accuracy (test)", _fmt(test["accuracy"])), ("top-5 accuracy", _fmt(test["top5_accuracy"])),
+        cards += [("best architecture", best), ("weighted F1 (test)", format_value(test["weighted_f1"])),
+                  ("accuracy (test)", format_value(test["accuracy"])), ("top-5 accuracy", format_value(test["top5_accuracy"])),
                   ("test rows", f"{test['n']:,}"),
-                  ("range gap (wF1)", _fmt(test.get("range_gap_weighted_f1")))]
+                  ("range gap (wF1)", format_value(test.get("range_gap_weighted_f1")))]
     cards.append(("architectures ok / failed", f"{n_ok} / {len(archs) - n_ok}"))
     decision = metrics.get("retrain_decision")
     if decision:
@@ -280,7 +280,7 @@ def _most_mistaken_for(result: ArchResult) -> list[str]:
     """Per true label: the wrong label it is most often predicted as, with the share of its rows."""
     test = result.test
     n = len(result.class_names)
-    counts = _confusion(test.y_true, test.y_pred, n)
+    counts = confusion_counts(test.y_true, test.y_pred, n)
     np.fill_diagonal(counts, 0)
     support = np.bincount(test.y_true, minlength=n)
     out = []

@@ -109,7 +109,8 @@ def compute_metrics(inputs: ReportInputs) -> dict:
 
 
 # --- markdown and table rows for the orchestrator's artifacts -------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
+    """A number for people: floats to `digits` places, missing or non-finite as a dash."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -150,23 +151,23 @@ def summary_markdown(metrics: Mapping[str, Any], report_uri: str | None = None) 
     for row in table_rows(metrics):
         name = f"**{row['architecture']}**" if row["best"] else row["architecture"]
         status = row["status"] if row["status"] == "ok" else f"failed: {_md_cell(row['error'])[:120]}"
-        lines.append(f"| {name} | {status} | {_fmt(row['accuracy'])} | {_fmt(row['weighted_f1'])} | "
-                     f"{_fmt(row['macro_f1'])} | {_fmt(row['top5_accuracy'])} | {_fmt(row['range_gap_weighted_f1'])} | "
-                     f"{_fmt(row['verified_test_weighted_f1'])} |")
+        lines.append(f"| {name} | {status} | {format_value(row['accuracy'])} | {format_value(row['weighted_f1'])} | "
+                     f"{format_value(row['macro_f1'])} | {format_value(row['top5_accuracy'])} | {format_value(row['range_gap_weighted_f1'])} | "
+                     f"{format_value(row['verified_test_weighted_f1'])} |")
     best = metrics.get("best_architecture")
     lines.append("")
     if best:
         test = metrics["architectures"][best]["test"]
-        lines.append(f"**Best model:** `{best}` (test weighted F1 {_fmt(test['weighted_f1'])}, "
-                     f"accuracy {_fmt(test['accuracy'])}, n = {test['n']}).")
+        lines.append(f"**Best model:** `{best}` (test weighted F1 {format_value(test['weighted_f1'])}, "
+                     f"accuracy {format_value(test['accuracy'])}, n = {test['n']}).")
         lines.append("")
     else:
         lines.append("**No architecture finished successfully.**")
     decision = metrics.get("retrain_decision")
     if decision:
         verdict = "promoted" if decision.get("promoted") else "not promoted"
-        lines.append(f"**Retrain:** challenger {verdict} (challenger {_fmt(decision.get('challenger_score'))} vs "
-                     f"champion {_fmt(decision.get('champion_score'))}): {_md_cell(str(decision.get('reason', '')))}")
+        lines.append(f"**Retrain:** challenger {verdict} (challenger {format_value(decision.get('challenger_score'))} vs "
+                     f"champion {format_value(decision.get('champion_score'))}): {_md_cell(str(decision.get('reason', '')))}")
         lines.append("")
     if report_uri:
         lines.append(f"**Full report:** {report_uri}")
