@@ -27,12 +27,14 @@ import json
 from dermflow import layout
 from dermflow.evaluation.report_figures import build_figures
 from dermflow.evaluation.report_html import render_html
-from dermflow.evaluation.report_inputs import ArchResult, Predictions, Report, ReportInputs, predictions_from_npz
+from dermflow.evaluation.report_inputs import (
+    ArchResult, Predictions, Report, ReportInputError, ReportInputs, predictions_from_npz,
+)
 from dermflow.evaluation.report_metrics import calibration_bins, compute_metrics, summary_markdown, table_rows
 
 __all__ = [
-    "ArchResult", "Predictions", "Report", "ReportInputs", "build_report", "calibration_bins", "compute_metrics",
-    "predictions_from_npz", "summary_markdown", "table_rows", "write_report",
+    "ArchResult", "Predictions", "Report", "ReportInputError", "ReportInputs", "build_report", "calibration_bins",
+    "compute_metrics", "predictions_from_npz", "summary_markdown", "table_rows", "write_report",
 ]
 
 
@@ -55,7 +57,7 @@ def write_report(report: Report, store, run_id: str) -> dict[str, str]:
     Returns {"report": uri, "metrics": uri, "figures/<name>": uri, ...}.
     """
     if not run_id or "/" in run_id:
-        raise ValueError(f"run_id must be a non-empty name without '/'; got {run_id!r}")
+        raise ReportInputError(f"run_id must be a non-empty name without '/'; got {run_id!r}")
     uris = {
         "report": store.put_bytes(layout.report_key(run_id), report.html.encode("utf-8"), "text/html; charset=utf-8"),
         "metrics": store.put_bytes(layout.run_metrics_key(run_id),

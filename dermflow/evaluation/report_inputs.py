@@ -10,6 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from dermflow.errors import DermflowError
+
+
+class ReportInputError(DermflowError, ValueError):
+    """Predictions or outcomes a report cannot be built from (wrong shapes, missing arrays).
+    Permanent: building the same report again fails the same way."""
+
 
 @dataclass
 class Predictions:
@@ -33,9 +40,9 @@ class Predictions:
         for name in ("md5hash", "fitzpatrick_range"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
-                raise ValueError(f"predictions: {name} has {len(value)} rows; y_true has {n}")
+                raise ReportInputError(f"predictions: {name} has {len(value)} rows; y_true has {n}")
         if self.y_prob.ndim != 2 or self.y_prob.shape[0] != n:
-            raise ValueError(f"predictions: y_prob has shape {self.y_prob.shape}; expected ({n}, classes)")
+            raise ReportInputError(f"predictions: y_prob has shape {self.y_prob.shape}; expected ({n}, classes)")
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -47,7 +54,7 @@ def predictions_from_npz(data: bytes | Mapping[str, np.ndarray]) -> dict[str, Pr
     arrays = np.load(io.BytesIO(data), allow_pickle=False) if isinstance(data, (bytes, bytearray)) else data
     missing = {"md5hash", "split", "y_true", "y_prob", "fitzpatrick_range"} - set(arrays.keys())
     if missing:
-        raise ValueError(f"predictions.npz lacks arrays: {sorted(missing)}")
+        raise ReportInputError(f"predictions.npz lacks arrays: {sorted(missing)}")
     split = np.asarray(arrays["split"]).astype(str)
     return {
         name: Predictions(

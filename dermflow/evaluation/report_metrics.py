@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from dermflow.evaluation.report_inputs import ArchResult, Predictions, ReportInputs
+from dermflow.evaluation.report_inputs import ArchResult, Predictions, ReportInputError, ReportInputs
 from dermflow.metrics import classification_metrics, top_k_accuracy
 
 LICENCE_TEXT = (
@@ -70,7 +70,7 @@ def _arch_metrics(name: str, result: ArchResult) -> dict:
     if result.status != "ok":
         return entry
     if result.test is None or not len(result.class_names):
-        raise ValueError(f"architecture {name!r} has status ok but no test predictions or class_names")
+        raise ReportInputError(f"architecture {name!r} has status ok but no test predictions or class_names")
     for split in ("test", "verified_test"):
         predictions: Predictions | None = getattr(result, split)
         if predictions is None:
@@ -79,7 +79,7 @@ def _arch_metrics(name: str, result: ArchResult) -> dict:
             entry[split] = classification_metrics(predictions.y_true, predictions.y_prob, list(result.class_names),
                                                   ranges=predictions.fitzpatrick_range)
         except ValueError as error:
-            raise ValueError(f"architecture {name!r}, {split} predictions: {error}") from error
+            raise ReportInputError(f"architecture {name!r}, {split} predictions: {error}") from error
     test = result.test
     entry["test_top_k_accuracy"] = {str(k): top_k_accuracy(test.y_true, test.y_prob, k) for k in range(1, TOP_K + 1)}
     entry["test_ece"] = calibration_bins(test.y_true, test.y_prob)["ece"]

@@ -12,19 +12,21 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
+from dermflow import layout
+from dermflow.errors import is_transient
 from dermflow.evaluation import report as report_module
 from dermflow.evaluation import report_figures, report_html
-from dermflow import layout
-from dermflow.metrics import RANGE_ORDER
 from dermflow.evaluation.report import (
     ArchResult,
     Predictions,
+    ReportInputError,
     ReportInputs,
     build_report,
     calibration_bins,
     predictions_from_npz,
     summary_markdown,
 )
+from dermflow.metrics import RANGE_ORDER
 
 pytestmark = pytest.mark.unit
 
@@ -344,10 +346,15 @@ def test_bad_predictions_name_the_architecture():
     inputs = make_inputs(n_rows=40, n_classes=10, with_images=False)
     broken = inputs.architectures["resnet50"]
     broken.class_names = broken.class_names[:-1]
-    with pytest.raises(ValueError, match="resnet50.*test"):
+    with pytest.raises(ReportInputError, match="resnet50.*test") as raised:
         build_report(inputs)
-    with pytest.raises(ValueError, match="md5hash has 2 rows"):
+    assert not is_transient(raised.value)  # the report task must not retry it
+    with pytest.raises(ReportInputError, match="md5hash has 2 rows"):
         Predictions(y_true=[0, 1, 2], y_prob=np.eye(3), md5hash=["a", "b"], fitzpatrick_range=["I-II"] * 3)
+    buffer = io.BytesIO()
+    np.savez(buffer, md5hash=np.array(["a"]), split=np.array(["test"]), y_true=np.array([0]))
+    with pytest.raises(ReportInputError, match=r"lacks arrays: \['fitzpatrick_range', 'y_prob'\]"):
+        predictions_from_npz(buffer.getvalue())
 
 
 def test_predictions_from_npz_splits_by_split():
