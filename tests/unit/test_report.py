@@ -70,10 +70,9 @@ def _saliency(md5: str) -> np.ndarray | None:
     return np.exp(-((x - 3) ** 2 + (y - 2) ** 2) / 4.0)
 
 
-def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES, *, with_images: bool = True) -> ReportInputs:
-    """Several architectures (one failed), skewed label frequencies, all four ranges, tuning, retrain."""
-    rng = np.random.default_rng(seed)
-    names = _label_names(n_classes)
+def _architectures(rng: np.random.Generator, seed: int, n_rows: int, names: list[str]) -> dict[str, ArchResult]:
+    """Three trained architectures of different skill (one without verified-test rows) and one failed."""
+    n_classes = len(names)
     weights = 1.0 / np.arange(1, n_classes + 1) ** 0.8
     y_true = rng.choice(n_classes, size=n_rows, p=weights / weights.sum())
     md5 = np.array([hashlib.md5(f"{seed}-{i}".encode()).hexdigest() for i in range(n_rows)])
@@ -108,10 +107,35 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
         history=resnet.history, seconds=resnet.seconds)
     architectures["inceptionv3"] = ArchResult(status="failed", error="ResourceExhaustedError: OOM when allocating "
                                               "tensor with shape [64,299,299,3] | while training epoch 2")
+    return architectures
+
+
+def _data_summary(rng: np.random.Generator, names: list[str]) -> dict:
+    """The shape tasks.runs.data_summary gives: fetch.summarize_manifest + split.split_summary."""
     splits = ("train", "val", "test", "verified_test", "excluded")
     per_label = {n: {s: int(rng.integers(1, 40)) for s in splits} for n in names}
     per_range = {r: {s: int(rng.integers(10, 3000)) for s in splits} for r in RANGE_ORDER}
     failed_by_reason = {"http_404": 2000, "timeout": 300, "no_url": 41, "not_an_image": 236}
+    return {
+        "rows": 16577, "labels": len(names),
+        "fetch": {"rows": 16577, "ok": 14000, "failed": 2577, "by_status": {"ok": 14000, "failed": 2577},
+                  "by_reason": failed_by_reason, "md5_mismatch": 3, "bytes": 1_234_000_000},
+        "sizes": {s: int(sum(per_range[r][s] for r in RANGE_ORDER)) for s in splits},
+        "per_label": per_label, "per_range": per_range,
+        "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflict_groups": 1,
+                       "label_conflicts": [{"dup_group": 17, "labels": [names[0], names[5]],
+                                            "md5hashes": ["a" * 32, "b" * 32], "splits": ["train", "test"]}]},
+        "label_quality": {"wrongly_labelled_excluded": 20, "diagnostic_verified_test": 504},
+        "dropped_labels": [],
+    }
+
+
+def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES, *, with_images: bool = True) -> ReportInputs:
+    """Several architectures (one failed), skewed label frequencies, all four ranges, tuning, retrain."""
+    rng = np.random.default_rng(seed)
+    names = _label_names(n_classes)
+    architectures = _architectures(rng, seed, n_rows, names)
+    data_summary = _data_summary(rng, names)
     trials = [{"trial_id": f"{i:02d}", "score": float(rng.uniform(0.2, 0.5)),
                "hyperparameters": {"learning_rate": float(10 ** rng.uniform(-5, -2)), "dropout": float(rng.uniform(0, 0.5)),
                                    "dense_units": int(rng.choice([128, 256, 512])), "optimizer": "adam"}}
@@ -120,19 +144,7 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
         run_id=f"20261126-101500-synthetic-{seed}",
         params={"architectures": list(architectures), "epochs": 6, "image_size": 224, "seed": seed,
                 "tuning": {"max_trials": 8}},
-        # the shape tasks.runs.data_summary gives: fetch.summarize_manifest + split.split_summary
-        data_summary={
-            "rows": 16577, "labels": n_classes,
-            "fetch": {"rows": 16577, "ok": 14000, "failed": 2577, "by_status": {"ok": 14000, "failed": 2577},
-                      "by_reason": failed_by_reason, "md5_mismatch": 3, "bytes": 1_234_000_000},
-            "sizes": {s: int(sum(per_range[r][s] for r in RANGE_ORDER)) for s in splits},
-            "per_label": per_label, "per_range": per_range,
-            "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflict_groups": 1,
-                           "label_conflicts": [{"dup_group": 17, "labels": [names[0], names[5]],
-                                                "md5hashes": ["a" * 32, "b" * 32], "splits": ["train", "test"]}]},
-            "label_quality": {"wrongly_labelled_excluded": 20, "diagnostic_verified_test": 504},
-            "dropped_labels": [],
-        },
+        data_summary=data_summary,
         architectures=architectures,
         tuning_trials=trials,
         retrain_decision={"champion_score": 0.41, "challenger_score": 0.44, "promoted": True,
