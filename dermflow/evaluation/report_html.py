@@ -63,12 +63,16 @@ class Cell:
 
 @dataclass
 class Row:
+    """A table row; `css_class` marks the best ("best") or a failed ("failed") architecture."""
+
     cells: list[Cell]
     css_class: str = ""
 
 
 @dataclass
 class Table:
+    """A table as the template's `table` macro draws it; `numeric` says which columns hold numbers."""
+
     headers: list[str]
     numeric: list[bool]
     rows: list[Row] = field(default_factory=list)

@@ -117,6 +117,8 @@ class ArchResult:
 
 @dataclass
 class ReportInputs:
+    """Everything one run's report is built from; the callables are optional extras (thumbnails, saliency)."""
+
     run_id: str
     params: Mapping[str, Any]
     data_summary: Mapping[str, Any]
@@ -130,6 +132,8 @@ class ReportInputs:
 
 @dataclass
 class Report:
+    """A built report: the page, its figures (name -> PNG), metrics.json, and the Prefect artifacts' content."""
+
     html: str
     figures: dict[str, bytes]
     metrics: dict
