@@ -1,49 +1,41 @@
-"""Prefect task that builds the run report and publishes it as artifacts."""
+"""Prefect task that builds the run report and publishes it as artifacts.
+
+It loads each architecture's outcome from the bucket (a reused model from the run that trained
+it), builds the report with `dermflow.evaluation.report`, and writes it under the run.
+"""
 
 from __future__ import annotations
-
-import io
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from dermflow.layout import model_key
-from tasks.common import object_store, settings
+from dermflow import layout
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
 def _load_arch_result(store, run_id: str, outcome: dict):
     """An `ArchResult` from what the training run stored (keys only travel between tasks)."""
     import numpy as np
 
-    from dermflow.evaluation.report import ArchResult
+    from dermflow.evaluation.report import ArchResult, Predictions, predictions_from_npz
 
     arch = outcome["architecture"]
     if outcome.get("status") != "ok":
         return ArchResult(status="failed", error=outcome.get("error") or "unknown error")
     source_run = outcome.get("run_id", run_id)  # a reused model lives under its own run
-    params = store.get_json(model_key(source_run, arch, "params.json"))
-    history = store.get_json(model_key(source_run, arch, "history.json"))
-    with np.load(io.BytesIO(store.get_bytes(model_key(source_run, arch, "predictions.npz"))),
-                 allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    test = arrays["split"] == "test"
-    verified = arrays["split"] == "verified_test"
-    return ArchResult(
-        status="ok",
-        class_names=list(params["class_names"]),
-        y_true=arrays["y_true"][test],
-        y_prob=arrays["y_prob"][test],
-        md5hash=arrays["md5hash"][test],
-        fitzpatrick_range=arrays["fitzpatrick_range"][test],
-        verified_y_true=arrays["y_true"][verified] if verified.any() else None,
-        verified_y_prob=arrays["y_prob"][verified] if verified.any() else None,
-        verified_fitzpatrick_range=arrays["fitzpatrick_range"][verified] if verified.any() else None,
-        history=history,
-        seconds=outcome.get("seconds"),
-    )
+    params = store.get_json(layout.model_key(source_run, arch, "params.json"))
+    history = store.get_json(layout.model_key(source_run, arch, "history.json"))
+    splits = predictions_from_npz(store.get_bytes(layout.model_key(source_run, arch, "predictions.npz")))
+    class_names = list(params["class_names"])
+    # training writes an empty npz when the test split had no rows
+    empty = Predictions(y_true=np.zeros(0, dtype=int), y_prob=np.zeros((0, len(class_names))),
+                        fitzpatrick_range=np.zeros(0, dtype=str))
+    return ArchResult.from_predictions(class_names, test=splits.get("test", empty),
+                                       verified_test=splits.get("verified_test"), history=history,
+                                       seconds=outcome.get("seconds"))
 
 
-def _best_model_saliency(store, outcomes: list[dict]):
+def _best_model_saliency(store, run_id: str, outcomes: list[dict]):
     """md5hash -> Grad-CAM heatmap of the best model (for its predicted class), or None."""
     ok = [o for o in outcomes if o.get("status") == "ok" and o.get("test")]
     if not ok:
@@ -52,16 +44,30 @@ def _best_model_saliency(store, outcomes: list[dict]):
     from dermflow.evaluation.saliency import grad_cam
 
     best = max(ok, key=lambda o: o["test"]["weighted_f1"])
-    bundle = load_model_bundle(store, best["run_id"], best["architecture"], settings().local_cache_dir / "models")
+    bundle = load_model_bundle(store, best.get("run_id", run_id), best["architecture"],
+                               settings().local_cache_dir / "models")
 
     def saliency(md5hash: str):
-        image = load_image_array(store.get_bytes(f"images/{md5hash}"), bundle.image_size)
+        image = load_image_array(store.get_bytes(layout.image_key(md5hash)), bundle.image_size)
         return grad_cam(bundle.model, image)
 
     return saliency
 
 
-@task(name="build-report", retries=1)
+def _publish_artifacts(store, run_id: str, report) -> None:
+    """The summary, the architectures table and a link to the page, in the Prefect UI."""
+    report_key = layout.report_key(run_id)
+    create_markdown_artifact(report.summary_markdown, key="derm-report-summary",
+                             description=f"dermflow run {run_id}")
+    if report.table_rows:
+        create_table_artifact(report.table_rows, key="derm-architectures",
+                              description=f"test metrics per architecture, run {run_id}")
+    link = store.presign(report_key) or store.uri(report_key)
+    create_link_artifact(link, link_text=f"report {run_id}", key="derm-report",
+                         description=store.uri(report_key))
+
+
+@task(name="build-report", retries=1, retry_condition_fn=retry_unless_permanent)
 def build_and_store_report(
     run_id: str,
     params: dict,
@@ -74,28 +80,20 @@ def build_and_store_report(
     from dermflow.evaluation.report import ReportInputs, build_report, write_report
 
     store = object_store()
-    architectures = {o["architecture"]: _load_arch_result(store, run_id, o) for o in outcomes}
-    report_key = f"runs/{run_id}/report.html"
+    report_key = layout.report_key(run_id)
     inputs = ReportInputs(
         run_id=run_id,
         params=params,
         data_summary=data_summary,
-        architectures=architectures,
+        architectures={o["architecture"]: _load_arch_result(store, run_id, o) for o in outcomes},
         tuning_trials=tuning_trials,
         retrain_decision=retrain_decision,
-        load_image=lambda md5: store.get_bytes(f"images/{md5}"),
-        saliency=_best_model_saliency(store, outcomes),
+        load_image=lambda md5: store.get_bytes(layout.image_key(md5)),
+        saliency=_best_model_saliency(store, run_id, outcomes),
     )
     report = build_report(inputs, report_uri=store.uri(report_key))
     keys = write_report(report, store, run_id)
-    link = store.presign(report_key) or store.uri(report_key)
-    create_markdown_artifact(report.summary_markdown, key="derm-report-summary",
-                             description=f"dermflow run {run_id}")
-    if report.table_rows:
-        create_table_artifact(report.table_rows, key="derm-architectures",
-                              description=f"test metrics per architecture, run {run_id}")
-    create_link_artifact(link, link_text=f"report {run_id}", key="derm-report",
-                         description=store.uri(report_key))
+    _publish_artifacts(store, run_id, report)
     get_run_logger().info("report: %s", store.uri(report_key))
-    return {"report_key": report_key, "metrics_key": f"runs/{run_id}/metrics.json", **keys,
+    return {"report_key": report_key, "metrics_key": layout.run_metrics_key(run_id), **keys,
             "best_architecture": report.metrics.get("best_architecture")}

@@ -135,24 +135,38 @@ def _save_screenshot(devtools: DevTools, path: Path, *, full_page: bool) -> None
 def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_path):
     from tests.unit.test_report import make_inputs
 
+    from dermflow import layout
     from dermflow.evaluation.report import build_report, write_report
 
     run_id = "20261126-101500-browser-check"
     report = build_report(make_inputs(seed=2))
     uris = write_report(report, store, run_id)
-    assert uris["report"] == store.uri(f"runs/{run_id}/report.html")
-    assert store.get_json(f"runs/{run_id}/metrics.json") == report.metrics
-    assert sorted(store.list_keys(f"runs/{run_id}/figures/")) == sorted(
-        f"runs/{run_id}/figures/{name}.png" for name in report.figures)
+    assert uris["report"] == store.uri(layout.report_key(run_id))
+    assert store.get_json(layout.run_metrics_key(run_id)) == report.metrics
+    assert sorted(store.list_keys(layout.run_key(run_id, "figures") + "/")) == sorted(
+        layout.figure_key(run_id, name) for name in report.figures)
     # the page as a user downloads it from the bucket
     page = tmp_path / "report.html"
-    page.write_bytes(store.get_bytes(f"runs/{run_id}/report.html"))
+    page.write_bytes(store.get_bytes(layout.report_key(run_id)))
 
     for domain in ("Page", "Network", "Runtime", "Log"):
         browser.send(f"{domain}.enable")
     browser.send("Page.navigate", url=page.as_uri())
     browser.wait_for("Page.loadEventFired", timeout=90)
 
+    _assert_loaded_offline_with_every_figure(browser, report)
+    _assert_tables_sort_and_the_matrix_zooms(browser)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.evaluate("window.scrollTo(0, 0)")
+    _save_screenshot(browser, ARTIFACTS / "report-browser-top.png", full_page=False)
+    _save_screenshot(browser, ARTIFACTS / "report-browser-full.png", full_page=True)
+    (ARTIFACTS / "report-browser.html").write_text(report.html, encoding="utf-8")
+    assert (ARTIFACTS / "report-browser-top.png").stat().st_size > 10_000
+
+
+def _assert_loaded_offline_with_every_figure(browser: DevTools, report) -> None:
+    """No request left the machine, nothing failed, every figure decoded, every section is there."""
     requests = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
     failed = [e["params"] for e in browser.events if e["method"] == "Network.loadingFailed"]
     errors = [e["params"] for e in browser.events
@@ -173,6 +187,9 @@ def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_
     sections = browser.evaluate("Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)")
     assert "Per class" in sections and "Licence & use" in sections
 
+
+def _assert_tables_sort_and_the_matrix_zooms(browser: DevTools) -> None:
+    """The page's script works: headers sort, the big matrix zooms on click."""
     # header click sorts the per-class table by support, descending on the second click
     order = browser.evaluate("""(() => {
         const th = document.querySelectorAll('#per-class-table th')[1];
@@ -190,10 +207,3 @@ def test_report_page_loads_offline_and_every_figure_decodes(browser, store, tmp_
     })()""")
     fitted, zoomed, natural, column = widths
     assert fitted <= column < natural and zoomed == natural, widths
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    browser.evaluate("window.scrollTo(0, 0)")
-    _save_screenshot(browser, ARTIFACTS / "report-browser-top.png", full_page=False)
-    _save_screenshot(browser, ARTIFACTS / "report-browser-full.png", full_page=True)
-    (ARTIFACTS / "report-browser.html").write_text(report.html, encoding="utf-8")
-    assert (ARTIFACTS / "report-browser-top.png").stat().st_size > 10_000

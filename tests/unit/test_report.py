@@ -12,17 +12,21 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
+from dermflow import layout
+from dermflow.errors import is_transient
 from dermflow.evaluation import report as report_module
-from dermflow.metrics import RANGE_ORDER
+from dermflow.evaluation import report_figures, report_html
 from dermflow.evaluation.report import (
     ArchResult,
     Predictions,
+    ReportInputError,
     ReportInputs,
     build_report,
     calibration_bins,
     predictions_from_npz,
     summary_markdown,
 )
+from dermflow.metrics import RANGE_ORDER
 
 pytestmark = pytest.mark.unit
 
@@ -66,10 +70,9 @@ def _saliency(md5: str) -> np.ndarray | None:
     return np.exp(-((x - 3) ** 2 + (y - 2) ** 2) / 4.0)
 
 
-def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES, *, with_images: bool = True) -> ReportInputs:
-    """Several architectures (one failed), skewed label frequencies, all four ranges, tuning, retrain."""
-    rng = np.random.default_rng(seed)
-    names = _label_names(n_classes)
+def _architectures(rng: np.random.Generator, seed: int, n_rows: int, names: list[str]) -> dict[str, ArchResult]:
+    """Three trained architectures of different skill (one without verified-test rows) and one failed."""
+    n_classes = len(names)
     weights = 1.0 / np.arange(1, n_classes + 1) ** 0.8
     y_true = rng.choice(n_classes, size=n_rows, p=weights / weights.sum())
     md5 = np.array([hashlib.md5(f"{seed}-{i}".encode()).hexdigest() for i in range(n_rows)])
@@ -104,10 +107,35 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
         history=resnet.history, seconds=resnet.seconds)
     architectures["inceptionv3"] = ArchResult(status="failed", error="ResourceExhaustedError: OOM when allocating "
                                               "tensor with shape [64,299,299,3] | while training epoch 2")
+    return architectures
+
+
+def _data_summary(rng: np.random.Generator, names: list[str]) -> dict:
+    """The shape tasks.runs.data_summary gives: fetch.summarize_manifest + split.split_summary."""
     splits = ("train", "val", "test", "verified_test", "excluded")
     per_label = {n: {s: int(rng.integers(1, 40)) for s in splits} for n in names}
     per_range = {r: {s: int(rng.integers(10, 3000)) for s in splits} for r in RANGE_ORDER}
     failed_by_reason = {"http_404": 2000, "timeout": 300, "no_url": 41, "not_an_image": 236}
+    return {
+        "rows": 16577, "labels": len(names),
+        "fetch": {"rows": 16577, "ok": 14000, "failed": 2577, "by_status": {"ok": 14000, "failed": 2577},
+                  "by_reason": failed_by_reason, "md5_mismatch": 3, "bytes": 1_234_000_000},
+        "sizes": {s: int(sum(per_range[r][s] for r in RANGE_ORDER)) for s in splits},
+        "per_label": per_label, "per_range": per_range,
+        "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflict_groups": 1,
+                       "label_conflicts": [{"dup_group": 17, "labels": [names[0], names[5]],
+                                            "md5hashes": ["a" * 32, "b" * 32], "splits": ["train", "test"]}]},
+        "label_quality": {"wrongly_labelled_excluded": 20, "diagnostic_verified_test": 504},
+        "dropped_labels": [],
+    }
+
+
+def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES, *, with_images: bool = True) -> ReportInputs:
+    """Several architectures (one failed), skewed label frequencies, all four ranges, tuning, retrain."""
+    rng = np.random.default_rng(seed)
+    names = _label_names(n_classes)
+    architectures = _architectures(rng, seed, n_rows, names)
+    data_summary = _data_summary(rng, names)
     trials = [{"trial_id": f"{i:02d}", "score": float(rng.uniform(0.2, 0.5)),
                "hyperparameters": {"learning_rate": float(10 ** rng.uniform(-5, -2)), "dropout": float(rng.uniform(0, 0.5)),
                                    "dense_units": int(rng.choice([128, 256, 512])), "optimizer": "adam"}}
@@ -116,19 +144,7 @@ def make_inputs(seed: int = 0, n_rows: int = N_ROWS, n_classes: int = N_CLASSES,
         run_id=f"20261126-101500-synthetic-{seed}",
         params={"architectures": list(architectures), "epochs": 6, "image_size": 224, "seed": seed,
                 "tuning": {"max_trials": 8}},
-        # the shape tasks.runs.data_summary gives: fetch.summarize_manifest + split.split_summary
-        data_summary={
-            "rows": 16577, "labels": n_classes,
-            "fetch": {"rows": 16577, "ok": 14000, "failed": 2577, "by_status": {"ok": 14000, "failed": 2577},
-                      "by_reason": failed_by_reason, "md5_mismatch": 3, "bytes": 1_234_000_000},
-            "sizes": {s: int(sum(per_range[r][s] for r in RANGE_ORDER)) for s in splits},
-            "per_label": per_label, "per_range": per_range,
-            "duplicates": {"groups": 310, "images": 680, "cross_split": 0, "exact": 12, "label_conflict_groups": 1,
-                           "label_conflicts": [{"dup_group": 17, "labels": [names[0], names[5]],
-                                                "md5hashes": ["a" * 32, "b" * 32], "splits": ["train", "test"]}]},
-            "label_quality": {"wrongly_labelled_excluded": 20, "diagnostic_verified_test": 504},
-            "dropped_labels": [],
-        },
+        data_summary=data_summary,
         architectures=architectures,
         tuning_trials=trials,
         retrain_decision={"champion_score": 0.41, "challenger_score": 0.44, "promoted": True,
@@ -145,10 +161,10 @@ def inputs() -> ReportInputs:
 
 @pytest.fixture(scope="module")
 def built(inputs):
-    return build_report(inputs, report_uri="s3://bucket/runs/x/report.html")
+    return build_report(inputs, report_uri=f"s3://bucket/{layout.report_key('x')}")
 
 
-SECTION_IDS = [sid for sid, _ in report_module.SECTIONS]
+SECTION_IDS = [sid for sid, _ in report_html.SECTIONS]
 EXPECTED_FIGURES = {
     "weighted_f1_by_architecture", "accuracy_by_architecture", "per_range", "top_k_accuracy", "calibration",
     "confusion_all_labels", "confusion_top5", "misclassified_examples", "correct_examples", "training_curves",
@@ -269,7 +285,7 @@ def test_summary_markdown_and_table_rows(built):
     text = built.summary_markdown
     best = built.metrics["best_architecture"]
     assert f"**Best model:** `{best}`" in text
-    assert "s3://bucket/runs/x/report.html" in text
+    assert f"s3://bucket/{layout.report_key('x')}" in text
     assert "failed: ResourceExhaustedError" in text and "\\|" in text  # pipe in the error escaped for the table
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 4
     rows = {row["architecture"]: row for row in built.table_rows}
@@ -307,7 +323,7 @@ def test_label_groups_order_the_confusion_matrix():
     inputs = make_inputs(n_rows=150, n_classes=30, with_images=False)
     names = inputs.architectures["resnet50"].class_names
     inputs.label_groups = {n: ("inflammatory" if i % 3 else "malignant epidermal") for i, n in enumerate(names)}
-    order, groups = report_module._label_order(inputs.architectures["resnet50"], inputs.label_groups)
+    order, groups = report_figures._label_order(inputs.architectures["resnet50"], inputs.label_groups)
     assert sorted(order.tolist()) == list(range(30))
     changes = sum(groups[i] != groups[i - 1] for i in range(1, len(groups)))
     assert changes == 1  # each group contiguous
@@ -317,14 +333,40 @@ def test_label_groups_order_the_confusion_matrix():
     assert Image.open(io.BytesIO(png)).format == "PNG"
 
 
+HOSTILE = "<script>alert(1)</script>"
+
+
+def test_hostile_labels_run_ids_and_errors_are_escaped():
+    inputs = make_inputs(n_rows=60, n_classes=8, with_images=False)
+    inputs.run_id = f"run-{HOSTILE}"
+    for result in inputs.architectures.values():
+        if result.status == "ok":
+            result.class_names = [HOSTILE, *list(result.class_names)[1:]]
+    inputs.architectures[HOSTILE] = ArchResult(status="failed", error=f"{HOSTILE} & <b>bold</b>")
+    inputs.params = {"note": HOSTILE, "nested": {"value": HOSTILE}}
+    inputs.data_summary = {**inputs.data_summary, "dropped_labels": [HOSTILE]}
+    inputs.retrain_decision = {**inputs.retrain_decision, "reason": HOSTILE}
+    page = build_report(inputs).html
+    assert HOSTILE not in page and "<b>bold</b>" not in page
+    assert page.count("<script>") == 1  # the page's own sorting script, nothing injected
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "&amp; &lt;b&gt;" in page
+    assert "<title>dermflow report run-&lt;script&gt;" in page
+
+
 def test_bad_predictions_name_the_architecture():
     inputs = make_inputs(n_rows=40, n_classes=10, with_images=False)
     broken = inputs.architectures["resnet50"]
     broken.class_names = broken.class_names[:-1]
-    with pytest.raises(ValueError, match="resnet50.*test"):
+    with pytest.raises(ReportInputError, match="resnet50.*test") as raised:
         build_report(inputs)
-    with pytest.raises(ValueError, match="md5hash has 2 rows"):
+    assert not is_transient(raised.value)  # the report task must not retry it
+    with pytest.raises(ReportInputError, match="md5hash has 2 rows"):
         Predictions(y_true=[0, 1, 2], y_prob=np.eye(3), md5hash=["a", "b"], fitzpatrick_range=["I-II"] * 3)
+    buffer = io.BytesIO()
+    np.savez(buffer, md5hash=np.array(["a"]), split=np.array(["test"]), y_true=np.array([0]))
+    with pytest.raises(ReportInputError, match=r"lacks arrays: \['fitzpatrick_range', 'y_prob'\]"):
+        predictions_from_npz(buffer.getvalue())
 
 
 def test_predictions_from_npz_splits_by_split():
@@ -350,15 +392,16 @@ class MemoryStore:
 
 def test_write_report_lays_out_the_run_folder(built):
     store = MemoryStore()
-    uris = report_module.write_report(built, store, "20261126-101500-brave-otter")
-    prefix = "runs/20261126-101500-brave-otter/"
-    assert uris["report"] == f"s3://bucket/{prefix}report.html"
-    assert uris["metrics"] == f"s3://bucket/{prefix}metrics.json"
-    assert set(store.objects) == {f"{prefix}report.html", f"{prefix}metrics.json",
-                                  *(f"{prefix}figures/{name}.png" for name in built.figures)}
-    assert store.objects[f"{prefix}report.html"][1].startswith("text/html")
-    assert json.loads(store.objects[f"{prefix}metrics.json"][0]) == built.metrics
-    assert store.objects[f"{prefix}figures/calibration.png"] == (built.figures["calibration"], "image/png")
+    run_id = "20261126-101500-brave-otter"
+    uris = report_module.write_report(built, store, run_id)
+    report_key, metrics_key = layout.report_key(run_id), layout.run_metrics_key(run_id)
+    assert uris["report"] == f"s3://bucket/{report_key}"
+    assert uris["metrics"] == f"s3://bucket/{metrics_key}"
+    assert set(store.objects) == {report_key, metrics_key, *(layout.figure_key(run_id, name) for name in built.figures)}
+    assert all(key.startswith(layout.run_prefix(run_id)) for key in store.objects)
+    assert store.objects[report_key][1].startswith("text/html")
+    assert json.loads(store.objects[metrics_key][0]) == built.metrics
+    assert store.objects[layout.figure_key(run_id, "calibration")] == (built.figures["calibration"], "image/png")
     with pytest.raises(ValueError, match="run_id"):
         report_module.write_report(built, store, "a/b")
 
