@@ -80,6 +80,7 @@ def _warm_worker(settings_kwargs: dict, pool_size: int) -> int:
     """Process-pool initialiser work: imports and one S3 client per worker, as a warm Dask worker has."""
     global _worker_store
     import dermflow.ingestion.fetch  # noqa: F401 - imported before the clock starts
+    import dermflow.ingestion.manifest  # noqa: F401
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
@@ -103,7 +104,8 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
 
     import pandas as pd
 
-    from dermflow.ingestion.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
+    from dermflow.ingestion.fetch import FetchOptions, fetch_shard
+    from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 
     dataset = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)

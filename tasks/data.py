@@ -1,6 +1,6 @@
 """Prefect tasks for the data stages: ingest, fetch shards, manifests, split.
 
-Thin wrappers: the work is in `dermflow.ingestion.ingest`, `dermflow.ingestion.fetch` and `dermflow.dataset.split`. Tasks
+Thin wrappers: the work is in `dermflow.ingestion.ingest`, `dermflow.ingestion.fetch`, `dermflow.ingestion.manifest` and `dermflow.dataset.split`. Tasks
 exchange bucket keys and small row lists, never images.
 """
 
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dermflow.ingestion import fetch
-from dermflow.ingestion import ingest
+from dermflow.ingestion import fetch, ingest, manifest as fetch_manifest
 from dermflow.dataset import split
 from dermflow.runs import content_hash
 from tasks.common import object_store, settings
@@ -52,9 +51,9 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
-        rows = fetch.failed_rows(store.get_dataframe_csv(FETCH_MANIFEST_KEY), rows)
-    stored = fetch.stored_image_md5s(store)
-    shards = fetch.plan_shards(rows, stored, shard_size=shard_size)
+        rows = fetch_manifest.failed_rows(store.get_dataframe_csv(FETCH_MANIFEST_KEY), rows)
+    stored = fetch_manifest.stored_image_md5s(store)
+    shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size)
     get_run_logger().info(
         "%d rows, %d already stored, %d shards to fetch",
         len(rows), len(stored & set(rows["md5hash"])), len(shards),
@@ -77,12 +76,12 @@ def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> 
     store = object_store()
     previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY) if store.exists(FETCH_MANIFEST_KEY) else None
     dataset = store.get_dataframe_csv(dataset_key)
-    manifest = fetch.reconcile_manifest(dataset, store, previous, results)
+    manifest = fetch_manifest.reconcile_manifest(dataset, store, previous, results)
     history_key = f"manifests/fetch/{run_id}.csv"
     store.put_dataframe_csv(history_key, manifest)
     store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
     store.put_json(FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
-    summary = fetch.summarize_manifest(manifest)
+    summary = fetch_manifest.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
         manifest.sort_values("md5hash")[["md5hash", "status", "label", "fitzpatrick_range", "qc", "phash"]]

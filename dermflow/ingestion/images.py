@@ -6,10 +6,14 @@ so a model sees images prepared the same way in both.
 
 from __future__ import annotations
 
+import hashlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dermflow.dataset.dedup import draft_for_hash, phash_of_image
 
 
 class ImageDecodeError(ValueError):
@@ -47,3 +51,49 @@ def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
         (image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
     )
     return np.asarray(resized, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# verifying fetched bytes
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    md5: str
+    width: int
+    height: int
+    phash: str  # 16 hex chars
+    content_type: str
+
+
+class ImageRejected(Exception):
+    """Bytes that are not a complete, decodable image; `reason` is `not_an_image` or `too_large`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def verify_image(body: bytes) -> ImageFacts:
+    """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
+
+    Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
+    included) and for decompression bombs (Pillow's pixel limit is kept).
+    """
+    md5 = hashlib.md5(body).hexdigest()
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+            image_format = image.format or ""
+            # The one hashing recipe of dermflow.dataset.dedup (draft decode, then pHash), so the
+            # near-duplicate threshold validated there holds for the manifest's hashes.
+            draft_for_hash(image)
+            image.load()
+            phash = phash_of_image(image)
+    except Image.DecompressionBombError as error:
+        raise ImageRejected("too_large", str(error)) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
+        raise ImageRejected("not_an_image", str(error)) from error
+    content_type = Image.MIME.get(image_format, "application/octet-stream")
+    return ImageFacts(md5=md5, width=int(width), height=int(height), phash=phash, content_type=content_type)
+

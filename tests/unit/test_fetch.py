@@ -16,21 +16,22 @@ import pytest
 from PIL import Image
 
 from dermflow.ingestion.fetch import (
-    MANIFEST_COLUMNS,
     FetchOptions,
-    ImageRejected,
     IntervalLimiter,
     backoff_delay,
-    failed_rows,
     fetch_shard,
     fetch_shard_async,
-    fitzpatrick_range_of,
     parse_retry_after,
+)
+from dermflow.ingestion.images import ImageRejected, verify_image
+from dermflow.ingestion.manifest import (
+    MANIFEST_COLUMNS,
+    failed_rows,
+    fitzpatrick_range_of,
     plan_shards,
     reconcile_manifest,
     stored_image_md5s,
     summarize_manifest,
-    verify_image,
 )
 from dermflow.ingestion.guard import BlockedURL, HostGuard, install_log_redaction, redact_text, redact_url
 
