@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
+import contextlib
 import logging
-import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-from dermflow.ingestion.guard import (
-    BlockedURL,
-    HostGuard,
-    Resolver,
-    install_log_redaction,
-    pinned_network_backend,
-    redact_text,
-    redact_url,
-)
+from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
+from dermflow.ingestion.http import ReadPolicy, URLReadError, make_async_client, read_async
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
 from dermflow.ingestion.manifest import image_key, manifest_row, ok_row
 
@@ -45,8 +36,10 @@ if TYPE_CHECKING:  # heavy or optional imports stay out of import time
 
 logger = logging.getLogger("dermflow.ingestion.fetch")
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "dermflow/0.1 (research dataset fetcher)"
+IMAGE_ACCEPT = "image/*,*/*;q=0.8"
+# A text answer where an image is due (an HTML error page) is refused before its body is read.
+NOT_IMAGE_CONTENT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,34 +103,18 @@ class FetchOptions:
     def with_overrides(self, **overrides: Any) -> FetchOptions:
         return replace(self, **overrides)
 
+    def read_policy(self) -> ReadPolicy:
+        """The limits of one image request (`dermflow.ingestion.http`)."""
+        return ReadPolicy(
+            max_bytes=self.max_bytes, max_redirects=self.max_redirects, connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout, total_timeout=self.total_timeout, retry_after_max=self.retry_after_max,
+            refused_content_types=NOT_IMAGE_CONTENT_TYPES, refused_content_reason="not_an_image",
+        )
+
 
 
 # --------------------------------------------------------------------------------------------
-# retry timing
-
-
-def parse_retry_after(value: str | None, now: float | None = None, cap: float = 120.0) -> float | None:
-    """`Retry-After` (delta-seconds or an HTTP date) -> seconds to wait, within [0, cap]; None if absent/bad."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), cap)
+# retry timing (Retry-After is parsed by dermflow.ingestion.http)
 
 
 def backoff_delay(attempt: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -189,25 +166,6 @@ def _verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchO
 # the shard fetcher
 
 
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class _Permanent(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Redirect(Exception):
-    def __init__(self, location: str) -> None:
-        super().__init__(location)
-        self.location = location
-
-
 class IntervalLimiter:
     """At most `rate` starts per second: each caller gets the next free slot (no bursts)."""
 
@@ -236,6 +194,7 @@ class _ShardContext:
     store: ObjectStore
     options: FetchOptions
     guard: HostGuard
+    policy: ReadPolicy
     pool: concurrent.futures.ThreadPoolExecutor
     hosts: dict[str, _Host] = field(default_factory=dict)
 
@@ -246,155 +205,71 @@ class _ShardContext:
             self.hosts[name] = _Host(asyncio.Semaphore(self.options.host_concurrency), IntervalLimiter(rate) if rate else None)
         return self.hosts[name]
 
-
-async def _request_once(ctx: _ShardContext, url: str) -> bytes:
-    """One GET of `url`: the body, or `_Redirect`/`_Transient`/`_Permanent`."""
-    import httpx
-
-    options = ctx.options
-    body_started = False
-    try:
-        async with ctx.client.stream("GET", url) as response:
-            status = response.status_code
-            if status in REDIRECT_STATUSES:
-                location = response.headers.get("location")
-                if not location:
-                    raise _Permanent(f"http_{status}")
-                raise _Redirect(urljoin(url, location.strip()))
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(response.headers.get("retry-after"), cap=options.retry_after_max)
-                raise _Transient(f"http_{status}", retry_after)
-            if status != 200:
-                raise _Permanent(f"http_{status}")
-            content_type = response.headers.get("content-type", "").lower()
-            if content_type.startswith(("text/", "application/json", "application/xml", "application/xhtml")):
-                raise _Permanent("not_an_image")  # no need to download an HTML error page
-            try:
-                expected = int(response.headers["content-length"])
-            except (KeyError, ValueError):
-                expected = None
-            if expected is not None and expected > options.max_bytes:
-                raise _Permanent("too_large")
-            chunks: list[bytes] = []
-            received = 0
-            async for chunk in response.aiter_bytes():
-                body_started = True
-                received += len(chunk)
-                if received > options.max_bytes:
-                    raise _Permanent("too_large")
-                chunks.append(chunk)
-            if expected is not None:
-                # Content-Length counts the bytes on the wire (before any content decoding).
-                encoding = response.headers.get("content-encoding", "identity").strip().lower()
-                on_wire = received if encoding in ("", "identity") else response.num_bytes_downloaded
-                if on_wire != expected:
-                    raise _Transient("truncated")
-            return b"".join(chunks)
-    except (_Redirect, _Transient, _Permanent):
-        raise
-    except (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
-        raise _Transient("timeout") from None
-    except httpx.ConnectError:
-        raise _Transient("connect_error") from None
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError):
-        raise _Transient("truncated" if body_started else "connect_error") from None
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-        raise _Permanent("bad_scheme") from None
-    except httpx.DecodingError:
-        raise _Permanent("not_an_image") from None
-    except httpx.TransportError:
-        raise _Transient("connect_error") from None
-
-
-async def _download(ctx: _ShardContext, url: str) -> bytes:
-    """The body at `url`, following at most `max_redirects` redirects, each hop re-checked."""
-    current = url
-    for _hop in range(ctx.options.max_redirects + 1):
-        try:
-            await ctx.guard.check(current)
-        except BlockedURL as error:
-            raise _Permanent(error.reason) from None
-        host = ctx.host(current)
+    @contextlib.asynccontextmanager
+    async def polite(self, url: str) -> AsyncIterator[None]:
+        """Wraps one request to `url`'s host: a slot of its concurrency cap, then its rate limit."""
+        host = self.host(url)
         async with host.slots:
             if host.limiter is not None:
                 await host.limiter.wait()
-            try:
-                async with asyncio.timeout(ctx.options.total_timeout):
-                    return await _request_once(ctx, current)
-            except BlockedURL as error:  # refused at connect time (the host re-resolved internal)
-                raise _Permanent(error.reason) from None
-            except _Redirect as redirect:
-                current = redirect.location
-            except TimeoutError:
-                raise _Transient("timeout") from None
-    raise _Permanent("too_many_redirects")
+            yield
+
+
+@dataclass
+class _Attempts:
+    count: int = 0
+
+
+def _retry_pause(options: FetchOptions, error: URLReadError, attempts: int) -> float | None:
+    """Seconds to wait before attempt `attempts + 1`, or None when retrying cannot help."""
+    if not error.transient or attempts >= options.max_attempts:
+        return None
+    pause = backoff_delay(attempts, options.backoff_base, options.backoff_max)
+    return pause if error.retry_after is None else max(pause, error.retry_after)
+
+
+async def _download(ctx: _ShardContext, url: str, deadline: float, attempts: _Attempts) -> bytes:
+    """The body at `url`, retried while that can help: a transient error, fewer than
+    `max_attempts` attempts, and a wait that ends before the row's `deadline` (else the last
+    error is raised: the manifest records what the server said). Counts into `attempts`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        attempts.count += 1
+        try:
+            return await read_async(ctx.client, ctx.guard, url, ctx.policy, hop_gate=ctx.polite)
+        except URLReadError as error:
+            pause = _retry_pause(ctx.options, error, attempts.count)
+            if pause is None or loop.time() + pause >= deadline:
+                kind = "transient" if error.transient else "permanent"
+                logger.info("%s: %s (%s) after %d attempt(s)", redact_url(url), error.reason, kind, attempts.count)
+                raise
+            await asyncio.sleep(pause)
 
 
 async def _fetch_row(ctx: _ShardContext, row: dict) -> dict:
-    options = ctx.options
+    """Download, verify and store one row's image; its manifest row."""
     url = str(row.get("url") or "").strip()
     if not url:
         return manifest_row(row, reason="no_url")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + options.row_timeout
-    attempts = 0
-    body: bytes | None = None
+    deadline = loop.time() + ctx.options.row_timeout
+    attempts = _Attempts()
     try:
         async with asyncio.timeout_at(deadline):
-            while True:
-                attempts += 1
-                try:
-                    body = await _download(ctx, url)
-                    break
-                except _Permanent as error:
-                    logger.info("%s: %s (permanent)", redact_url(url), error.reason)
-                    return manifest_row(row, reason=error.reason, attempts=attempts)
-                except _Transient as error:
-                    if attempts >= options.max_attempts:
-                        logger.info("%s: %s after %d attempts", redact_url(url), error.reason, attempts)
-                        return manifest_row(row, reason=error.reason, attempts=attempts)
-                    pause = backoff_delay(attempts, options.backoff_base, options.backoff_max)
-                    if error.retry_after is not None:
-                        pause = max(pause, error.retry_after)
-                    if loop.time() + pause >= deadline:
-                        # Waiting would outlive the row's deadline: record what the server said.
-                        return manifest_row(row, reason=error.reason, attempts=attempts)
-                    await asyncio.sleep(pause)
+            body = await _download(ctx, url, deadline, attempts)
+    except URLReadError as error:
+        return manifest_row(row, reason=error.reason, attempts=attempts.count)
     except TimeoutError:
-        logger.info("%s: row deadline (%.0fs) passed", redact_url(url), options.row_timeout)
-        return manifest_row(row, reason="timeout", attempts=attempts)
+        logger.info("%s: row deadline (%.0fs) passed", redact_url(url), ctx.options.row_timeout)
+        return manifest_row(row, reason="timeout", attempts=attempts.count)
     # Outside the row deadline: a put that has started is never abandoned half-way.
-    key = image_key(row["md5hash"])
     try:
-        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, key, body, options)
+        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, image_key(row["md5hash"]), body,
+                                           ctx.options)
     except ImageRejected as error:
         logger.info("%s: %s", redact_url(url), redact_text(str(error)))
-        return manifest_row(row, reason=error.reason, attempts=attempts, bytes=len(body))
-    return ok_row(row, facts, len(body), attempts)
-
-
-def _make_client(options: FetchOptions, transport: httpx.AsyncBaseTransport | None,
-                 guard: HostGuard) -> httpx.AsyncClient:
-    import httpx
-
-    timeout = httpx.Timeout(
-        connect=options.connect_timeout, read=options.read_timeout, write=options.read_timeout, pool=None
-    )
-    connections = max(64, options.host_concurrency * 8)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30)
-    if transport is None:
-        transport = httpx.AsyncHTTPTransport(limits=limits)
-        # httpx has no public hook for the connection pool's network backend; the pinned one
-        # makes every connection go to addresses the guard has just checked (DNS rebinding).
-        transport._pool._network_backend = pinned_network_backend(guard)
-    return httpx.AsyncClient(
-        timeout=timeout,
-        limits=limits,
-        follow_redirects=False,  # each hop is re-checked by the SSRF guard
-        headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"},
-        transport=transport,
-        trust_env=False,  # a proxy from the environment would bypass the address guard
-    )
+        return manifest_row(row, reason=error.reason, attempts=attempts.count, bytes=len(body))
+    return ok_row(row, facts, len(body), attempts.count)
 
 
 async def fetch_shard_async(
@@ -425,8 +300,10 @@ async def fetch_shard_async(
     guard = HostGuard(options.allowed_hosts, resolver=resolver)
     pool = concurrent.futures.ThreadPoolExecutor(options.store_workers, thread_name_prefix="dermflow-store")
     try:
-        async with _make_client(options, transport, guard) as client:
-            ctx = _ShardContext(client=client, store=store, options=options, guard=guard, pool=pool)
+        policy = options.read_policy()
+        async with make_async_client(guard, policy, user_agent=options.user_agent, accept=IMAGE_ACCEPT,
+                                     transport=transport, connections=max(64, options.host_concurrency * 8)) as client:
+            ctx = _ShardContext(client=client, store=store, options=options, guard=guard, policy=policy, pool=pool)
             tasks = [asyncio.create_task(_fetch_row(ctx, {**row, "md5hash": str(row["md5hash"]).lower()})) for row in rows]
             try:
                 results = await asyncio.gather(*tasks)

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from dermflow.errors import DermflowError
+from dermflow.ingestion.guard import redact_url
+
 if TYPE_CHECKING:
     from dermflow.storage import ObjectStore
 
@@ -48,10 +51,12 @@ _RANGE_OF_SCALE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6:
 # How many offending rows an error message lists before "... and N more".
 _ROWS_SHOWN = 5
 HTTP_TIMEOUT_SECONDS = 30.0
+# The Fitzpatrick 17k CSV is about 4 MB; a URL serving far more is not a dataset CSV.
+MAX_CSV_BYTES = 256 * 2**20
 
 
-class DatasetError(ValueError):
-    """The dataset CSV is malformed. `problems` holds one message per problem found."""
+class DatasetError(DermflowError, ValueError):
+    """The dataset CSV is malformed (permanent). `problems` holds one message per problem found."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None):
         self.problems = list(problems)
@@ -59,9 +64,13 @@ class DatasetError(ValueError):
         where = f" in {source}" if source else ""
         super().__init__(f"invalid dataset{where}: " + "; ".join(self.problems))
 
+    def __reduce__(self):  # rebuilt from its fields, not its message (Prefect pickles failures)
+        return (type(self), (self.problems, self.source))
 
-class DatasetSourceError(RuntimeError):
-    """The dataset CSV could not be read from its source (network, missing file, S3)."""
+
+class DatasetSourceError(DermflowError, RuntimeError):
+    """The dataset CSV could not be read from its source. Transient when the network or the
+    store failed; permanent for a missing file or object, or a source that is not one."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -72,11 +81,18 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
     another bucket than the store's is read with the store's client all the same.
     """
     text = str(source)
-    if text.startswith(("http://", "https://")):
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("http", "https"):
         return _read_http(text)
-    if text.startswith("s3://"):
+    if scheme == "s3":
         return _read_s3(text, store)
-    path = Path(text).expanduser()
+    if scheme:
+        raise DatasetSourceError(f"dataset CSV {redact_url(text)}: scheme {scheme!r} is not supported "
+                                 "(use http(s)://, s3:// or a local path)")
+    return _read_local(Path(text).expanduser())
+
+
+def _read_local(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError as error:
@@ -86,24 +102,30 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
 
 
 def _read_http(url: str) -> bytes:
-    import httpx
+    """The CSV at `url`, read through the guarded reader (`dermflow.ingestion.http`)."""
+    from dermflow.ingestion.http import ReadPolicy, URLReadError, read_url
 
-    from dermflow.settings import get_settings
-
-    timeout = httpx.Timeout(HTTP_TIMEOUT_SECONDS, connect=10.0)
-    headers = {"User-Agent": get_settings().user_agent}
+    policy = ReadPolicy(max_bytes=MAX_CSV_BYTES, read_timeout=HTTP_TIMEOUT_SECONDS)
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True, headers=headers)
-    except httpx.TimeoutException as error:
-        raise DatasetSourceError(f"timed out reading dataset CSV from {url}: {error!r}") from error
-    except httpx.HTTPError as error:
-        raise DatasetSourceError(f"cannot reach dataset CSV at {url}: {error!r}") from error
-    if response.status_code != 200:
-        raise DatasetSourceError(f"dataset CSV at {url} answered HTTP {response.status_code}")
-    return response.content
+        return read_url(url, policy=policy)
+    except URLReadError as error:
+        where = redact_url(url)
+        if error.status is not None:
+            message = f"dataset CSV at {where} answered HTTP {error.status}"
+        elif error.reason in ("connect_error", "timeout"):
+            message = f"cannot reach dataset CSV at {where}: {error.reason}"
+        else:
+            message = f"cannot read dataset CSV: {error}"
+        raise DatasetSourceError(message, transient=error.transient) from error
+
+
+_MISSING_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403"})
 
 
 def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
+    """The object at `uri`; missing (or forbidden) is permanent, anything else transient."""
+    from botocore.exceptions import ClientError
+
     from dermflow.storage import ObjectStore, StorageError, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
@@ -114,10 +136,15 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
         if bucket == store.bucket:
             return store.get_bytes(key)
         return store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except StorageError as error:
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
-    except Exception as error:  # noqa: BLE001 - botocore raises many types; report them all alike
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
+    except StorageError as error:  # what `get_bytes` raises for a missing object
+        transient = isinstance(error, DermflowError) and error.transient
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=transient) from error
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}",
+                                 transient=code not in _MISSING_S3_CODES) from error
+    except Exception as error:  # noqa: BLE001 - botocore's connection errors have many types
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=True) from error
 
 
 def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:

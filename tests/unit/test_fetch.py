@@ -21,8 +21,8 @@ from dermflow.ingestion.fetch import (
     backoff_delay,
     fetch_shard,
     fetch_shard_async,
-    parse_retry_after,
 )
+from dermflow.ingestion.http import parse_retry_after
 from dermflow.ingestion.images import ImageRejected, verify_image
 from dermflow.ingestion.manifest import (
     MANIFEST_COLUMNS,
