@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from dermflow.ingestion.guard import redact_url
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
+from dermflow.ingestion.ingest import fitzpatrick_range
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
     import pandas as pd
@@ -41,16 +42,6 @@ TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "truncated", "http_42
 
 def image_key(md5hash: str) -> str:
     return f"{IMAGES_PREFIX}{md5hash}"
-
-
-def fitzpatrick_range_of(scale: Any) -> str:
-    """Fitzpatrick scale -> `I-II`, `III-IV`, `V-VI` or `unknown` (used when rows lack the column)."""
-    try:
-        value = int(float(scale))
-    except (TypeError, ValueError):
-        return "unknown"
-    return {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}.get(value, "unknown")
-
 
 
 def _clean(value: Any) -> Any:
@@ -127,7 +118,7 @@ def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> 
 def manifest_row(row: dict, **outcome: Any) -> dict:
     """A manifest row for a dataset/shard row and an outcome (status, reason, ...)."""
     scale = _clean(row.get("fitzpatrick_scale", ""))
-    fitz_range = _clean(row.get("fitzpatrick_range", "")) or fitzpatrick_range_of(scale)
+    fitz_range = _clean(row.get("fitzpatrick_range", "")) or fitzpatrick_range(scale)
     result = {
         "md5hash": str(row.get("md5hash", "")).strip().lower(),
         "label": _clean(row.get("label", "")),
