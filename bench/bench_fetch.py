@@ -104,6 +104,7 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
 
     import pandas as pd
 
+    from dermflow import layout
     from dermflow.ingestion.fetch import FetchOptions, fetch_shard
     from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 
@@ -124,7 +125,7 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
     futures = [fetch(shard) for shard in shards]
     rows = [row for future in futures for row in future.result()]
     manifest = reconcile_manifest(dataset, store, None, rows)
-    store.put_dataframe_csv("manifests/fetch.csv", manifest)
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0 + sum(cpu_seconds(pid) for pid in worker_pids) - worker_cpu0
     seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0

@@ -1,21 +1,20 @@
 """Prefect tasks for the data stages: ingest, fetch shards, manifests, split.
 
-Thin wrappers: the work is in `dermflow.ingestion.ingest`, `dermflow.ingestion.fetch`, `dermflow.ingestion.manifest` and `dermflow.dataset.split`. Tasks
-exchange bucket keys and small row lists, never images.
+Thin wrappers: the work is in `dermflow.ingestion` (ingest, fetch, manifest) and
+`dermflow.dataset.split`; every bucket key comes from `dermflow.layout`. Tasks exchange bucket
+keys and small row lists, never images.
 """
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dermflow.ingestion import fetch, ingest, manifest as fetch_manifest
+from dermflow import layout
 from dermflow.dataset import split
+from dermflow.ingestion import fetch, ingest
+from dermflow.ingestion import manifest as fetch_manifest
 from dermflow.runs import content_hash
 from tasks.common import object_store, settings
-
-FETCH_MANIFEST_KEY = "manifests/fetch.csv"
-# Which dataset the latest manifest describes: refetch needs its real (unredacted) URLs.
-FETCH_STATE_KEY = "manifests/fetch.json"
 
 
 @task(name="ingest-csv", retries=2, retry_delay_seconds=5)
@@ -24,7 +23,7 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
     store = object_store()
     dataset = ingest.load_dataset(csv, store=store, limit_per_label=limit_per_label, seed=seed)
     fingerprint = ingest.dataset_fingerprint(dataset)
-    key = f"manifests/datasets/{fingerprint[:12]}.csv"
+    key = layout.dataset_key(fingerprint)
     store.put_dataframe_csv(key, dataset)
     get_run_logger().info(
         "ingested %d rows, %d labels, %d without URL from %s",
@@ -37,11 +36,11 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
 def latest_dataset_key() -> str:
     """The dataset of the latest fetch manifest (for `derm/refetch`)."""
     store = object_store()
-    if not store.exists(FETCH_STATE_KEY):
+    if not store.exists(layout.FETCH_STATE_KEY):
         raise FileNotFoundError(
-            f"no fetch manifest in {store.uri('manifests/')}: run derm/fetch or derm/full first"
+            f"no fetch manifest in {store.uri(layout.MANIFESTS_PREFIX)}: run derm/fetch or derm/full first"
         )
-    return store.get_json(FETCH_STATE_KEY)["dataset_key"]
+    return store.get_json(layout.FETCH_STATE_KEY)["dataset_key"]
 
 
 @task(name="plan-fetch")
@@ -51,7 +50,7 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
-        rows = fetch_manifest.failed_rows(store.get_dataframe_csv(FETCH_MANIFEST_KEY), rows)
+        rows = fetch_manifest.failed_rows(store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY), rows)
     stored = fetch_manifest.stored_image_md5s(store)
     shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size)
     get_run_logger().info(
@@ -74,13 +73,13 @@ def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float 
 def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
     """The complete manifest (one row per dataset row), latest and history copies."""
     store = object_store()
-    previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY) if store.exists(FETCH_MANIFEST_KEY) else None
+    previous = store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY) if store.exists(layout.FETCH_MANIFEST_KEY) else None
     dataset = store.get_dataframe_csv(dataset_key)
     manifest = fetch_manifest.reconcile_manifest(dataset, store, previous, results)
-    history_key = f"manifests/fetch/{run_id}.csv"
+    history_key = layout.fetch_manifest_history_key(run_id)
     store.put_dataframe_csv(history_key, manifest)
-    store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
-    store.put_json(FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
+    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
     summary = fetch_manifest.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
@@ -95,8 +94,8 @@ def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wron
     manifest = store.get_dataframe_csv(manifest_key)
     params = {"seed": seed, "dup_threshold": dup_threshold, "exclude_wrongly_labelled": exclude_wrongly_labelled}
     fingerprint = split.split_fingerprint(manifest, params)[:12]
-    key = f"manifests/split-{fingerprint}.csv"
-    summary_key = f"manifests/split-{fingerprint}.json"
+    key = layout.split_manifest_key(fingerprint)
+    summary_key = layout.split_summary_key(fingerprint)
     logger = get_run_logger()
     if store.exists(key) and store.exists(summary_key):
         logger.info("split unchanged: reusing %s", store.uri(key))

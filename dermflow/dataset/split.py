@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from dermflow import layout
 from dermflow.dataset.dedup import (
     DEFAULT_DUP_THRESHOLD,
     duplicate_report,
@@ -131,7 +132,7 @@ def _prepare(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         frame["fitzpatrick_range"] = given.where(given.isin(FITZPATRICK_RANGES), computed)
     else:
         frame["fitzpatrick_range"] = computed
-    frame["key"] = frame["key"].where(frame["key"] != "", "images/" + frame["md5hash"])
+    frame["key"] = frame["key"].where(frame["key"] != "", frame["md5hash"].map(layout.image_key))
     return frame.sort_values("md5hash", kind="mergesort").reset_index(drop=True), not_ok
 
 

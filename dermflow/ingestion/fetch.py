@@ -23,10 +23,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dermflow import layout
 from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
 from dermflow.ingestion.http import ReadPolicy, URLReadError, make_async_client, read_async
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
-from dermflow.ingestion.manifest import image_key, manifest_row, ok_row
+from dermflow.ingestion.manifest import manifest_row, ok_row
 
 if TYPE_CHECKING:  # heavy or optional imports stay out of import time
     import httpx
@@ -263,9 +264,9 @@ async def _fetch_row(ctx: _ShardContext, row: dict) -> dict:
         logger.info("%s: row deadline (%.0fs) passed", redact_url(url), ctx.options.row_timeout)
         return manifest_row(row, reason="timeout", attempts=attempts.count)
     # Outside the row deadline: a put that has started is never abandoned half-way.
+    key = layout.image_key(row["md5hash"])
     try:
-        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, image_key(row["md5hash"]), body,
-                                           ctx.options)
+        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, key, body, ctx.options)
     except ImageRejected as error:
         logger.info("%s: %s", redact_url(url), redact_text(str(error)))
         return manifest_row(row, reason=error.reason, attempts=attempts.count, bytes=len(body))

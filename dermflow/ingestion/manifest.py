@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dermflow import layout
 from dermflow.ingestion.guard import redact_url
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
 from dermflow.ingestion.ingest import fitzpatrick_range
@@ -29,7 +30,6 @@ if TYPE_CHECKING:  # heavy imports stay out of import time
 
 logger = logging.getLogger("dermflow.ingestion.manifest")
 
-IMAGES_PREFIX = "images/"
 MANIFEST_COLUMNS = [
     "md5hash", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url", "status", "reason",
     "md5_mismatch", "content_md5", "attempts", "bytes", "width", "height", "phash", "key",
@@ -38,10 +38,6 @@ MANIFEST_COLUMNS = [
 SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc")
 # Reasons that a later run may cure (what `derm/refetch` retries); the rest are permanent.
 TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "truncated", "http_429", "not_fetched"})
-
-
-def image_key(md5hash: str) -> str:
-    return f"{IMAGES_PREFIX}{md5hash}"
 
 
 def _clean(value: Any) -> Any:
@@ -64,7 +60,8 @@ def _clean(value: Any) -> Any:
 
 def stored_image_md5s(store: ObjectStore) -> set[str]:
     """md5hashes with an object under `images/` (one paginated listing)."""
-    return {key[len(IMAGES_PREFIX):] for key in store.iter_keys(IMAGES_PREFIX) if len(key) > len(IMAGES_PREFIX)}
+    md5s = (layout.md5_of_image_key(key) for key in store.iter_keys(layout.IMAGES_PREFIX))
+    return {md5 for md5 in md5s if md5}
 
 
 def _interleave_by_host(records: list[dict]) -> list[dict]:
@@ -145,7 +142,7 @@ def ok_row(row: dict, facts: ImageFacts, size: int, attempts: int) -> dict:
     return manifest_row(
         row, status="ok", reason="", md5_mismatch=facts.md5 != str(row["md5hash"]).lower(), content_md5=facts.md5,
         attempts=attempts,
-        bytes=size, width=facts.width, height=facts.height, phash=facts.phash, key=image_key(row["md5hash"]),
+        bytes=size, width=facts.width, height=facts.height, phash=facts.phash, key=layout.image_key(row["md5hash"]),
     )
 
 
@@ -180,7 +177,7 @@ def _normalized(row: dict) -> dict:
 
 def _verify_stored(store: ObjectStore, row: dict) -> dict:
     """Read an object back and describe it; delete it if it is not a decodable image."""
-    key = image_key(row["md5hash"])
+    key = layout.image_key(row["md5hash"])
     body = store.get_bytes(key)
     try:
         facts = verify_image(body)
