@@ -14,10 +14,10 @@ from dermflow.dataset import split
 from dermflow.ingestion import fetch, ingest
 from dermflow.ingestion import manifest as fetch_manifest
 from dermflow.runs import content_hash
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="ingest-csv", retries=2, retry_delay_seconds=5)
+@task(name="ingest-csv", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
     """Validate the CSV and store the dataset rows: returns their key and counts."""
     store = object_store()
@@ -37,7 +37,7 @@ def latest_dataset_key() -> str:
     """The dataset of the latest fetch manifest (for `derm/refetch`)."""
     store = object_store()
     if not store.exists(layout.FETCH_STATE_KEY):
-        raise FileNotFoundError(
+        raise fetch_manifest.ManifestError(
             f"no fetch manifest in {store.uri(layout.MANIFESTS_PREFIX)}: run derm/fetch or derm/full first"
         )
     return store.get_json(layout.FETCH_STATE_KEY)["dataset_key"]
@@ -60,7 +60,7 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     return shards
 
 
-@task(name="fetch-shard", retries=2, retry_delay_seconds=10)
+@task(name="fetch-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
 def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float | None) -> list[dict]:
     """Download one shard concurrently; a Prefect retry covers a crashed worker."""
     options = fetch.FetchOptions.from_settings(
@@ -69,7 +69,7 @@ def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float 
     return fetch.fetch_shard(rows, object_store(), options)
 
 
-@task(name="write-fetch-manifest", retries=1)
+@task(name="write-fetch-manifest", retries=1, retry_condition_fn=retry_unless_permanent)
 def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
     """The complete manifest (one row per dataset row), latest and history copies."""
     store = object_store()
@@ -87,7 +87,7 @@ def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> 
         .to_dict("list"))}
 
 
-@task(name="split", retries=1)
+@task(name="split", retries=1, retry_condition_fn=retry_unless_permanent)
 def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wrongly_labelled: bool) -> dict:
     """70/15/15 split, stored as `manifests/split-<hash>.csv` and reused when unchanged."""
     store = object_store()

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dermflow import layout
+from dermflow.errors import DermflowError
 from dermflow.dataset.dedup import (
     DEFAULT_DUP_THRESHOLD,
     duplicate_report,
@@ -73,7 +74,7 @@ _FINGERPRINT_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "fitzpatrick_ra
 _CONFLICTS_LISTED = 200
 
 
-class SplitError(ValueError):
+class SplitError(DermflowError, ValueError):
     """The manifest cannot be split (missing columns, too few images, bad parameters)."""
 
 

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dermflow import layout
+from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
 from dermflow.ingestion.http import ReadPolicy, URLReadError, make_async_client, read_async
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
-from dermflow.ingestion.manifest import manifest_row, ok_row
+from dermflow.ingestion.manifest import ManifestError, manifest_row, ok_row
 
 if TYPE_CHECKING:  # heavy or optional imports stay out of import time
     import httpx
@@ -45,6 +46,10 @@ NOT_IMAGE_CONTENT_TYPES = ("text/", "application/json", "application/xml", "appl
 
 # --------------------------------------------------------------------------------------------
 # options
+
+
+class FetchOptionsError(DermflowError, ValueError):
+    """Fetch options out of range (permanent)."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,14 @@ class FetchOptions:
                     "row_timeout", "max_bytes", "store_workers", "store_attempts", "store_deadline")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"FetchOptions.{name} must be > 0, got {getattr(self, name)!r}")
+                raise FetchOptionsError(f"FetchOptions.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("backoff_base", "backoff_max", "retry_after_max", "max_redirects"):
             if getattr(self, name) < 0:
-                raise ValueError(f"FetchOptions.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise FetchOptionsError(f"FetchOptions.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.host_rate_limit is not None and not self.host_rate_limit > 0:
-            raise ValueError(f"FetchOptions.host_rate_limit must be > 0 or None, got {self.host_rate_limit!r}")
+            raise FetchOptionsError(f"FetchOptions.host_rate_limit must be > 0 or None, got {self.host_rate_limit!r}")
         if isinstance(self.allowed_hosts, str):
-            raise ValueError("FetchOptions.allowed_hosts must be a sequence of hosts/CIDRs, not one string")
+            raise FetchOptionsError("FetchOptions.allowed_hosts must be a sequence of hosts/CIDRs, not one string")
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> FetchOptions:
@@ -94,7 +99,7 @@ class FetchOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown FetchOptions field(s): {', '.join(unknown)}")
+            raise FetchOptionsError(f"unknown FetchOptions field(s): {', '.join(unknown)}")
         values: dict[str, Any] = {"user_agent": settings.user_agent, "allowed_hosts": tuple(settings.allowed_host_list)}
         values.update(overrides)
         if "allowed_hosts" in overrides:
@@ -290,7 +295,7 @@ async def fetch_shard_async(
     for position, row in enumerate(rows):
         md5hash = str(row.get("md5hash") or "")
         if len(md5hash) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5hash):
-            raise ValueError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
+            raise ManifestError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
     install_log_redaction()
     config = getattr(getattr(getattr(store, "client", None), "meta", None), "config", None)
     pool_size = getattr(config, "max_pool_connections", None)

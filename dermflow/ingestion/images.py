@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dermflow.errors import DermflowError
 
-class ImageDecodeError(ValueError):
-    """Bytes that are not a decodable image."""
+
+class ImageDecodeError(DermflowError, ValueError):
+    """Bytes that are not a decodable image (permanent)."""
 
 
 def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
@@ -64,8 +66,8 @@ PHASH_HEX_DIGITS = 16
 DRAFT_MIN_SIDE = 256
 
 
-class NotAnImageError(ValueError):
-    """The bytes do not decode as an image."""
+class NotAnImageError(DermflowError, ValueError):
+    """The bytes do not decode as an image (permanent)."""
 
 
 class ImageTooLargeError(NotAnImageError):
@@ -122,12 +124,17 @@ class ImageFacts:
     content_type: str
 
 
-class ImageRejected(Exception):
-    """Bytes that are not a complete, decodable image; `reason` is `not_an_image` or `too_large`."""
+class ImageRejected(DermflowError):
+    """Bytes that are not a complete, decodable image (permanent); `reason` is `not_an_image`
+    or `too_large`."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # rebuilt from its fields, not its message
+        return (type(self), (self.reason, self.detail))
 
 
 def verify_image(body: bytes) -> ImageFacts:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dermflow import layout
+from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import redact_url
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
 from dermflow.ingestion.ingest import fitzpatrick_range
@@ -38,6 +39,11 @@ MANIFEST_COLUMNS = [
 SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc")
 # Reasons that a later run may cure (what `derm/refetch` retries); the rest are permanent.
 TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "truncated", "http_429", "not_fetched"})
+
+
+class ManifestError(DermflowError, ValueError):
+    """Dataset rows, shard rows or a fetch manifest that cannot be used, or no manifest at all
+    (permanent: the input has to change)."""
 
 
 def _clean(value: Any) -> Any:
@@ -86,10 +92,10 @@ def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> 
     Each row is a dict of `SHARD_FIELDS` (those the frame has) with blanks as "".
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ManifestError(f"shard_size must be >= 1, got {shard_size}")
     missing = [column for column in ("md5hash", "url") if column not in rows.columns]
     if missing:
-        raise ValueError(f"dataset rows lack column(s) {missing} needed to fetch images")
+        raise ManifestError(f"dataset rows lack column(s) {missing} needed to fetch images")
     columns = [column for column in SHARD_FIELDS if column in rows.columns]
     seen: set[str] = set(stored)
     records: list[dict] = []
@@ -97,7 +103,7 @@ def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> 
         record = {column: _clean(value) for column, value in zip(columns, values)}
         md5hash = str(record["md5hash"]).strip().lower()
         if not md5hash:
-            raise ValueError(f"dataset row {position}: empty md5hash")
+            raise ManifestError(f"dataset row {position}: empty md5hash")
         record["md5hash"] = md5hash
         record["url"] = str(record["url"]).strip()
         if md5hash in seen:
@@ -206,14 +212,14 @@ def reconcile_manifest(
     import pandas as pd
 
     if "md5hash" not in dataset.columns:
-        raise ValueError("dataset lacks column 'md5hash'")
+        raise ManifestError("dataset lacks column 'md5hash'")
     stored = stored_image_md5s(store)
     new_by_md5 = {str(row["md5hash"]).lower(): _normalized(row) for row in new_rows}
     previous_by_md5: dict[str, dict] = {}
     if previous is not None and len(previous):
         missing = [column for column in ("md5hash", "status") if column not in previous.columns]
         if missing:
-            raise ValueError(f"previous manifest lacks column(s) {missing}")
+            raise ManifestError(f"previous manifest lacks column(s) {missing}")
         for record in previous.to_dict("records"):
             previous_by_md5[str(record["md5hash"]).lower()] = _normalized(record)
 
