@@ -174,6 +174,50 @@ def _line_list(line_numbers: Sequence[int]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy with every column text, the optional columns present, key columns stripped."""
+    frame = frame.copy().reset_index(drop=True)
+    for column in frame.columns:
+        frame[column] = frame[column].fillna("").astype(str)
+    for column in OPTIONAL_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+    frame["md5hash"] = frame["md5hash"].str.strip().str.lower()
+    frame["label"] = frame["label"].str.strip()
+    frame["url"] = frame["url"].str.strip()
+    frame["qc"] = frame["qc"].str.strip()
+    return frame
+
+
+def _row_problems(frame: pd.DataFrame) -> list[str]:
+    """One message per problem of a normalised frame: malformed or duplicate md5hash, empty label."""
+    line_numbers = frame.index.to_numpy() + 2
+    problems: list[str] = []
+    malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
+    if malformed.any():
+        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
+        problems.append(
+            f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
+            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
+        )
+    duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
+    if duplicated.any():
+        hashes = list(dict.fromkeys(frame.loc[duplicated, "md5hash"]))
+        shown = ", ".join(
+            f"{md5} (lines {_line_list(line_numbers[(frame['md5hash'] == md5).to_numpy()])})"
+            for md5 in hashes[:_ROWS_SHOWN]
+        )
+        more = f" and {len(hashes) - _ROWS_SHOWN} more" if len(hashes) > _ROWS_SHOWN else ""
+        problems.append(f"column md5hash: {len(hashes)} value(s) appear on more than one row: {shown}{more}")
+    empty_label = frame["label"] == ""
+    if empty_label.any():
+        problems.append(
+            f"column label: {int(empty_label.sum())} row(s) have an empty label "
+            f"at line(s) {_line_list(line_numbers[empty_label.to_numpy()])}"
+        )
+    return problems
+
+
 def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
     """Check a raw dataset frame and return a normalised copy with the derived columns.
 
@@ -191,48 +235,10 @@ def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataF
         )
     if len(frame) == 0:
         raise DatasetError(["the CSV has a header but no rows"], source)
-
-    frame = frame.copy().reset_index(drop=True)
-    for column in frame.columns:
-        frame[column] = frame[column].fillna("").astype(str)
-    for column in OPTIONAL_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = ""
-    frame["md5hash"] = frame["md5hash"].str.strip().str.lower()
-    frame["label"] = frame["label"].str.strip()
-    frame["url"] = frame["url"].str.strip()
-    frame["qc"] = frame["qc"].str.strip()
-    line_numbers = frame.index.to_numpy() + 2
-
-    problems: list[str] = []
-    malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
-    if malformed.any():
-        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
-        problems.append(
-            f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
-            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
-        )
-    duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
-    if duplicated.any():
-        repeated = frame.loc[duplicated, "md5hash"]
-        hashes = list(dict.fromkeys(repeated))
-        shown = ", ".join(
-            f"{md5} (lines {_line_list(line_numbers[(frame['md5hash'] == md5).to_numpy()])})"
-            for md5 in hashes[:_ROWS_SHOWN]
-        )
-        more = f" and {len(hashes) - _ROWS_SHOWN} more" if len(hashes) > _ROWS_SHOWN else ""
-        problems.append(
-            f"column md5hash: {len(hashes)} value(s) appear on more than one row: {shown}{more}"
-        )
-    empty_label = frame["label"] == ""
-    if empty_label.any():
-        problems.append(
-            f"column label: {int(empty_label.sum())} row(s) have an empty label "
-            f"at line(s) {_line_list(line_numbers[empty_label.to_numpy()])}"
-        )
+    frame = _normalised(frame)
+    problems = _row_problems(frame)
     if problems:
         raise DatasetError(problems, source)
-
     frame["fitzpatrick_range"] = frame["fitzpatrick_scale"].map(fitzpatrick_range)
     frame["no_url"] = frame["url"] == ""
     ordered = [c for c in CSV_COLUMNS if c in frame.columns]

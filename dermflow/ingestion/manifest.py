@@ -194,6 +194,66 @@ def _verify_stored(store: ObjectStore, row: dict) -> dict:
     return ok_row(row, facts, len(body), attempts=0)
 
 
+def _rows_by_md5(previous: pd.DataFrame | None, new_rows: Iterable[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(this run's rows, the previous manifest's rows), each by md5hash, types restored."""
+    new_by_md5 = {str(row["md5hash"]).lower(): _normalized(row) for row in new_rows}
+    previous_by_md5: dict[str, dict] = {}
+    if previous is not None and len(previous):
+        missing = [column for column in ("md5hash", "status") if column not in previous.columns]
+        if missing:
+            raise ManifestError(f"previous manifest lacks column(s) {missing}")
+        for record in previous.to_dict("records"):
+            previous_by_md5[str(record["md5hash"]).lower()] = _normalized(record)
+    return new_by_md5, previous_by_md5
+
+
+def _most_trusted_row(record: dict, new: dict | None, old: dict | None, stored: set[str]) -> dict | None:
+    """The row to keep for a dataset record, in order of trust (see `reconcile_manifest`); None
+    when its object is stored but no manifest vouches for it (it must be read back)."""
+    md5hash = record["md5hash"]
+    if new is not None and new["status"] == "ok":  # this run put it
+        return new
+    if old is not None and old["status"] == "ok" and md5hash in stored:
+        return old
+    if md5hash in stored:
+        return None
+    if new is not None:
+        return new
+    if old is not None and old["status"] != "ok" and old["reason"] != "not_fetched":
+        return old
+    if not str(record.get("url") or "").strip():
+        return manifest_row(record, reason="no_url")
+    return manifest_row(record, reason="not_fetched")
+
+
+def _verify_unvouched(store: ObjectStore, records: dict[str, dict], workers: int) -> dict[str, dict]:
+    """Read back and verify stored objects that no manifest describes; their rows by md5hash."""
+    if not records:
+        return {}
+    logger.info("verifying %d stored object(s) that no manifest describes", len(records))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return dict(zip(records, pool.map(lambda record: _verify_stored(store, record), records.values())))
+
+
+def _manifest_frame(dataset_records: list[dict], chosen: dict[str, dict]) -> pd.DataFrame:
+    """One manifest row per dataset record, in dataset order, with the manifest's dtypes."""
+    import pandas as pd
+
+    output = []
+    for record in dataset_records:
+        row = dict(chosen[record["md5hash"]])
+        # Descriptive columns always come from the dataset (the manifest may predate a relabel).
+        described = manifest_row(record)
+        for column in ("label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url"):
+            row[column] = described[column]
+        output.append(_normalized(row))
+    frame = pd.DataFrame(output, columns=MANIFEST_COLUMNS)
+    for column in ("attempts", "bytes", "width", "height"):
+        frame[column] = frame[column].astype("int64")
+    frame["md5_mismatch"] = frame["md5_mismatch"].astype(bool)
+    return frame
+
+
 def reconcile_manifest(
     dataset: pd.DataFrame,
     store: ObjectStore,
@@ -209,64 +269,24 @@ def reconcile_manifest(
     killed after the put) is read back and verified (md5, pHash, size); this run's failed row;
     the previous failed row; else `failed` with reason `no_url` or `not_fetched`.
     """
-    import pandas as pd
-
     if "md5hash" not in dataset.columns:
         raise ManifestError("dataset lacks column 'md5hash'")
     stored = stored_image_md5s(store)
-    new_by_md5 = {str(row["md5hash"]).lower(): _normalized(row) for row in new_rows}
-    previous_by_md5: dict[str, dict] = {}
-    if previous is not None and len(previous):
-        missing = [column for column in ("md5hash", "status") if column not in previous.columns]
-        if missing:
-            raise ManifestError(f"previous manifest lacks column(s) {missing}")
-        for record in previous.to_dict("records"):
-            previous_by_md5[str(record["md5hash"]).lower()] = _normalized(record)
-
+    new_by_md5, previous_by_md5 = _rows_by_md5(previous, new_rows)
     dataset_records = [{k: _clean(v) for k, v in record.items()} for record in dataset.to_dict("records")]
     chosen: dict[str, dict] = {}
-    to_verify: dict[str, dict] = {}
+    unvouched: dict[str, dict] = {}
     for record in dataset_records:
-        md5hash = str(record["md5hash"]).strip().lower()
-        record["md5hash"] = md5hash
-        if md5hash in chosen or md5hash in to_verify:
+        record["md5hash"] = md5hash = str(record["md5hash"]).strip().lower()
+        if md5hash in chosen or md5hash in unvouched:
             continue
-        new, old = new_by_md5.get(md5hash), previous_by_md5.get(md5hash)
-        if new is not None and new["status"] == "ok":  # this run put it
-            chosen[md5hash] = new
-        elif old is not None and old["status"] == "ok" and md5hash in stored:
-            chosen[md5hash] = old
-        elif md5hash in stored:
-            to_verify[md5hash] = record
-        elif new is not None and new["status"] != "ok":
-            chosen[md5hash] = new
-        elif old is not None and old["status"] != "ok" and old["reason"] != "not_fetched":
-            chosen[md5hash] = old
-        elif not str(record.get("url") or "").strip():
-            chosen[md5hash] = manifest_row(record, reason="no_url")
+        row = _most_trusted_row(record, new_by_md5.get(md5hash), previous_by_md5.get(md5hash), stored)
+        if row is None:
+            unvouched[md5hash] = record
         else:
-            chosen[md5hash] = manifest_row(record, reason="not_fetched")
-
-    if to_verify:
-        logger.info("verifying %d stored object(s) that no manifest describes", len(to_verify))
-        with concurrent.futures.ThreadPoolExecutor(verify_workers) as pool:
-            verified = pool.map(lambda r: _verify_stored(store, r), to_verify.values())
-            for md5hash, row in zip(to_verify, verified):
-                chosen[md5hash] = row
-
-    output = []
-    for record in dataset_records:
-        row = dict(chosen[record["md5hash"]])
-        # Descriptive columns always come from the dataset (the manifest may predate a relabel).
-        described = manifest_row(record)
-        for column in ("label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url"):
-            row[column] = described[column]
-        output.append(_normalized(row))
-    frame = pd.DataFrame(output, columns=MANIFEST_COLUMNS)
-    for column in ("attempts", "bytes", "width", "height"):
-        frame[column] = frame[column].astype("int64")
-    frame["md5_mismatch"] = frame["md5_mismatch"].astype(bool)
-    return frame
+            chosen[md5hash] = row
+    chosen.update(_verify_unvouched(store, unvouched, verify_workers))
+    return _manifest_frame(dataset_records, chosen)
 
 
 def summarize_manifest(manifest: pd.DataFrame) -> dict:
