@@ -223,6 +223,8 @@ class _ShardContext:
 
 @dataclass
 class _Attempts:
+    """Attempts made for one row, kept outside `_download` so a row deadline does not lose them."""
+
     count: int = 0
 
 
