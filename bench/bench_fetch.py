@@ -80,6 +80,7 @@ def _warm_worker(settings_kwargs: dict, pool_size: int) -> int:
     """Process-pool initialiser work: imports and one S3 client per worker, as a warm Dask worker has."""
     global _worker_store
     import dermflow.ingestion.fetch  # noqa: F401 - imported before the clock starts
+    import dermflow.ingestion.manifest  # noqa: F401
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
@@ -103,7 +104,9 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
 
     import pandas as pd
 
-    from dermflow.ingestion.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
+    from dermflow import layout
+    from dermflow.ingestion.fetch import FetchOptions, fetch_shard
+    from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 
     dataset = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)
@@ -122,7 +125,7 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
     futures = [fetch(shard) for shard in shards]
     rows = [row for future in futures for row in future.result()]
     manifest = reconcile_manifest(dataset, store, None, rows)
-    store.put_dataframe_csv("manifests/fetch.csv", manifest)
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0 + sum(cpu_seconds(pid) for pid in worker_pids) - worker_cpu0
     seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0
@@ -155,7 +158,7 @@ def run_img2dataset(binary: Path, urls_csv: Path, output: str, env: dict, concur
     return wall, cpu
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard/process")
@@ -165,13 +168,99 @@ def main() -> int:
     parser.add_argument("--runners", default="threads,processes",
                         help="how dermflow runs shards at once: threads (one process), processes (warm workers)")
     parser.add_argument("--skip-img2dataset", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _start_image_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, Path, str]:
+    """The atlas served with `args.latency` per request: (server process, rows CSV, base URL)."""
+    rows_csv = ATLAS / "rows.csv"
+    if args.limit:
+        rows_csv = work / "rows-limited.csv"
+        lines = (ATLAS / "rows.csv").read_text().splitlines(keepends=True)
+        rows_csv.write_text("".join(lines[: args.limit + 1]))
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(ATLAS / "images"), str(rows_csv), str(args.latency)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    return server, rows_csv, server.stdout.readline().strip()
+
+
+def _run_dermflow_runners(args: argparse.Namespace, seaweed, csv_path: Path, results: dict) -> None:
+    """dermflow's fetch once per runner of `args.runners`, each into its own bucket."""
+    from dermflow.settings import load_settings
+    from dermflow.storage import ObjectStore
+
+    seaweed_pid = seaweed.process.pid()
+    for runner in args.runners.split(","):
+        settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+                               aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{runner}")
+        store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=args.parallel * 40)
+        store.ensure_bucket()
+        results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, args.concurrency,
+                                                       args.parallel, args.shard_size, seaweed_pid, runner)
+
+
+def _img2dataset_output(store, output: str) -> tuple[list, int, list[dict]]:
+    """(stored images, their bytes, img2dataset's shard stats) of one img2dataset run."""
+    if output.startswith("s3://"):
+        listing = [o for p in store.client.get_paginator("list_objects_v2").paginate(
+            Bucket="bench", Prefix="img2dataset/") for o in p.get("Contents", [])]
+        got = [o for o in listing if o["Key"].endswith(".jpg")]
+        stats = [store.get_json(o["Key"]) for o in listing if o["Key"].endswith("_stats.json")]
+        return got, sum(o["Size"] for o in got), stats
+    got = list(Path(output).rglob("*.jpg"))
+    stats = [json.loads(f.read_text()) for f in Path(output).glob("*_stats.json")]
+    return got, sum(f.stat().st_size for f in got), stats
+
+
+def _run_img2dataset(args: argparse.Namespace, i2d, seaweed, store, csv_path: Path, work: Path,
+                     results: dict) -> None:
+    """img2dataset on the same rows, into local files and into SeaweedFS through s3fs."""
+    urls_csv = work / "urls.csv"
+    shutil.copy(csv_path, urls_csv)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "FSSPEC_S3_ENDPOINT_URL": seaweed.endpoint_url,
+           "FSSPEC_S3_KEY": seaweed.access_key, "FSSPEC_S3_SECRET": seaweed.secret_key,
+           "AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
+           "AWS_ENDPOINT_URL": seaweed.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+    n = max(r["images"] for key, r in results.items() if key.startswith("dermflow"))
+    seaweed_pid = seaweed.process.pid()
+    for name, output in (("img2dataset -> local files", str(work / "i2d-files")),
+                         ("img2dataset -> SeaweedFS (s3fs)", "s3://bench/img2dataset")):
+        seaweed0 = cpu_seconds(seaweed_pid)
+        wall, cpu = run_img2dataset(i2d, urls_csv, output, env, args.concurrency, args.parallel, args.shard_size)
+        got, stored_bytes, stats = _img2dataset_output(store, output)
+        # img2dataset's own clock: first shard start to last shard end (no start-up, no teardown).
+        active = max(st["end_time"] for st in stats) - min(st["start_time"] for st in stats)
+        extra = f"[its own shard clock: {active:.2f} s]"
+        if output.startswith("s3://"):
+            extra += f" [SeaweedFS CPU {cpu_seconds(seaweed_pid) - seaweed0:.2f} s]"
+        results[name] = report(name, len(got), stored_bytes, wall, cpu, extra)
+        results[name]["active_s"] = active
+        if len(got) != n:
+            print(f"  note: img2dataset stored {len(got)} images, dermflow {n}")
+
+
+def _print_ratios(results: dict) -> None:
+    print()
+    for ours_name in [name for name in results if name.startswith("dermflow")]:
+        ours = results[ours_name]
+        for name in ("img2dataset -> local files", "img2dataset -> SeaweedFS (s3fs)"):
+            theirs = results[name]
+            ratio = ours["images_per_s"] / (theirs["images"] / theirs["active_s"])
+            ratio_wall = ours["images_per_s"] / theirs["images_per_s"]
+            print(f"throughput ratio {ours_name} / {name}: {ratio:.2f}x vs its shard clock "
+                  f"(no start-up), {ratio_wall:.2f}x vs its wall time")
+
+
+def main() -> int:
+    args = _parse_args()
     if not (ATLAS / "rows.csv").exists():
         print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
         return 2
 
-    from dermflow.settings import load_settings
     from dermflow.ops.stack import SeaweedServer, free_port_block
+    from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
     from tests.support.image_servers import rewrite_csv_host
 
@@ -184,75 +273,18 @@ def main() -> int:
         i2d = None if args.skip_img2dataset else ensure_img2dataset()
         print(f"starting SeaweedFS in {work} ...", flush=True)
         seaweed.start()
-        rows_csv = ATLAS / "rows.csv"
-        if args.limit:
-            rows_csv = work / "rows-limited.csv"
-            lines = (ATLAS / "rows.csv").read_text().splitlines(keepends=True)
-            rows_csv.write_text("".join(lines[: args.limit + 1]))
-        server = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT, str(ATLAS / "images"), str(rows_csv), str(args.latency)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
-            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-        )
-        base_url = server.stdout.readline().strip()
+        server, rows_csv, base_url = _start_image_server(args, work)
         csv_path = rewrite_csv_host(rows_csv, base_url, work / "rows.csv")
-        settings = load_settings(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
-                                 aws_secret_access_key=seaweed.secret_key, bucket="bench")
-        parallel, concurrency = args.parallel, args.concurrency
-        seaweed_pid = seaweed.process.pid()
         print(f"serving {rows_csv} at {base_url} with {args.latency * 1000:.0f} ms latency; "
-              f"{parallel} x {concurrency} requests in flight", flush=True)
-        for runner in args.runners.split(","):
-            bucket = f"bench-{runner}"
-            settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
-                                   aws_secret_access_key=seaweed.secret_key, bucket=bucket)
-            store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=parallel * 40)
-            store.ensure_bucket()
-            results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, concurrency, parallel,
-                                                           args.shard_size, seaweed_pid, runner)
-        store = ObjectStore.from_settings(settings)
+              f"{args.parallel} x {args.concurrency} requests in flight", flush=True)
+        _run_dermflow_runners(args, seaweed, csv_path, results)
+        store = ObjectStore.from_settings(load_settings(
+            aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+            aws_secret_access_key=seaweed.secret_key, bucket="bench"))
         store.ensure_bucket()
-
         if i2d is not None:
-            urls_csv = work / "urls.csv"
-            shutil.copy(csv_path, urls_csv)
-            env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "FSSPEC_S3_ENDPOINT_URL": seaweed.endpoint_url,
-                   "FSSPEC_S3_KEY": seaweed.access_key, "FSSPEC_S3_SECRET": seaweed.secret_key,
-                   "AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
-                   "AWS_ENDPOINT_URL": seaweed.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
-            n = max(r["images"] for key, r in results.items() if key.startswith("dermflow"))
-            for name, output in (("img2dataset -> local files", str(work / "i2d-files")),
-                                 ("img2dataset -> SeaweedFS (s3fs)", "s3://bench/img2dataset")):
-                seaweed0 = cpu_seconds(seaweed_pid)
-                wall, cpu = run_img2dataset(i2d, urls_csv, output, env, concurrency, parallel, args.shard_size)
-                if output.startswith("s3://"):
-                    listing = [o for p in store.client.get_paginator("list_objects_v2").paginate(
-                        Bucket="bench", Prefix="img2dataset/") for o in p.get("Contents", [])]
-                    got = [o for o in listing if o["Key"].endswith(".jpg")]
-                    stored_bytes = sum(o["Size"] for o in got)
-                    stats = [store.get_json(o["Key"]) for o in listing if o["Key"].endswith("_stats.json")]
-                else:
-                    got = list(Path(output).rglob("*.jpg"))
-                    stored_bytes = sum(f.stat().st_size for f in got)
-                    stats = [json.loads(f.read_text()) for f in Path(output).glob("*_stats.json")]
-                # img2dataset's own clock: first shard start to last shard end (no start-up, no teardown).
-                active = max(st["end_time"] for st in stats) - min(st["start_time"] for st in stats)
-                extra = f"[its own shard clock: {active:.2f} s]"
-                if output.startswith("s3://"):
-                    extra += f" [SeaweedFS CPU {cpu_seconds(seaweed_pid) - seaweed0:.2f} s]"
-                results[name] = report(name, len(got), stored_bytes, wall, cpu, extra)
-                results[name]["active_s"] = active
-                if len(got) != n:
-                    print(f"  note: img2dataset stored {len(got)} images, dermflow {n}")
-            print()
-            for ours_name in [name for name in results if name.startswith("dermflow")]:
-                ours = results[ours_name]
-                for name in ("img2dataset -> local files", "img2dataset -> SeaweedFS (s3fs)"):
-                    theirs = results[name]
-                    ratio = ours["images_per_s"] / (theirs["images"] / theirs["active_s"])
-                    ratio_wall = ours["images_per_s"] / theirs["images_per_s"]
-                    print(f"throughput ratio {ours_name} / {name}: {ratio:.2f}x vs its shard clock "
-                          f"(no start-up), {ratio_wall:.2f}x vs its wall time")
+            _run_img2dataset(args, i2d, seaweed, store, csv_path, work, results)
+            _print_ratios(results)
         (work / "results.json").write_text(json.dumps(results, indent=2))
         print(f"\nresults: {work / 'results.json'}")
         return 0

@@ -1,31 +1,29 @@
 """Prefect tasks for the data stages: ingest, fetch shards, manifests, split.
 
-Thin wrappers: the work is in `dermflow.ingestion.ingest`, `dermflow.ingestion.fetch` and `dermflow.dataset.split`. Tasks
-exchange bucket keys and small row lists, never images.
+Thin wrappers: the work is in `dermflow.ingestion` (ingest, fetch, manifest) and
+`dermflow.dataset.split`; every bucket key comes from `dermflow.layout`. Tasks exchange bucket
+keys and small row lists, never images.
 """
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dermflow.ingestion import fetch
-from dermflow.ingestion import ingest
+from dermflow import layout
 from dermflow.dataset import split
+from dermflow.ingestion import fetch, ingest
+from dermflow.ingestion import manifest as fetch_manifest
 from dermflow.runs import content_hash
-from tasks.common import object_store, settings
-
-FETCH_MANIFEST_KEY = "manifests/fetch.csv"
-# Which dataset the latest manifest describes: refetch needs its real (unredacted) URLs.
-FETCH_STATE_KEY = "manifests/fetch.json"
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="ingest-csv", retries=2, retry_delay_seconds=5)
+@task(name="ingest-csv", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
     """Validate the CSV and store the dataset rows: returns their key and counts."""
     store = object_store()
     dataset = ingest.load_dataset(csv, store=store, limit_per_label=limit_per_label, seed=seed)
     fingerprint = ingest.dataset_fingerprint(dataset)
-    key = f"manifests/datasets/{fingerprint[:12]}.csv"
+    key = layout.dataset_key(fingerprint)
     store.put_dataframe_csv(key, dataset)
     get_run_logger().info(
         "ingested %d rows, %d labels, %d without URL from %s",
@@ -38,11 +36,11 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
 def latest_dataset_key() -> str:
     """The dataset of the latest fetch manifest (for `derm/refetch`)."""
     store = object_store()
-    if not store.exists(FETCH_STATE_KEY):
-        raise FileNotFoundError(
-            f"no fetch manifest in {store.uri('manifests/')}: run derm/fetch or derm/full first"
+    if not store.exists(layout.FETCH_STATE_KEY):
+        raise fetch_manifest.ManifestError(
+            f"no fetch manifest in {store.uri(layout.MANIFESTS_PREFIX)}: run derm/fetch or derm/full first"
         )
-    return store.get_json(FETCH_STATE_KEY)["dataset_key"]
+    return store.get_json(layout.FETCH_STATE_KEY)["dataset_key"]
 
 
 @task(name="plan-fetch")
@@ -52,9 +50,9 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
-        rows = fetch.failed_rows(store.get_dataframe_csv(FETCH_MANIFEST_KEY), rows)
-    stored = fetch.stored_image_md5s(store)
-    shards = fetch.plan_shards(rows, stored, shard_size=shard_size)
+        rows = fetch_manifest.failed_rows(store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY), rows)
+    stored = fetch_manifest.stored_image_md5s(store)
+    shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size)
     get_run_logger().info(
         "%d rows, %d already stored, %d shards to fetch",
         len(rows), len(stored & set(rows["md5hash"])), len(shards),
@@ -62,7 +60,7 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     return shards
 
 
-@task(name="fetch-shard", retries=2, retry_delay_seconds=10)
+@task(name="fetch-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
 def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float | None) -> list[dict]:
     """Download one shard concurrently; a Prefect retry covers a crashed worker."""
     options = fetch.FetchOptions.from_settings(
@@ -71,33 +69,33 @@ def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float 
     return fetch.fetch_shard(rows, object_store(), options)
 
 
-@task(name="write-fetch-manifest", retries=1)
+@task(name="write-fetch-manifest", retries=1, retry_condition_fn=retry_unless_permanent)
 def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
     """The complete manifest (one row per dataset row), latest and history copies."""
     store = object_store()
-    previous = store.get_dataframe_csv(FETCH_MANIFEST_KEY) if store.exists(FETCH_MANIFEST_KEY) else None
+    previous = store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY) if store.exists(layout.FETCH_MANIFEST_KEY) else None
     dataset = store.get_dataframe_csv(dataset_key)
-    manifest = fetch.reconcile_manifest(dataset, store, previous, results)
-    history_key = f"manifests/fetch/{run_id}.csv"
+    manifest = fetch_manifest.reconcile_manifest(dataset, store, previous, results)
+    history_key = layout.fetch_manifest_history_key(run_id)
     store.put_dataframe_csv(history_key, manifest)
-    store.put_dataframe_csv(FETCH_MANIFEST_KEY, manifest)
-    store.put_json(FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
-    summary = fetch.summarize_manifest(manifest)
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
+    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    summary = fetch_manifest.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
         manifest.sort_values("md5hash")[["md5hash", "status", "label", "fitzpatrick_range", "qc", "phash"]]
         .to_dict("list"))}
 
 
-@task(name="split", retries=1)
+@task(name="split", retries=1, retry_condition_fn=retry_unless_permanent)
 def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wrongly_labelled: bool) -> dict:
     """70/15/15 split, stored as `manifests/split-<hash>.csv` and reused when unchanged."""
     store = object_store()
     manifest = store.get_dataframe_csv(manifest_key)
     params = {"seed": seed, "dup_threshold": dup_threshold, "exclude_wrongly_labelled": exclude_wrongly_labelled}
     fingerprint = split.split_fingerprint(manifest, params)[:12]
-    key = f"manifests/split-{fingerprint}.csv"
-    summary_key = f"manifests/split-{fingerprint}.json"
+    key = layout.split_manifest_key(fingerprint)
+    summary_key = layout.split_summary_key(fingerprint)
     logger = get_run_logger()
     if store.exists(key) and store.exists(summary_key):
         logger.info("split unchanged: reusing %s", store.uri(key))

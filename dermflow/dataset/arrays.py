@@ -31,13 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
+from dermflow.errors import DermflowError
+
 USED_SPLITS = ("train", "val", "test", "verified_test")
 # Part of every array file name: bump it when decoding changes, so old caches are not reused.
 ARRAY_FORMAT_VERSION = 2
 
 
-class DataError(RuntimeError):
-    """An image could not be fetched or decoded, or the manifest is unusable."""
+class DataError(DermflowError, RuntimeError):
+    """An image could not be fetched or decoded, or the manifest is unusable. Permanent, except
+    a bucket read that failed for a reason other than a missing object."""
+
+
+def _retry_may_help(error: Exception) -> bool:
+    """Whether reading an image from the bucket may succeed later (not when it is missing)."""
+    from dermflow.storage import StorageError
+
+    if isinstance(error, DermflowError):
+        return error.transient
+    return not isinstance(error, StorageError)  # `get_bytes` raises StorageError for a missing object
 
 
 @contextmanager
@@ -82,7 +94,8 @@ def cache_images_from_store(
                 try:
                     data = store.get_bytes(keys_by_md5[md5])
                 except Exception as error:  # noqa: BLE001 - reported with the image's name
-                    raise DataError(f"image {md5}: cannot read {keys_by_md5[md5]!r} from the bucket: {error}") from error
+                    raise DataError(f"image {md5}: cannot read {keys_by_md5[md5]!r} from the bucket: {error}",
+                                    transient=_retry_may_help(error)) from error
                 _atomic_write_bytes(paths[md5], data)
 
             with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -1,7 +1,7 @@
 """Near-duplicate and exact-duplicate detection over the dataset's images.
 
-The fetch stage stores every image's perceptual hash (`perceptual_hash`, the one
-implementation: imagehash pHash, 64 bits as 16 hex chars) in the manifest column `phash`.
+The fetch stage stores every image's perceptual hash (`dermflow.ingestion.images.perceptual_hash`,
+the one implementation: imagehash pHash, 64 bits as 16 hex chars) in the manifest column `phash`.
 `group_near_duplicates` joins images whose hashes are within a Hamming distance into
 connected components, so that the split can keep every group inside one split: the
 Fitzpatrick 17k contains the same lesion photographed twice, re-encoded, resized or cropped,
@@ -14,11 +14,12 @@ atlas images do.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+
+from dermflow.ingestion.images import PHASH_HEX_DIGITS
 
 # Hamming distance (of 64 bits) at or under which two pHashes count as the same picture.
 # Measured on atlas20 (tests/unit/test_dedup_atlas.py): copies re-encoded at JPEG q30 or
@@ -27,62 +28,11 @@ import pandas as pd
 # 4 are the same lesion re-shot, 4 different lesions with the same composition.
 DEFAULT_DUP_THRESHOLD = 8
 
-PHASH_HEX_DIGITS = 16
-# JPEGs are decoded at a reduced scale (DCT scaling) no smaller than this on their short
-# side; pHash looks at 32x32 pixels, so this is ample and 5-20x faster than a full decode.
-DRAFT_MIN_SIDE = 256
 # Pairs compared per block: rows x all unique hashes; bounds memory at about 8 bytes x this.
 _BLOCK_ELEMENTS = 4_000_000
 # Edges accumulated before they are collapsed into a spanning forest (bounds memory on
 # duplicate-heavy input where almost every pair is within the threshold).
 _EDGE_COLLAPSE_AT = 4_000_000
-
-
-class NotAnImageError(ValueError):
-    """The bytes do not decode as an image."""
-
-
-class ImageTooLargeError(NotAnImageError):
-    """The image's pixel count exceeds Pillow's decompression-bomb limit."""
-
-
-def draft_for_hash(image) -> None:
-    """Ask Pillow to decode a JPEG at reduced scale (DCT scaling), no smaller than
-    `DRAFT_MIN_SIDE` on the short side: every MCU is still decoded, so truncation is caught."""
-    if image.format == "JPEG":
-        width, height = image.size
-        scale = max(1.0, min(width, height) / DRAFT_MIN_SIDE)
-        # draft keeps the image at least as large as the requested size
-        image.draft("RGB", (int(width / scale), int(height / scale)))
-
-
-def phash_of_image(image) -> str:
-    """imagehash pHash of a decoded Pillow image, as 16 lowercase hex chars."""
-    import imagehash
-
-    return str(imagehash.phash(image))
-
-
-def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
-    """imagehash pHash of an encoded image, as 16 lowercase hex chars.
-
-    With `draft`, JPEGs are decoded at a reduced scale (`draft_for_hash`), which changes the
-    hash by at most a couple of bits (tested on atlas20). The fetcher hashes the same way.
-    Raises `NotAnImageError` when the bytes do not decode (`ImageTooLargeError` when the
-    image has more pixels than Pillow's decompression-bomb limit).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            if draft:
-                draft_for_hash(image)
-            image.load()
-            return phash_of_image(image)
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"image too large to decode ({len(image_bytes)} bytes): {error}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise NotAnImageError(f"cannot decode image ({len(image_bytes)} bytes): {error}") from error
 
 
 def phash_to_uint64(phashes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from dermflow import layout
+from dermflow.errors import DermflowError
 from dermflow.dataset.dedup import (
     DEFAULT_DUP_THRESHOLD,
     duplicate_report,
@@ -72,7 +74,7 @@ _FINGERPRINT_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "fitzpatrick_ra
 _CONFLICTS_LISTED = 200
 
 
-class SplitError(ValueError):
+class SplitError(DermflowError, ValueError):
     """The manifest cannot be split (missing columns, too few images, bad parameters)."""
 
 
@@ -131,7 +133,7 @@ def _prepare(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         frame["fitzpatrick_range"] = given.where(given.isin(FITZPATRICK_RANGES), computed)
     else:
         frame["fitzpatrick_range"] = computed
-    frame["key"] = frame["key"].where(frame["key"] != "", "images/" + frame["md5hash"])
+    frame["key"] = frame["key"].where(frame["key"] != "", frame["md5hash"].map(layout.image_key))
     return frame.sort_values("md5hash", kind="mergesort").reset_index(drop=True), not_ok
 
 
@@ -240,6 +242,57 @@ def _repair_missing_labels(pool: pd.DataFrame, seed: int) -> int:
     return moves
 
 
+def _hold_out_by_label_quality(frame: pd.DataFrame, exclude_wrongly_labelled: bool) -> None:
+    """In place: wrongly labelled rows `excluded`, diagnostic rows `verified_test`, and their
+    unverified near-duplicates `excluded` (see the module docstring)."""
+    quality = frame["qc"].map(qc_category)
+    if exclude_wrongly_labelled:
+        wrong = quality == "wrongly_labelled"
+        frame.loc[wrong, ["split", "exclude_reason"]] = ["excluded", "wrongly_labelled"]
+    verified = (quality == "diagnostic") & (frame["split"] == "")
+    frame.loc[verified, "split"] = "verified_test"
+    verified_groups = frame.loc[verified, "dup_group"].unique()
+    shadow = frame["dup_group"].isin(verified_groups) & (frame["split"] == "")
+    frame.loc[shadow, ["split", "exclude_reason"]] = ["excluded", "near_duplicate_of_verified"]
+
+
+def _drop_small_labels(frame: pd.DataFrame, manifest: pd.DataFrame, min_images_per_label: int,
+                       drop_small_labels: bool) -> list[str]:
+    """In place: labels with fewer than `min_images_per_label` unassigned rows are excluded
+    (`drop_small_labels`) or refused with a `SplitError` naming them; the dropped labels."""
+    in_pool = frame["split"] == ""
+    all_labels = manifest["label"].fillna("").astype(str).str.strip()
+    per_label = frame.loc[in_pool, "label"].value_counts().reindex(sorted(set(all_labels) - {""}), fill_value=0)
+    small = per_label[per_label < min_images_per_label]
+    if not len(small):
+        return []
+    if not drop_small_labels:
+        listed = ", ".join(f"{label!r}: {count}" for label, count in small.head(10).items())
+        more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+        raise SplitError(
+            f"too few images to split: {int(in_pool.sum())} images for train/val/test "
+            f"({len(frame)} ok of {len(manifest)} rows); each label needs at least "
+            f"{min_images_per_label}, but {len(small)} label(s) have fewer: {listed}{more}"
+        )
+    dropped_labels = sorted(small.index)
+    drop = in_pool & frame["label"].isin(dropped_labels)
+    frame.loc[drop, ["split", "exclude_reason"]] = ["excluded", "too_few_images"]
+    if not (frame["split"] == "").any():
+        raise SplitError(f"too few images to split: no label has {min_images_per_label} images among {len(frame)} ok rows")
+    return dropped_labels
+
+
+def _assign_train_val_test(frame: pd.DataFrame, fractions: np.ndarray, seed: int) -> int:
+    """In place: the unassigned rows' groups dealt to train/val/test, then repaired so every
+    label is in each; the number of groups the repair moved."""
+    pool = frame[frame["split"] == ""].copy()
+    assignment = _allocate(pool, fractions, seed)
+    pool["split"] = pool["dup_group"].map(assignment)
+    repairs = _repair_missing_labels(pool, seed)
+    frame.loc[pool.index, "split"] = pool["split"]
+    return repairs
+
+
 def split_dataset(
     manifest: pd.DataFrame,
     seed: int = 0,
@@ -263,43 +316,9 @@ def split_dataset(
     frame["dup_group"] = group_ids
     frame["split"] = ""
     frame["exclude_reason"] = ""
-
-    quality = frame["qc"].map(qc_category)
-    if exclude_wrongly_labelled:
-        wrong = quality == "wrongly_labelled"
-        frame.loc[wrong, ["split", "exclude_reason"]] = ["excluded", "wrongly_labelled"]
-    verified = (quality == "diagnostic") & (frame["split"] == "")
-    frame.loc[verified, "split"] = "verified_test"
-    verified_groups = frame.loc[verified, "dup_group"].unique()
-    shadow = frame["dup_group"].isin(verified_groups) & (frame["split"] == "")
-    frame.loc[shadow, ["split", "exclude_reason"]] = ["excluded", "near_duplicate_of_verified"]
-
-    in_pool = frame["split"] == ""
-    all_labels = manifest["label"].fillna("").astype(str).str.strip()
-    per_label = frame.loc[in_pool, "label"].value_counts().reindex(sorted(set(all_labels) - {""}), fill_value=0)
-    small = per_label[per_label < min_images_per_label]
-    dropped_labels: list[str] = []
-    if len(small):
-        if not drop_small_labels:
-            listed = ", ".join(f"{label!r}: {count}" for label, count in small.head(10).items())
-            more = f" and {len(small) - 10} more" if len(small) > 10 else ""
-            raise SplitError(
-                f"too few images to split: {int(in_pool.sum())} images for train/val/test "
-                f"({len(frame)} ok of {len(manifest)} rows); each label needs at least "
-                f"{min_images_per_label}, but {len(small)} label(s) have fewer: {listed}{more}"
-            )
-        dropped_labels = sorted(small.index)
-        drop = in_pool & frame["label"].isin(dropped_labels)
-        frame.loc[drop, ["split", "exclude_reason"]] = ["excluded", "too_few_images"]
-        in_pool = frame["split"] == ""
-        if not in_pool.any():
-            raise SplitError(f"too few images to split: no label has {min_images_per_label} images among {len(frame)} ok rows")
-
-    pool = frame[in_pool].copy()
-    assignment = _allocate(pool, fraction_values, seed)
-    pool["split"] = pool["dup_group"].map(assignment)
-    repairs = _repair_missing_labels(pool, seed)
-    frame.loc[pool.index, "split"] = pool["split"]
+    _hold_out_by_label_quality(frame, exclude_wrongly_labelled)
+    dropped_labels = _drop_small_labels(frame, manifest, min_images_per_label, drop_small_labels)
+    repairs = _assign_train_val_test(frame, fraction_values, seed)
 
     out = frame[list(SPLIT_COLUMNS)].copy()
     summary = split_summary(out, exact_groups=exact_groups)

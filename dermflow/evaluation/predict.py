@@ -152,45 +152,28 @@ def is_url(source: str) -> bool:
 
 
 def make_http_client():
-    """An httpx client with timeouts, bounded redirects and dermflow's User-Agent."""
-    import httpx
+    """A guarded URL reader (`dermflow.ingestion.http.URLReader`): the SSRF guard, timeouts,
+    redirects checked hop by hop, a size cap, dermflow's User-Agent; one pool for many reads."""
+    from dermflow.ingestion.http import ReadPolicy, URLReader
 
-    from dermflow.settings import get_settings
-
-    return httpx.Client(
-        timeout=httpx.Timeout(20.0, connect=5.0),
-        follow_redirects=True,
-        max_redirects=5,
-        headers={"User-Agent": get_settings().user_agent},
-    )
+    policy = ReadPolicy(max_bytes=MAX_DOWNLOAD_BYTES, connect_timeout=5.0, read_timeout=20.0, total_timeout=60.0)
+    return URLReader(policy, accept="image/*,*/*;q=0.8")
 
 
 def read_source(source: str, http_client=None) -> bytes:
-    """The bytes of a local path or an http(s) URL (size-capped, with timeouts)."""
+    """The bytes of a local path or an http(s) URL (through the guarded reader `http_client`,
+    or one made for this call). A URL that cannot be read raises `URLReadError`, an OSError."""
     if not is_url(source):
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no such image file: {source}")
         return path.read_bytes()
-    import httpx
-
-    client = http_client or make_http_client()
+    reader = http_client or make_http_client()
     try:
-        with client.stream("GET", source) as response:
-            if response.status_code != 200:
-                raise OSError(f"{source}: HTTP {response.status_code}")
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise OSError(f"{source}: larger than {MAX_DOWNLOAD_BYTES} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as error:
-        raise OSError(f"{source}: {type(error).__name__}: {error}") from error
+        return reader.read(source)
     finally:
         if http_client is None:
-            client.close()
+            reader.close()
 
 
 def top_k_labels(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:

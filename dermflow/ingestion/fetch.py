@@ -1,16 +1,11 @@
-"""The image fetcher: download a dataset's images into the object store, politely and safely.
+"""The image fetcher: download a shard of a dataset's images into the object store, politely and safely.
 
-Work is cut into shards (`plan_shards`); `fetch_shard` downloads one shard concurrently with
-one pooled `httpx.AsyncClient`, a per-host concurrency cap and optional per-host rate limit,
-retries that fit the failure (transient: backoff with full jitter, honouring Retry-After;
-permanent: recorded once with a reason), and stores an object at `images/<md5hash>` only after
-the whole body arrived and decoded as an image. Each input row yields one manifest row
-(columns `MANIFEST_COLUMNS`, see docs/DESIGN.md "Fetch manifest").
-
-Resuming: `stored_image_md5s` lists what the bucket already holds (one paginated listing), so a
-rerun plans only the rest; `reconcile_manifest` builds the complete manifest from this run's
-rows, the previous manifest, and objects found in the bucket but in no manifest (verified by
-reading them back), so a run killed at any point ends consistent after a rerun.
+`fetch_shard` downloads one shard (planned by `dermflow.ingestion.manifest.plan_shards`)
+concurrently with one pooled `httpx.AsyncClient`, a per-host concurrency cap and optional
+per-host rate limit, retries that fit the failure (transient: backoff with full jitter,
+honouring Retry-After; permanent: recorded once with a reason), and stores an object at
+`images/<md5hash>` only after the whole body arrived and decoded as an image. Each input row
+yields one manifest row (`dermflow.ingestion.manifest`).
 
 This module is Prefect-free: the Prefect task wraps `fetch_shard` (one task per shard).
 """
@@ -19,61 +14,42 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
-import hashlib
-import io
+import contextlib
 import logging
-import math
 import random
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-from dermflow.dataset.dedup import draft_for_hash, phash_of_image
-from dermflow.ingestion.guard import (
-    BlockedURL,
-    HostGuard,
-    Resolver,
-    install_log_redaction,
-    pinned_network_backend,
-    redact_text,
-    redact_url,
-)
+from dermflow import layout
+from dermflow.errors import DermflowError
+from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
+from dermflow.ingestion.http import ReadPolicy, URLReadError, make_async_client, read_async
+from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
+from dermflow.ingestion.manifest import ManifestError, manifest_row, ok_row
 
 if TYPE_CHECKING:  # heavy or optional imports stay out of import time
     import httpx
-    import pandas as pd
 
     from dermflow.settings import Settings
     from dermflow.storage import ObjectStore
 
 logger = logging.getLogger("dermflow.ingestion.fetch")
 
-IMAGES_PREFIX = "images/"
-MANIFEST_COLUMNS = [
-    "md5hash", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url", "status", "reason",
-    "md5_mismatch", "content_md5", "attempts", "bytes", "width", "height", "phash", "key",
-]
-# Row fields a shard carries (whatever of these the dataset has).
-SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc")
-# Reasons that a later run may cure (what `derm/refetch` retries); the rest are permanent.
-TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "truncated", "http_429", "not_fetched"})
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "dermflow/0.1 (research dataset fetcher)"
-# pHash reads a 32x32 image, so JPEGs are decoded at the smallest DCT scale >= 32 px. The pHash
-# depends (slightly) on this scale: fetch and reconcile must use the same value.
-
-
-def image_key(md5hash: str) -> str:
-    return f"{IMAGES_PREFIX}{md5hash}"
+IMAGE_ACCEPT = "image/*,*/*;q=0.8"
+# A text answer where an image is due (an HTML error page) is refused before its body is read.
+NOT_IMAGE_CONTENT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 
 
 # --------------------------------------------------------------------------------------------
 # options
+
+
+class FetchOptionsError(DermflowError, ValueError):
+    """Fetch options out of range (permanent)."""
 
 
 @dataclass(frozen=True)
@@ -105,14 +81,14 @@ class FetchOptions:
                     "row_timeout", "max_bytes", "store_workers", "store_attempts", "store_deadline")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"FetchOptions.{name} must be > 0, got {getattr(self, name)!r}")
+                raise FetchOptionsError(f"FetchOptions.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("backoff_base", "backoff_max", "retry_after_max", "max_redirects"):
             if getattr(self, name) < 0:
-                raise ValueError(f"FetchOptions.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise FetchOptionsError(f"FetchOptions.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.host_rate_limit is not None and not self.host_rate_limit > 0:
-            raise ValueError(f"FetchOptions.host_rate_limit must be > 0 or None, got {self.host_rate_limit!r}")
+            raise FetchOptionsError(f"FetchOptions.host_rate_limit must be > 0 or None, got {self.host_rate_limit!r}")
         if isinstance(self.allowed_hosts, str):
-            raise ValueError("FetchOptions.allowed_hosts must be a sequence of hosts/CIDRs, not one string")
+            raise FetchOptionsError("FetchOptions.allowed_hosts must be a sequence of hosts/CIDRs, not one string")
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> FetchOptions:
@@ -123,7 +99,7 @@ class FetchOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown FetchOptions field(s): {', '.join(unknown)}")
+            raise FetchOptionsError(f"unknown FetchOptions field(s): {', '.join(unknown)}")
         values: dict[str, Any] = {"user_agent": settings.user_agent, "allowed_hosts": tuple(settings.allowed_host_list)}
         values.update(overrides)
         if "allowed_hosts" in overrides:
@@ -133,56 +109,18 @@ class FetchOptions:
     def with_overrides(self, **overrides: Any) -> FetchOptions:
         return replace(self, **overrides)
 
+    def read_policy(self) -> ReadPolicy:
+        """The limits of one image request (`dermflow.ingestion.http`)."""
+        return ReadPolicy(
+            max_bytes=self.max_bytes, max_redirects=self.max_redirects, connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout, total_timeout=self.total_timeout, retry_after_max=self.retry_after_max,
+            refused_content_types=NOT_IMAGE_CONTENT_TYPES, refused_content_reason="not_an_image",
+        )
+
+
 
 # --------------------------------------------------------------------------------------------
-# small pure helpers
-
-
-def fitzpatrick_range_of(scale: Any) -> str:
-    """Fitzpatrick scale -> `I-II`, `III-IV`, `V-VI` or `unknown` (used when rows lack the column)."""
-    try:
-        value = int(float(scale))
-    except (TypeError, ValueError):
-        return "unknown"
-    return {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}.get(value, "unknown")
-
-
-def _clean(value: Any) -> Any:
-    """NaN/None -> "" (CSV blanks); numpy scalars -> Python."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            return value.item()
-        except (AttributeError, ValueError):
-            return value
-    return value
-
-
-def parse_retry_after(value: str | None, now: float | None = None, cap: float = 120.0) -> float | None:
-    """`Retry-After` (delta-seconds or an HTTP date) -> seconds to wait, within [0, cap]; None if absent/bad."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), cap)
+# retry timing (Retry-After is parsed by dermflow.ingestion.http)
 
 
 def backoff_delay(attempt: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -191,104 +129,9 @@ def backoff_delay(attempt: int, base: float, maximum: float, rng: random.Random 
     return (rng or random).uniform(0.0, ceiling)
 
 
-# --------------------------------------------------------------------------------------------
-# images
-
-
-@dataclass(frozen=True)
-class ImageFacts:
-    md5: str
-    width: int
-    height: int
-    phash: str  # 16 hex chars
-    content_type: str
-
-
-class ImageRejected(Exception):
-    """Bytes that are not a complete, decodable image; `reason` is `not_an_image` or `too_large`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def verify_image(body: bytes) -> ImageFacts:
-    """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
-
-    Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
-    included) and for decompression bombs (Pillow's pixel limit is kept).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    md5 = hashlib.md5(body).hexdigest()
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            width, height = image.size
-            image_format = image.format or ""
-            # The one hashing recipe of dermflow.dataset.dedup (draft decode, then pHash), so the
-            # near-duplicate threshold validated there holds for the manifest's hashes.
-            draft_for_hash(image)
-            image.load()
-            phash = phash_of_image(image)
-    except Image.DecompressionBombError as error:
-        raise ImageRejected("too_large", str(error)) from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
-        raise ImageRejected("not_an_image", str(error)) from error
-    content_type = Image.MIME.get(image_format, "application/octet-stream")
-    return ImageFacts(md5=md5, width=int(width), height=int(height), phash=phash, content_type=content_type)
-
 
 # --------------------------------------------------------------------------------------------
-# planning and the store
-
-
-def stored_image_md5s(store: ObjectStore) -> set[str]:
-    """md5hashes with an object under `images/` (one paginated listing)."""
-    return {key[len(IMAGES_PREFIX):] for key in store.iter_keys(IMAGES_PREFIX) if len(key) > len(IMAGES_PREFIX)}
-
-
-def _interleave_by_host(records: list[dict]) -> list[dict]:
-    """Round-robin over hosts so every shard mixes hosts and each host's cap is used in parallel."""
-    by_host: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        try:
-            host = urlsplit(str(record.get("url") or "")).hostname or ""
-        except ValueError:
-            host = ""
-        by_host[host].append(record)
-    queues = list(by_host.values())
-    mixed: list[dict] = []
-    for index in range(max((len(q) for q in queues), default=0)):
-        mixed.extend(queue[index] for queue in queues if index < len(queue))
-    return mixed
-
-
-def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> list[list[dict]]:
-    """Rows whose image is not stored yet, one per md5hash, cut into shards of `shard_size`.
-
-    Each row is a dict of `SHARD_FIELDS` (those the frame has) with blanks as "".
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    missing = [column for column in ("md5hash", "url") if column not in rows.columns]
-    if missing:
-        raise ValueError(f"dataset rows lack column(s) {missing} needed to fetch images")
-    columns = [column for column in SHARD_FIELDS if column in rows.columns]
-    seen: set[str] = set(stored)
-    records: list[dict] = []
-    for position, values in enumerate(rows[columns].itertuples(index=False, name=None)):
-        record = {column: _clean(value) for column, value in zip(columns, values)}
-        md5hash = str(record["md5hash"]).strip().lower()
-        if not md5hash:
-            raise ValueError(f"dataset row {position}: empty md5hash")
-        record["md5hash"] = md5hash
-        record["url"] = str(record["url"]).strip()
-        if md5hash in seen:
-            continue
-        seen.add(md5hash)
-        records.append(record)
-    records = _interleave_by_host(records)
-    return [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
+# the store
 
 
 def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, options: FetchOptions) -> None:
@@ -326,64 +169,7 @@ def _verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchO
 
 
 # --------------------------------------------------------------------------------------------
-# manifest rows
-
-
-def manifest_row(row: dict, **outcome: Any) -> dict:
-    """A manifest row for a dataset/shard row and an outcome (status, reason, ...)."""
-    scale = _clean(row.get("fitzpatrick_scale", ""))
-    fitz_range = _clean(row.get("fitzpatrick_range", "")) or fitzpatrick_range_of(scale)
-    result = {
-        "md5hash": str(row.get("md5hash", "")).strip().lower(),
-        "label": _clean(row.get("label", "")),
-        "fitzpatrick_scale": scale,
-        "fitzpatrick_range": fitz_range,
-        "qc": _clean(row.get("qc", "")),
-        "url": redact_url(str(_clean(row.get("url", "")))),
-        "status": "failed",
-        "reason": "",
-        "md5_mismatch": False,
-        "content_md5": "",
-        "attempts": 0,
-        "bytes": 0,
-        "width": 0,
-        "height": 0,
-        "phash": "",
-        "key": "",
-    }
-    result.update(outcome)
-    return result
-
-
-def _ok_row(row: dict, facts: ImageFacts, size: int, attempts: int) -> dict:
-    return manifest_row(
-        row, status="ok", reason="", md5_mismatch=facts.md5 != str(row["md5hash"]).lower(), content_md5=facts.md5,
-        attempts=attempts,
-        bytes=size, width=facts.width, height=facts.height, phash=facts.phash, key=image_key(row["md5hash"]),
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # the shard fetcher
-
-
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class _Permanent(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Redirect(Exception):
-    def __init__(self, location: str) -> None:
-        super().__init__(location)
-        self.location = location
 
 
 class IntervalLimiter:
@@ -414,6 +200,7 @@ class _ShardContext:
     store: ObjectStore
     options: FetchOptions
     guard: HostGuard
+    policy: ReadPolicy
     pool: concurrent.futures.ThreadPoolExecutor
     hosts: dict[str, _Host] = field(default_factory=dict)
 
@@ -424,155 +211,73 @@ class _ShardContext:
             self.hosts[name] = _Host(asyncio.Semaphore(self.options.host_concurrency), IntervalLimiter(rate) if rate else None)
         return self.hosts[name]
 
-
-async def _request_once(ctx: _ShardContext, url: str) -> bytes:
-    """One GET of `url`: the body, or `_Redirect`/`_Transient`/`_Permanent`."""
-    import httpx
-
-    options = ctx.options
-    body_started = False
-    try:
-        async with ctx.client.stream("GET", url) as response:
-            status = response.status_code
-            if status in REDIRECT_STATUSES:
-                location = response.headers.get("location")
-                if not location:
-                    raise _Permanent(f"http_{status}")
-                raise _Redirect(urljoin(url, location.strip()))
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(response.headers.get("retry-after"), cap=options.retry_after_max)
-                raise _Transient(f"http_{status}", retry_after)
-            if status != 200:
-                raise _Permanent(f"http_{status}")
-            content_type = response.headers.get("content-type", "").lower()
-            if content_type.startswith(("text/", "application/json", "application/xml", "application/xhtml")):
-                raise _Permanent("not_an_image")  # no need to download an HTML error page
-            try:
-                expected = int(response.headers["content-length"])
-            except (KeyError, ValueError):
-                expected = None
-            if expected is not None and expected > options.max_bytes:
-                raise _Permanent("too_large")
-            chunks: list[bytes] = []
-            received = 0
-            async for chunk in response.aiter_bytes():
-                body_started = True
-                received += len(chunk)
-                if received > options.max_bytes:
-                    raise _Permanent("too_large")
-                chunks.append(chunk)
-            if expected is not None:
-                # Content-Length counts the bytes on the wire (before any content decoding).
-                encoding = response.headers.get("content-encoding", "identity").strip().lower()
-                on_wire = received if encoding in ("", "identity") else response.num_bytes_downloaded
-                if on_wire != expected:
-                    raise _Transient("truncated")
-            return b"".join(chunks)
-    except (_Redirect, _Transient, _Permanent):
-        raise
-    except (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
-        raise _Transient("timeout") from None
-    except httpx.ConnectError:
-        raise _Transient("connect_error") from None
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError):
-        raise _Transient("truncated" if body_started else "connect_error") from None
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-        raise _Permanent("bad_scheme") from None
-    except httpx.DecodingError:
-        raise _Permanent("not_an_image") from None
-    except httpx.TransportError:
-        raise _Transient("connect_error") from None
-
-
-async def _download(ctx: _ShardContext, url: str) -> bytes:
-    """The body at `url`, following at most `max_redirects` redirects, each hop re-checked."""
-    current = url
-    for _hop in range(ctx.options.max_redirects + 1):
-        try:
-            await ctx.guard.check(current)
-        except BlockedURL as error:
-            raise _Permanent(error.reason) from None
-        host = ctx.host(current)
+    @contextlib.asynccontextmanager
+    async def polite(self, url: str) -> AsyncIterator[None]:
+        """Wraps one request to `url`'s host: a slot of its concurrency cap, then its rate limit."""
+        host = self.host(url)
         async with host.slots:
             if host.limiter is not None:
                 await host.limiter.wait()
-            try:
-                async with asyncio.timeout(ctx.options.total_timeout):
-                    return await _request_once(ctx, current)
-            except BlockedURL as error:  # refused at connect time (the host re-resolved internal)
-                raise _Permanent(error.reason) from None
-            except _Redirect as redirect:
-                current = redirect.location
-            except TimeoutError:
-                raise _Transient("timeout") from None
-    raise _Permanent("too_many_redirects")
+            yield
+
+
+@dataclass
+class _Attempts:
+    """Attempts made for one row, kept outside `_download` so a row deadline does not lose them."""
+
+    count: int = 0
+
+
+def _retry_pause(options: FetchOptions, error: URLReadError, attempts: int) -> float | None:
+    """Seconds to wait before attempt `attempts + 1`, or None when retrying cannot help."""
+    if not error.transient or attempts >= options.max_attempts:
+        return None
+    pause = backoff_delay(attempts, options.backoff_base, options.backoff_max)
+    return pause if error.retry_after is None else max(pause, error.retry_after)
+
+
+async def _download(ctx: _ShardContext, url: str, deadline: float, attempts: _Attempts) -> bytes:
+    """The body at `url`, retried while that can help: a transient error, fewer than
+    `max_attempts` attempts, and a wait that ends before the row's `deadline` (else the last
+    error is raised: the manifest records what the server said). Counts into `attempts`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        attempts.count += 1
+        try:
+            return await read_async(ctx.client, ctx.guard, url, ctx.policy, hop_gate=ctx.polite)
+        except URLReadError as error:
+            pause = _retry_pause(ctx.options, error, attempts.count)
+            if pause is None or loop.time() + pause >= deadline:
+                kind = "transient" if error.transient else "permanent"
+                logger.info("%s: %s (%s) after %d attempt(s)", redact_url(url), error.reason, kind, attempts.count)
+                raise
+            await asyncio.sleep(pause)
 
 
 async def _fetch_row(ctx: _ShardContext, row: dict) -> dict:
-    options = ctx.options
+    """Download, verify and store one row's image; its manifest row."""
     url = str(row.get("url") or "").strip()
     if not url:
         return manifest_row(row, reason="no_url")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + options.row_timeout
-    attempts = 0
-    body: bytes | None = None
+    deadline = loop.time() + ctx.options.row_timeout
+    attempts = _Attempts()
     try:
         async with asyncio.timeout_at(deadline):
-            while True:
-                attempts += 1
-                try:
-                    body = await _download(ctx, url)
-                    break
-                except _Permanent as error:
-                    logger.info("%s: %s (permanent)", redact_url(url), error.reason)
-                    return manifest_row(row, reason=error.reason, attempts=attempts)
-                except _Transient as error:
-                    if attempts >= options.max_attempts:
-                        logger.info("%s: %s after %d attempts", redact_url(url), error.reason, attempts)
-                        return manifest_row(row, reason=error.reason, attempts=attempts)
-                    pause = backoff_delay(attempts, options.backoff_base, options.backoff_max)
-                    if error.retry_after is not None:
-                        pause = max(pause, error.retry_after)
-                    if loop.time() + pause >= deadline:
-                        # Waiting would outlive the row's deadline: record what the server said.
-                        return manifest_row(row, reason=error.reason, attempts=attempts)
-                    await asyncio.sleep(pause)
+            body = await _download(ctx, url, deadline, attempts)
+    except URLReadError as error:
+        return manifest_row(row, reason=error.reason, attempts=attempts.count)
     except TimeoutError:
-        logger.info("%s: row deadline (%.0fs) passed", redact_url(url), options.row_timeout)
-        return manifest_row(row, reason="timeout", attempts=attempts)
+        logger.info("%s: row deadline (%.0fs) passed", redact_url(url), ctx.options.row_timeout)
+        return manifest_row(row, reason="timeout", attempts=attempts.count)
     # Outside the row deadline: a put that has started is never abandoned half-way.
-    key = image_key(row["md5hash"])
+    key = layout.image_key(row["md5hash"])
     try:
-        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, key, body, options)
+        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, key, body, ctx.options)
     except ImageRejected as error:
         logger.info("%s: %s", redact_url(url), redact_text(str(error)))
-        return manifest_row(row, reason=error.reason, attempts=attempts, bytes=len(body))
-    return _ok_row(row, facts, len(body), attempts)
-
-
-def _make_client(options: FetchOptions, transport: httpx.AsyncBaseTransport | None,
-                 guard: HostGuard) -> httpx.AsyncClient:
-    import httpx
-
-    timeout = httpx.Timeout(
-        connect=options.connect_timeout, read=options.read_timeout, write=options.read_timeout, pool=None
-    )
-    connections = max(64, options.host_concurrency * 8)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30)
-    if transport is None:
-        transport = httpx.AsyncHTTPTransport(limits=limits)
-        # httpx has no public hook for the connection pool's network backend; the pinned one
-        # makes every connection go to addresses the guard has just checked (DNS rebinding).
-        transport._pool._network_backend = pinned_network_backend(guard)
-    return httpx.AsyncClient(
-        timeout=timeout,
-        limits=limits,
-        follow_redirects=False,  # each hop is re-checked by the SSRF guard
-        headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"},
-        transport=transport,
-        trust_env=False,  # a proxy from the environment would bypass the address guard
-    )
+        return manifest_row(row, reason=error.reason, attempts=attempts.count, bytes=len(body))
+    return ok_row(row, facts, len(body), attempts.count)
 
 
 async def fetch_shard_async(
@@ -592,7 +297,7 @@ async def fetch_shard_async(
     for position, row in enumerate(rows):
         md5hash = str(row.get("md5hash") or "")
         if len(md5hash) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5hash):
-            raise ValueError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
+            raise ManifestError(f"shard row {position}: md5hash {md5hash!r} is not 32 hex digits")
     install_log_redaction()
     config = getattr(getattr(getattr(store, "client", None), "meta", None), "config", None)
     pool_size = getattr(config, "max_pool_connections", None)
@@ -603,8 +308,10 @@ async def fetch_shard_async(
     guard = HostGuard(options.allowed_hosts, resolver=resolver)
     pool = concurrent.futures.ThreadPoolExecutor(options.store_workers, thread_name_prefix="dermflow-store")
     try:
-        async with _make_client(options, transport, guard) as client:
-            ctx = _ShardContext(client=client, store=store, options=options, guard=guard, pool=pool)
+        policy = options.read_policy()
+        async with make_async_client(guard, policy, user_agent=options.user_agent, accept=IMAGE_ACCEPT,
+                                     transport=transport, connections=max(64, options.host_concurrency * 8)) as client:
+            ctx = _ShardContext(client=client, store=store, options=options, guard=guard, policy=policy, pool=pool)
             tasks = [asyncio.create_task(_fetch_row(ctx, {**row, "md5hash": str(row["md5hash"]).lower()})) for row in rows]
             try:
                 results = await asyncio.gather(*tasks)
@@ -628,155 +335,4 @@ def fetch_shard(rows: Sequence[dict], store: ObjectStore, options: FetchOptions 
         return asyncio.run(fetch_shard_async(rows, store, options, **kwargs))
     with concurrent.futures.ThreadPoolExecutor(1) as runner:
         return runner.submit(asyncio.run, fetch_shard_async(rows, store, options, **kwargs)).result()
-
-
-# --------------------------------------------------------------------------------------------
-# manifests
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(_clean(value)) if value is not None else False
-
-
-def _as_int(value: Any) -> int:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _normalized(row: dict) -> dict:
-    """A manifest row with its types restored (a manifest read back from CSV is all strings)."""
-    result = {column: _clean(row.get(column, "")) for column in MANIFEST_COLUMNS}
-    result["md5_mismatch"] = _as_bool(result["md5_mismatch"])
-    for column in ("attempts", "bytes", "width", "height"):
-        result[column] = _as_int(result[column])
-    for column in ("md5hash", "label", "fitzpatrick_range", "qc", "url", "status", "reason", "content_md5", "phash",
-                   "key"):
-        result[column] = "" if result[column] is None else str(result[column])
-    return result
-
-
-def _verify_stored(store: ObjectStore, row: dict) -> dict:
-    """Read an object back and describe it; delete it if it is not a decodable image."""
-    key = image_key(row["md5hash"])
-    body = store.get_bytes(key)
-    try:
-        facts = verify_image(body)
-    except ImageRejected as error:
-        logger.warning("%s in the bucket is not a valid image (%s): deleted", key, error.reason)
-        store.delete_prefix(key)  # keys are images/<32 hex>: this prefix is exactly one object
-        return manifest_row(row, reason=error.reason, bytes=len(body))
-    return _ok_row(row, facts, len(body), attempts=0)
-
-
-def reconcile_manifest(
-    dataset: pd.DataFrame,
-    store: ObjectStore,
-    previous: pd.DataFrame | None,
-    new_rows: Iterable[dict],
-    *,
-    verify_workers: int = 16,
-) -> pd.DataFrame:
-    """The complete fetch manifest: one row per dataset row, in dataset order.
-
-    For each row, in order of trust: this run's `ok` row; the previous manifest's `ok` row if
-    its object is still stored; an object in the bucket that no manifest describes (a run was
-    killed after the put) is read back and verified (md5, pHash, size); this run's failed row;
-    the previous failed row; else `failed` with reason `no_url` or `not_fetched`.
-    """
-    import pandas as pd
-
-    if "md5hash" not in dataset.columns:
-        raise ValueError("dataset lacks column 'md5hash'")
-    stored = stored_image_md5s(store)
-    new_by_md5 = {str(row["md5hash"]).lower(): _normalized(row) for row in new_rows}
-    previous_by_md5: dict[str, dict] = {}
-    if previous is not None and len(previous):
-        missing = [column for column in ("md5hash", "status") if column not in previous.columns]
-        if missing:
-            raise ValueError(f"previous manifest lacks column(s) {missing}")
-        for record in previous.to_dict("records"):
-            previous_by_md5[str(record["md5hash"]).lower()] = _normalized(record)
-
-    dataset_records = [{k: _clean(v) for k, v in record.items()} for record in dataset.to_dict("records")]
-    chosen: dict[str, dict] = {}
-    to_verify: dict[str, dict] = {}
-    for record in dataset_records:
-        md5hash = str(record["md5hash"]).strip().lower()
-        record["md5hash"] = md5hash
-        if md5hash in chosen or md5hash in to_verify:
-            continue
-        new, old = new_by_md5.get(md5hash), previous_by_md5.get(md5hash)
-        if new is not None and new["status"] == "ok":  # this run put it
-            chosen[md5hash] = new
-        elif old is not None and old["status"] == "ok" and md5hash in stored:
-            chosen[md5hash] = old
-        elif md5hash in stored:
-            to_verify[md5hash] = record
-        elif new is not None and new["status"] != "ok":
-            chosen[md5hash] = new
-        elif old is not None and old["status"] != "ok" and old["reason"] != "not_fetched":
-            chosen[md5hash] = old
-        elif not str(record.get("url") or "").strip():
-            chosen[md5hash] = manifest_row(record, reason="no_url")
-        else:
-            chosen[md5hash] = manifest_row(record, reason="not_fetched")
-
-    if to_verify:
-        logger.info("verifying %d stored object(s) that no manifest describes", len(to_verify))
-        with concurrent.futures.ThreadPoolExecutor(verify_workers) as pool:
-            verified = pool.map(lambda r: _verify_stored(store, r), to_verify.values())
-            for md5hash, row in zip(to_verify, verified):
-                chosen[md5hash] = row
-
-    output = []
-    for record in dataset_records:
-        row = dict(chosen[record["md5hash"]])
-        # Descriptive columns always come from the dataset (the manifest may predate a relabel).
-        described = manifest_row(record)
-        for column in ("label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url"):
-            row[column] = described[column]
-        output.append(_normalized(row))
-    frame = pd.DataFrame(output, columns=MANIFEST_COLUMNS)
-    for column in ("attempts", "bytes", "width", "height"):
-        frame[column] = frame[column].astype("int64")
-    frame["md5_mismatch"] = frame["md5_mismatch"].astype(bool)
-    return frame
-
-
-def summarize_manifest(manifest: pd.DataFrame) -> dict:
-    """Counts by status and reason, md5 mismatches and bytes: `rows == ok + failed`."""
-    statuses = manifest["status"].astype(str)
-    failed = manifest[statuses != "ok"]
-    return {
-        "rows": int(len(manifest)),
-        "ok": int((statuses == "ok").sum()),
-        "failed": int(len(failed)),
-        "by_status": {str(k): int(v) for k, v in statuses.value_counts().sort_index().items()},
-        "by_reason": {str(k): int(v) for k, v in failed["reason"].astype(str).value_counts().sort_index().items()},
-        "md5_mismatch": int(manifest["md5_mismatch"].map(_as_bool).sum()) if len(manifest) else 0,
-        "bytes": int(manifest["bytes"].map(_as_int).sum()) if len(manifest) else 0,
-    }
-
-
-def failed_rows(manifest: pd.DataFrame, dataset: pd.DataFrame | None = None, *, include_permanent: bool = True) -> pd.DataFrame:
-    """Failed manifest rows worth fetching again (never `no_url`/`bad_scheme`).
-
-    The manifest's URLs are redacted, so pass `dataset` to get the dataset's rows (real URLs)
-    for those md5hashes, ready for `plan_shards`. `include_permanent=False` keeps only
-    failures a later run may cure (`TRANSIENT_REASONS` and 5xx).
-    """
-    statuses = manifest["status"].astype(str)
-    reasons = manifest["reason"].astype(str)
-    mask = (statuses != "ok") & ~reasons.isin(["no_url", "bad_scheme"])
-    if not include_permanent:
-        mask &= reasons.isin(TRANSIENT_REASONS) | reasons.str.match(r"^http_5\d\d$")
-    failed = manifest[mask]
-    if dataset is None:
-        return failed.reset_index(drop=True)
-    wanted = set(failed["md5hash"].astype(str).str.lower())
-    return dataset[dataset["md5hash"].astype(str).str.lower().isin(wanted)].reset_index(drop=True)
 

@@ -21,6 +21,8 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from dermflow.errors import DermflowError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -39,13 +41,17 @@ SECRET_QUERY_KEYS = frozenset(
 )
 
 
-class BlockedURL(Exception):
-    """A URL the fetcher refuses; `reason` is the manifest reason (`bad_scheme`, `blocked_address`)."""
+class BlockedURL(DermflowError):
+    """A URL the guard refuses (permanent); `reason` is the manifest reason (`bad_scheme`,
+    `blocked_address`)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # rebuilt from its fields, not its message
+        return (type(self), (self.reason, self.detail))
 
 
 def redact_url(url: str) -> str:

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from dermflow.errors import DermflowError
+from dermflow.ingestion.guard import redact_url
+
 if TYPE_CHECKING:
     from dermflow.storage import ObjectStore
 
@@ -48,10 +51,12 @@ _RANGE_OF_SCALE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6:
 # How many offending rows an error message lists before "... and N more".
 _ROWS_SHOWN = 5
 HTTP_TIMEOUT_SECONDS = 30.0
+# The Fitzpatrick 17k CSV is about 4 MB; a URL serving far more is not a dataset CSV.
+MAX_CSV_BYTES = 256 * 2**20
 
 
-class DatasetError(ValueError):
-    """The dataset CSV is malformed. `problems` holds one message per problem found."""
+class DatasetError(DermflowError, ValueError):
+    """The dataset CSV is malformed (permanent). `problems` holds one message per problem found."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None):
         self.problems = list(problems)
@@ -59,9 +64,13 @@ class DatasetError(ValueError):
         where = f" in {source}" if source else ""
         super().__init__(f"invalid dataset{where}: " + "; ".join(self.problems))
 
+    def __reduce__(self):  # rebuilt from its fields, not its message (Prefect pickles failures)
+        return (type(self), (self.problems, self.source))
 
-class DatasetSourceError(RuntimeError):
-    """The dataset CSV could not be read from its source (network, missing file, S3)."""
+
+class DatasetSourceError(DermflowError, RuntimeError):
+    """The dataset CSV could not be read from its source. Transient when the network or the
+    store failed; permanent for a missing file or object, or a source that is not one."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -72,11 +81,18 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
     another bucket than the store's is read with the store's client all the same.
     """
     text = str(source)
-    if text.startswith(("http://", "https://")):
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("http", "https"):
         return _read_http(text)
-    if text.startswith("s3://"):
+    if scheme == "s3":
         return _read_s3(text, store)
-    path = Path(text).expanduser()
+    if scheme:
+        raise DatasetSourceError(f"dataset CSV {redact_url(text)}: scheme {scheme!r} is not supported "
+                                 "(use http(s)://, s3:// or a local path)")
+    return _read_local(Path(text).expanduser())
+
+
+def _read_local(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError as error:
@@ -86,24 +102,30 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
 
 
 def _read_http(url: str) -> bytes:
-    import httpx
+    """The CSV at `url`, read through the guarded reader (`dermflow.ingestion.http`)."""
+    from dermflow.ingestion.http import ReadPolicy, URLReadError, read_url
 
-    from dermflow.settings import get_settings
-
-    timeout = httpx.Timeout(HTTP_TIMEOUT_SECONDS, connect=10.0)
-    headers = {"User-Agent": get_settings().user_agent}
+    policy = ReadPolicy(max_bytes=MAX_CSV_BYTES, read_timeout=HTTP_TIMEOUT_SECONDS)
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True, headers=headers)
-    except httpx.TimeoutException as error:
-        raise DatasetSourceError(f"timed out reading dataset CSV from {url}: {error!r}") from error
-    except httpx.HTTPError as error:
-        raise DatasetSourceError(f"cannot reach dataset CSV at {url}: {error!r}") from error
-    if response.status_code != 200:
-        raise DatasetSourceError(f"dataset CSV at {url} answered HTTP {response.status_code}")
-    return response.content
+        return read_url(url, policy=policy)
+    except URLReadError as error:
+        where = redact_url(url)
+        if error.status is not None:
+            message = f"dataset CSV at {where} answered HTTP {error.status}"
+        elif error.reason in ("connect_error", "timeout"):
+            message = f"cannot reach dataset CSV at {where}: {error.reason}"
+        else:
+            message = f"cannot read dataset CSV: {error}"
+        raise DatasetSourceError(message, transient=error.transient) from error
+
+
+_MISSING_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403"})
 
 
 def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
+    """The object at `uri`; missing (or forbidden) is permanent, anything else transient."""
+    from botocore.exceptions import ClientError
+
     from dermflow.storage import ObjectStore, StorageError, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
@@ -114,10 +136,15 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
         if bucket == store.bucket:
             return store.get_bytes(key)
         return store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except StorageError as error:
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
-    except Exception as error:  # noqa: BLE001 - botocore raises many types; report them all alike
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}") from error
+    except StorageError as error:  # what `get_bytes` raises for a missing object
+        transient = isinstance(error, DermflowError) and error.transient
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=transient) from error
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}",
+                                 transient=code not in _MISSING_S3_CODES) from error
+    except Exception as error:  # noqa: BLE001 - botocore's connection errors have many types
+        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=True) from error
 
 
 def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:
@@ -147,6 +174,50 @@ def _line_list(line_numbers: Sequence[int]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy with every column text, the optional columns present, key columns stripped."""
+    frame = frame.copy().reset_index(drop=True)
+    for column in frame.columns:
+        frame[column] = frame[column].fillna("").astype(str)
+    for column in OPTIONAL_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+    frame["md5hash"] = frame["md5hash"].str.strip().str.lower()
+    frame["label"] = frame["label"].str.strip()
+    frame["url"] = frame["url"].str.strip()
+    frame["qc"] = frame["qc"].str.strip()
+    return frame
+
+
+def _row_problems(frame: pd.DataFrame) -> list[str]:
+    """One message per problem of a normalised frame: malformed or duplicate md5hash, empty label."""
+    line_numbers = frame.index.to_numpy() + 2
+    problems: list[str] = []
+    malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
+    if malformed.any():
+        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
+        problems.append(
+            f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
+            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
+        )
+    duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
+    if duplicated.any():
+        hashes = list(dict.fromkeys(frame.loc[duplicated, "md5hash"]))
+        shown = ", ".join(
+            f"{md5} (lines {_line_list(line_numbers[(frame['md5hash'] == md5).to_numpy()])})"
+            for md5 in hashes[:_ROWS_SHOWN]
+        )
+        more = f" and {len(hashes) - _ROWS_SHOWN} more" if len(hashes) > _ROWS_SHOWN else ""
+        problems.append(f"column md5hash: {len(hashes)} value(s) appear on more than one row: {shown}{more}")
+    empty_label = frame["label"] == ""
+    if empty_label.any():
+        problems.append(
+            f"column label: {int(empty_label.sum())} row(s) have an empty label "
+            f"at line(s) {_line_list(line_numbers[empty_label.to_numpy()])}"
+        )
+    return problems
+
+
 def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
     """Check a raw dataset frame and return a normalised copy with the derived columns.
 
@@ -164,48 +235,10 @@ def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataF
         )
     if len(frame) == 0:
         raise DatasetError(["the CSV has a header but no rows"], source)
-
-    frame = frame.copy().reset_index(drop=True)
-    for column in frame.columns:
-        frame[column] = frame[column].fillna("").astype(str)
-    for column in OPTIONAL_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = ""
-    frame["md5hash"] = frame["md5hash"].str.strip().str.lower()
-    frame["label"] = frame["label"].str.strip()
-    frame["url"] = frame["url"].str.strip()
-    frame["qc"] = frame["qc"].str.strip()
-    line_numbers = frame.index.to_numpy() + 2
-
-    problems: list[str] = []
-    malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
-    if malformed.any():
-        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
-        problems.append(
-            f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
-            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
-        )
-    duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
-    if duplicated.any():
-        repeated = frame.loc[duplicated, "md5hash"]
-        hashes = list(dict.fromkeys(repeated))
-        shown = ", ".join(
-            f"{md5} (lines {_line_list(line_numbers[(frame['md5hash'] == md5).to_numpy()])})"
-            for md5 in hashes[:_ROWS_SHOWN]
-        )
-        more = f" and {len(hashes) - _ROWS_SHOWN} more" if len(hashes) > _ROWS_SHOWN else ""
-        problems.append(
-            f"column md5hash: {len(hashes)} value(s) appear on more than one row: {shown}{more}"
-        )
-    empty_label = frame["label"] == ""
-    if empty_label.any():
-        problems.append(
-            f"column label: {int(empty_label.sum())} row(s) have an empty label "
-            f"at line(s) {_line_list(line_numbers[empty_label.to_numpy()])}"
-        )
+    frame = _normalised(frame)
+    problems = _row_problems(frame)
     if problems:
         raise DatasetError(problems, source)
-
     frame["fitzpatrick_range"] = frame["fitzpatrick_scale"].map(fitzpatrick_range)
     frame["no_url"] = frame["url"] == ""
     ordered = [c for c in CSV_COLUMNS if c in frame.columns]

@@ -15,15 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dermflow.ingestion.fetch import (
-    FetchOptions,
-    fetch_shard,
-    plan_shards,
-    reconcile_manifest,
-    stored_image_md5s,
-    summarize_manifest,
-    verify_image,
-)
+from dermflow.ingestion.fetch import FetchOptions, fetch_shard
+from dermflow.ingestion.images import verify_image
+from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 from tests.support.image_servers import (
     PERMANENT_FAULTS,
     TRANSIENT_FAULTS,
@@ -148,7 +142,8 @@ import sys
 import pandas as pd
 from dermflow.settings import load_settings
 from dermflow.storage import ObjectStore
-from dermflow.ingestion.fetch import FetchOptions, fetch_shard, plan_shards, reconcile_manifest, stored_image_md5s
+from dermflow.ingestion.fetch import FetchOptions, fetch_shard
+from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s
 
 settings = load_settings()
 store = ObjectStore.from_settings(settings)

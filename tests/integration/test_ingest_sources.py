@@ -19,6 +19,17 @@ CSV_TEXT = "md5hash,fitzpatrick_scale,label,url,qc\n" + "".join(
 )
 
 
+@pytest.fixture(autouse=True)
+def allow_loopback(monkeypatch):
+    """The test servers listen on 127.0.0.1, which the URL guard refuses unless allowed."""
+    from dermflow.settings import get_settings
+
+    monkeypatch.setenv("DERMFLOW_ALLOWED_HOSTS", "127.0.0.1")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002
         pass

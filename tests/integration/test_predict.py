@@ -192,7 +192,11 @@ def test_evaluate_split_from_the_bucket_matches_evaluate_dataset(saved_model, la
     assert from_bucket["weighted_f1"] == pytest.approx(from_files["weighted_f1"])
 
 
-def test_predict_urls_and_report_bad_sources(saved_model, labelled_set, tmp_path):
+def test_predict_urls_and_report_bad_sources(saved_model, labelled_set, tmp_path, monkeypatch):
+    from dermflow.settings import get_settings
+
+    monkeypatch.setenv("DERMFLOW_ALLOWED_HOSTS", "127.0.0.1")  # the URL guard refuses loopback otherwise
+    get_settings.cache_clear()
     _, images_dir, usable = labelled_set
     bundle = load_model_bundle(saved_model, RUN_ID, cache_dir=tmp_path / "cache")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images_dir))

@@ -12,14 +12,13 @@ import pytest
 
 import dermflow.dataset.dedup as dedup
 from dermflow.dataset.dedup import (
-    NotAnImageError,
     duplicate_report,
     exact_duplicates,
     group_near_duplicates,
     hamming_distance,
     merge_groupings,
-    perceptual_hash,
 )
+from dermflow.ingestion.images import ImageTooLargeError, NotAnImageError, perceptual_hash
 
 pytestmark = pytest.mark.unit
 
@@ -113,7 +112,7 @@ def test_decompression_bombs_are_too_large(monkeypatch):
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises past twice this
-    with pytest.raises(dedup.ImageTooLargeError):
+    with pytest.raises(ImageTooLargeError):
         perceptual_hash(encode(textured_image(size=200), quality=80))
 
 

@@ -16,7 +16,8 @@ import io
 import numpy as np
 import pytest
 
-from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD, group_near_duplicates, hamming_distance, perceptual_hash, phash_to_uint64
+from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD, group_near_duplicates, hamming_distance, phash_to_uint64
+from dermflow.ingestion.images import perceptual_hash
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 

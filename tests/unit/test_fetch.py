@@ -16,21 +16,22 @@ import pytest
 from PIL import Image
 
 from dermflow.ingestion.fetch import (
-    MANIFEST_COLUMNS,
     FetchOptions,
-    ImageRejected,
     IntervalLimiter,
     backoff_delay,
-    failed_rows,
     fetch_shard,
     fetch_shard_async,
-    fitzpatrick_range_of,
-    parse_retry_after,
+)
+from dermflow.ingestion.http import parse_retry_after
+from dermflow.ingestion.images import ImageRejected, verify_image
+from dermflow.ingestion.manifest import (
+    MANIFEST_COLUMNS,
+    failed_rows,
+    manifest_row,
     plan_shards,
     reconcile_manifest,
     stored_image_md5s,
     summarize_manifest,
-    verify_image,
 )
 from dermflow.ingestion.guard import BlockedURL, HostGuard, install_log_redaction, redact_text, redact_url
 
@@ -143,9 +144,15 @@ def test_backoff_is_full_jitter_and_capped():
     assert all(d <= 0.5 for d in (backoff_delay(1, 0.5, 30, rng) for _ in range(100)))
 
 
-def test_fitzpatrick_range_and_options_validation():
-    assert [fitzpatrick_range_of(v) for v in (1, "2", 3.0, 4, 5, 6, -1, "", None)] == [
-        "I-II", "I-II", "III-IV", "III-IV", "V-VI", "V-VI", "unknown", "unknown", "unknown"]
+def test_manifest_rows_derive_the_range_with_the_one_range_function():
+    ranges = [manifest_row({"md5hash": "a" * 32, "fitzpatrick_scale": scale})["fitzpatrick_range"]
+              for scale in ("3", 3, "3.5", 3.5, "", "-1")]
+    assert ranges == ["III-IV", "III-IV", "unknown", "unknown", "unknown", "unknown"]
+    given = manifest_row({"md5hash": "a" * 32, "fitzpatrick_scale": "3.5", "fitzpatrick_range": "V-VI"})
+    assert given["fitzpatrick_range"] == "V-VI"  # the dataset's own column wins
+
+
+def test_options_validation():
     with pytest.raises(ValueError, match="host_concurrency"):
         FetchOptions(host_concurrency=0)
     with pytest.raises(ValueError, match="host_rate_limit"):

@@ -111,9 +111,12 @@ def test_header_only_csv_is_an_error(tmp_path):
     ("scale", "expected"),
     [("1", "I-II"), ("2", "I-II"), ("3", "III-IV"), ("4", "III-IV"), ("5", "V-VI"), ("6", "V-VI"),
      ("3.0", "III-IV"), ("-1", "unknown"), ("", "unknown"), ("7", "unknown"), ("0", "unknown"),
-     ("2.5", "unknown"), ("dark", "unknown"), (None, "unknown")],
+     ("2.5", "unknown"), ("3.5", "unknown"), ("dark", "unknown"), (None, "unknown"),
+     # values as the fetcher's rows carry them: numbers, not text
+     (1, "I-II"), (3.0, "III-IV"), (3.5, "unknown"), (6, "V-VI"), (-1, "unknown")],
 )
 def test_fitzpatrick_range(scale, expected):
+    """The one scale -> range function (ingest, manifest rows, split and predict use it)."""
     assert fitzpatrick_range(scale) == expected
 
 

@@ -1,0 +1,135 @@
+"""tasks.data without a stack: each task's `.fn` over an in-memory object store. Covers where
+the tasks store things (`dermflow.layout`), the split reuse key, and which failures are retried."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import pytest
+from prefect.logging import disable_run_logger
+from prefect.states import Failed
+
+import tasks.data as data_tasks
+from dermflow import layout
+from dermflow.errors import DermflowError
+from dermflow.ingestion.http import URLReadError
+from dermflow.ingestion.ingest import DatasetError, DatasetSourceError, dataset_fingerprint, load_dataset
+from dermflow.ingestion.manifest import ManifestError
+from tasks.common import retry_unless_permanent
+from tests.support.memory_s3 import memory_store
+
+pytestmark = pytest.mark.unit
+
+LABELS = ("psoriasis", "eczema")
+
+
+def md5_of(index: int) -> str:
+    return hashlib.md5(str(index).encode()).hexdigest()
+
+
+@pytest.fixture
+def store(monkeypatch):
+    memory = memory_store()
+    monkeypatch.setattr(data_tasks, "object_store", lambda: memory)
+    with disable_run_logger():
+        yield memory
+
+
+def write_dataset_csv(tmp_path, rows: int = 24):
+    lines = ["md5hash,fitzpatrick_scale,label,url,qc"]
+    lines += [f"{md5_of(i)},{1 + i % 6},{LABELS[i % 2]},https://example.org/{i}.jpg," for i in range(rows)]
+    path = tmp_path / "dataset.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ok_manifest(rows: int = 24) -> pd.DataFrame:
+    return pd.DataFrame({
+        "md5hash": [md5_of(i) for i in range(rows)],
+        "label": [LABELS[i % 2] for i in range(rows)],
+        "fitzpatrick_scale": [str(1 + i % 6) for i in range(rows)],
+        "qc": [""] * rows,
+        "status": ["ok"] * rows,
+        "phash": [f"{(i * 0x0F0F0F0F0F0F0F0F) % 2**64:016x}" if i % 3 else "" for i in range(rows)],
+    })
+
+
+def test_ingest_stores_the_dataset_under_its_layout_key(store, tmp_path):
+    csv = write_dataset_csv(tmp_path)
+    result = data_tasks.ingest_dataset.fn(str(csv), limit_per_label=None, seed=0)
+    expected = load_dataset(csv)
+    fingerprint = dataset_fingerprint(expected)
+    assert result == {"dataset_key": layout.dataset_key(fingerprint), "rows": 24, "labels": 2,
+                      "fingerprint": fingerprint}
+    stored = store.get_dataframe_csv(result["dataset_key"])
+    assert stored["md5hash"].tolist() == expected["md5hash"].tolist()
+
+
+def test_ingest_of_a_bad_csv_fails_permanently(store, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("md5hash,label\nnope,x\n")
+    with pytest.raises(DatasetError) as caught:
+        data_tasks.ingest_dataset.fn(str(path), limit_per_label=None, seed=0)
+    assert not retry_unless_permanent(None, None, Failed(data=caught.value))
+    assert store.client.objects == {}
+
+
+def test_split_is_stored_under_its_reuse_key_and_reused(store, monkeypatch):
+    store.put_dataframe_csv("inputs/manifest.csv", ok_manifest())
+    first = data_tasks.split_dataset.fn("inputs/manifest.csv", seed=1, dup_threshold=8, exclude_wrongly_labelled=True)
+    assert first["reused"] is False
+    assert first["split_key"] == layout.split_manifest_key(first["hash"])
+    assert store.exists(layout.split_summary_key(first["hash"]))
+    assert first["summary"]["sizes"]["train"] > 0
+
+    def must_not_split(*args, **kwargs):
+        raise AssertionError("an unchanged split is reused, not recomputed")
+
+    original = data_tasks.split.split_dataset
+    monkeypatch.setattr(data_tasks.split, "split_dataset", must_not_split)
+    again = data_tasks.split_dataset.fn("inputs/manifest.csv", seed=1, dup_threshold=8, exclude_wrongly_labelled=True)
+    assert again == {**first, "reused": True}
+    monkeypatch.setattr(data_tasks.split, "split_dataset", original)
+    other_seed = data_tasks.split_dataset.fn("inputs/manifest.csv", seed=2, dup_threshold=8,
+                                             exclude_wrongly_labelled=True)
+    assert other_seed["hash"] != first["hash"] and other_seed["reused"] is False
+
+
+def test_fetch_manifest_is_written_under_the_layout_keys(store, tmp_path):
+    dataset = load_dataset(write_dataset_csv(tmp_path, rows=4))
+    store.put_dataframe_csv("inputs/dataset.csv", dataset)
+    with pytest.raises(ManifestError, match="run derm/fetch") as none_yet:
+        data_tasks.latest_dataset_key()
+    assert not retry_unless_permanent(None, None, Failed(data=none_yet.value))
+
+    results = [{"md5hash": md5_of(0), "status": "failed", "reason": "http_404", "url": "https://example.org/0.jpg"}]
+    written = data_tasks.write_fetch_manifest.fn("inputs/dataset.csv", results, run_id="run-1")
+    assert written["manifest_key"] == layout.fetch_manifest_history_key("run-1")
+    assert store.exists(layout.FETCH_MANIFEST_KEY) and written["summary"]["rows"] == 4
+    assert data_tasks.latest_dataset_key() == "inputs/dataset.csv"
+    # refetch plans the failed rows only, with the dataset's real URLs
+    shards = data_tasks.plan_fetch.fn("inputs/dataset.csv", shard_size=10, only_failed=True)
+    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(4))
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [(DatasetError(["column label: empty"]), False),
+     (DatasetSourceError("dataset CSV not found: x.csv"), False),
+     (DatasetSourceError("cannot reach dataset CSV", transient=True), True),
+     (URLReadError("timeout", "https://example.org/a.csv", transient=True), True),
+     (URLReadError("http_404", "https://example.org/a.csv", status=404), False),
+     (ConnectionError("S3 refused the connection"), True)],
+)
+def test_only_transient_failures_are_retried(error, retried):
+    assert retry_unless_permanent(None, None, Failed(data=error)) is retried
+
+
+def test_every_data_task_with_retries_retries_only_transient_errors():
+    with_retries = [task for task in (data_tasks.ingest_dataset, data_tasks.plan_fetch, data_tasks.fetch_shard,
+                                      data_tasks.write_fetch_manifest, data_tasks.split_dataset) if task.retries]
+    assert len(with_retries) == 4
+    for task in with_retries:
+        assert task.retry_condition_fn is retry_unless_permanent, task.name
+    assert issubclass(ManifestError, DermflowError)
