@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
+from dermflow.config import RUN_DEFAULTS, RunConfig, HostConcurrency, HostRateLimit, ShardSize, describe_parameters
 from tasks.data import fetch_shard, plan_fetch, write_fetch_manifest
 
 # Shards fetched at once by the default thread runner (each shard is itself concurrent).
@@ -19,17 +20,25 @@ SHARD_PARALLELISM = 4
 
 
 @flow(name="derm-fetch")
+@describe_parameters(
+    RunConfig,
+    dataset_key="Bucket key of the ingested dataset rows.",
+    run_id="The derm run this fetch belongs to (its manifest history is kept under this id).",
+    only_failed="Only the rows that failed in the latest fetch manifest (derm/refetch).",
+    shard_parallelism="Shards fetched at once; host_concurrency and host_rate_limit are shared among them.",
+)
 def fetch_images(
     dataset_key: str,
     run_id: str,
-    shard_size: int = 256,
-    host_concurrency: int = 16,
-    host_rate_limit: float | None = None,
+    shard_size: ShardSize = RUN_DEFAULTS["shard_size"],
+    host_concurrency: HostConcurrency = RUN_DEFAULTS["host_concurrency"],
+    host_rate_limit: HostRateLimit = RUN_DEFAULTS["host_rate_limit"],
     only_failed: bool = False,
     shard_parallelism: int = SHARD_PARALLELISM,
 ) -> dict:
-    """`host_concurrency` and `host_rate_limit` are per host for the whole fetch: each of the
-    `shard_parallelism` shards running at once gets its share."""
+    """Fetch every image of the dataset not yet in the bucket (or only the failed rows), one
+    task run per shard, and write the fetch manifest. `host_concurrency` and `host_rate_limit`
+    are per host for the whole fetch: each of the shards running at once gets its share."""
     logger = get_run_logger()
     shards = plan_fetch(dataset_key, shard_size, only_failed=only_failed)
     total = sum(len(shard) for shard in shards)

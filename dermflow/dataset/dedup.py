@@ -7,7 +7,7 @@ connected components, so that the split can keep every group inside one split: t
 Fitzpatrick 17k contains the same lesion photographed twice, re-encoded, resized or cropped,
 and a duplicate on both sides of a split inflates test scores.
 
-`DEFAULT_DUP_THRESHOLD` is chosen by `tests/integration/test_dedup_atlas.py` on real atlas
+`DEFAULT_DUP_THRESHOLD` is chosen by `tests/unit/test_dedup_atlas.py` on real atlas
 images: re-encoded, resized and slightly cropped copies fall within it, while few distinct
 atlas images do.
 """
@@ -19,14 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from dermflow.config import DEFAULT_DUP_THRESHOLD
 from dermflow.ingestion.images import PHASH_HEX_DIGITS
 
-# Hamming distance (of 64 bits) at or under which two pHashes count as the same picture.
-# Measured on atlas20 (tests/unit/test_dedup_atlas.py): copies re-encoded at JPEG q30 or
-# halved in size all land within 8 bits, copies cropped by 4% in 91%, 97% overall (6 bits:
-# 91% overall). Only 8 of 2.15M pairs of distinct atlas images are within 8 bits; looked at,
-# 4 are the same lesion re-shot, 4 different lesions with the same composition.
-DEFAULT_DUP_THRESHOLD = 8
 
 # Pairs compared per block: rows x all unique hashes; bounds memory at about 8 bytes x this.
 _BLOCK_ELEMENTS = 4_000_000

@@ -54,13 +54,14 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
 
 def key_literals(source: str) -> list[tuple[int, str]]:
     """(line, text) of every string literal (f-string parts included, docstrings excluded)
-    that spells a bucket key prefix."""
+    that starts like a bucket key (`runs/...`, `images/...`): prose such as "a folder with
+    images/" is not a key."""
     tree = ast.parse(source)
     docstrings = _docstring_nodes(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            if any(prefix in node.value for prefix in KEY_PREFIXES):
+            if node.value.startswith(KEY_PREFIXES):  # a key starts with its top-level prefix
                 found.append((node.lineno, node.value))
     return found
 

@@ -66,7 +66,7 @@ def test_flow_signatures_agree_with_the_config(flow_name):
                 f"{flow_name}.{name}: default {parameter.default!r} is not the config's")
         assert hints[name] == _model_hint(model, name), f"{flow_name}.{name}: type or bounds differ from the config's"
         checked += 1
-    assert checked >= 5
+    assert checked >= 3
 
 
 def test_derm_takes_exactly_the_run_configs_parameters():
