@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermflow.errors import DermflowError
+from dermflow.errors import DermflowError, is_transient
 
 USED_SPLITS = ("train", "val", "test", "verified_test")
 # Part of every array file name: bump it when decoding changes, so old caches are not reused.
@@ -44,12 +44,9 @@ class DataError(DermflowError, RuntimeError):
 
 
 def _retry_may_help(error: Exception) -> bool:
-    """Whether reading an image from the bucket may succeed later (not when it is missing)."""
-    from dermflow.storage import StorageError
-
-    if isinstance(error, DermflowError):
-        return error.transient
-    return not isinstance(error, StorageError)  # `get_bytes` raises StorageError for a missing object
+    """Whether reading an image from the bucket may succeed later (not when it is missing:
+    `ObjectStore.get_bytes` raises a permanent StorageError for that)."""
+    return is_transient(error)
 
 
 @contextmanager

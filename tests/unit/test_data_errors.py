@@ -69,7 +69,7 @@ class _FailingStore:
 
 def test_a_missing_image_is_permanent_an_unreachable_bucket_transient(tmp_path):
     with pytest.raises(DataError) as missing:
-        cache_images_from_store(_FailingStore(StorageError("no object s3://b/images/a")), {"a": "k"}, tmp_path)
+        cache_images_from_store(_FailingStore(StorageError("no object s3://b/images/a", transient=False)), {"a": "k"}, tmp_path)
     assert not is_transient(missing.value)
     with pytest.raises(DataError) as unreachable:
         cache_images_from_store(_FailingStore(ConnectionError("refused")), {"a": "k"}, tmp_path / "other")
