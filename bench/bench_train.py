@@ -7,7 +7,9 @@ memmap, or the PyDataset under a non-TensorFlow Keras backend) and fed by the sa
 already in memory as float32 arrays, in alternating rounds on one compiled model. Prints
 images/s for both, their ratio (goal >= 0.95) and the implied seconds per training epoch.
 
-    make bench-train      # or: .venv/bin/python bench/bench_train.py [--size 128] [--archs ...]
+    make bench-train      # or: .venv/bin/python bench/bench_train.py [--size N] [--archs ...]
+
+`--size` and `--batch-size` default to the run's (`dermflow.config.TrainConfig`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from dermflow.config import TRAIN_DEFAULTS  # noqa: E402 - Keras-free
 
 
 def atlas_split(atlas: Path, seed: int) -> pd.DataFrame:
@@ -72,9 +76,9 @@ def timed_fit(model, steps: int, **fit_args) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--atlas", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "atlas20")
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=TRAIN_DEFAULTS.image_size)
     parser.add_argument("--archs", default="baseline_cnn,resnet50v2")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
     parser.add_argument("--steps", default="baseline_cnn=12,resnet50v2=4", help="timed steps per round, per architecture")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--cache-dir", type=Path, default=None)

@@ -10,10 +10,10 @@ from tasks.common import object_store, settings
 @task(name="train-architecture", retries=1, retry_delay_seconds=5)
 def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     """Train, evaluate and store one model; a retry resumes from the last checkpoint."""
-    from dermflow.modeling.train import TrainConfig, train_architecture as train
+    from dermflow.modeling.train import parse_train_config, train_architecture as train
 
     logger = get_run_logger()
-    train_config = TrainConfig.from_dict(config)
+    train_config = parse_train_config(config)
     logger.info("training %s on %s (run %s)", train_config.architecture, split_key, run_id)
 
     def progress(event: dict) -> None:

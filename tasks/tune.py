@@ -44,7 +44,7 @@ async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
     from dermflow.modeling import tuning
 
-    spec = tuning.SearchSpec(**payload["spec"])
+    spec = tuning.SearchSpec.from_dict(payload["spec"])
 
     def read() -> dict:
         tuning.ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
@@ -60,7 +60,7 @@ def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int
     from dermflow.modeling import tuning
 
     logger = get_run_logger()
-    spec = tuning.SearchSpec(**payload["spec"])
+    spec = tuning.SearchSpec.from_dict(payload["spec"])
     store = object_store()
     arrays = tuning.load_training_arrays(store, payload["split_key"], spec.image_size, settings())
     sync = tuning.ProjectSync(store, spec.tuning_id, spec.project_dir)

@@ -14,19 +14,18 @@ runs under `KERAS_BACKEND=jax` (the input pipeline then uses a PyDataset).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import get_args
 
 import keras
 import numpy as np
 
+from dermflow.config import LRScheduleName, TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.modeling import models
 from dermflow.metrics import classification_metrics, weighted_f1
@@ -41,63 +40,7 @@ class TrainingError(RuntimeError):
     """Training cannot start or continue for a reason the caller can fix (data, config)."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run of one architecture (all JSON-able)."""
-
-    architecture: str = "baseline_cnn"
-    image_size: int = 128
-    epochs: int = 20
-    batch_size: int = 32
-    weights: str = "imagenet"  # "imagenet", "none" or a local backbone weights file
-    learning_rate: float = 1e-3  # baseline_cnn training and the head warm-up
-    fine_tune_learning_rate: float = 1e-5
-    warmup_epochs: int = 3
-    fine_tune_fraction: float = 0.3  # top share of backbone layers unfrozen after warm-up
-    fine_tune_blocks: int | None = None  # if set, unfreeze the last N backbone blocks instead
-    class_weights: bool = True
-    label_smoothing: float = 0.0
-    # "cosine": linear warm-up, then cosine decay to ~0 by the end of each phase (its last
-    # epoch or the deadline, whichever comes first); "constant": the phase's rate throughout.
-    lr_schedule: str = "cosine"
-    lr_warmup_fraction: float = 0.05
-    optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
-    weight_decay: float = 1e-4  # adamw only
-    patience: int = 5  # epochs without val weighted F1 improvement (within a phase)
-    seed: int = 42
-    deadline: float | None = None  # unix time: stop cleanly, keeping the best epoch so far
-    head_width: int = 256
-    dropout: float = 0.25
-    augment: bool = True
-    arch_options: dict[str, Any] = field(default_factory=dict)
-    min_train_images: int = 10
-    eval_batch_size: int = 64
-    mixed_precision: bool | None = None  # None: only when a GPU is present
-    jit_compile: bool | None = None  # None: XLA when a GPU is present (always under JAX)
-
-    def __post_init__(self) -> None:
-        models.get_spec(self.architecture)  # clear error for an unknown name
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {list(LR_SCHEDULES)}")
-        if not 0 <= self.lr_warmup_fraction < 1:
-            raise ValueError(f"lr_warmup_fraction must be within [0, 1), got {self.lr_warmup_fraction}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {unknown}")
-        return cls(**values)
-
-
+# Keyed by the names `dermflow.config.OptimizerName` allows (a unit test keeps them equal).
 OPTIMIZERS: dict[str, Callable[[float, TrainConfig], keras.optimizers.Optimizer]] = {
     "adam": lambda lr, c: keras.optimizers.Adam(lr),
     "adamw": lambda lr, c: keras.optimizers.AdamW(lr, weight_decay=c.weight_decay),
@@ -106,7 +49,16 @@ OPTIMIZERS: dict[str, Callable[[float, TrainConfig], keras.optimizers.Optimizer]
 }
 
 
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
+
+
+def parse_train_config(values) -> TrainConfig:
+    """A `TrainConfig` from its JSON form (a flow parameter); a bad or unknown field is a
+    TrainingError naming it (permanent: retrying cannot fix a config)."""
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as error:
+        raise TrainingError(f"bad training config: {error}") from error
 
 
 def accelerator_present() -> bool:

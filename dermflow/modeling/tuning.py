@@ -33,15 +33,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import keras
 import keras_tuner
 import numpy as np
 from keras_tuner.src.engine.trial import TrialStatus
 
+from pydantic import Field
+
+from dermflow import config
+from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TunerName
 from dermflow.dataset import arrays as data_lib
 from dermflow.modeling import models
 from dermflow.modeling import train as train_lib
@@ -49,13 +53,13 @@ from dermflow.runs import content_hash
 
 log = logging.getLogger("dermflow.modeling.tuning")
 
-TUNER_KINDS = ("random", "hyperband", "bayesian")
+TUNER_KINDS: tuple[str, ...] = get_args(TunerName)
 OBJECTIVE_NAME = "val_weighted_f1"
 SEARCH_SPACE_VERSION = 2
 TUNING_PREFIX = "tuning"
-# The final training restarts from scratch: on small budgets its epochs matter more than more
-# trials (measured on atlas20, bench/bench_quality.py), so tuning gets the smaller part.
-DEFAULT_TUNING_SHARE = 0.35
+# A trial stops after this many epochs without a better validation weighted F1.
+TRIAL_PATIENCE = 3
+SEARCH_DEFAULTS = config.SearchOptions()
 
 Progress = Callable[[dict], None]
 
@@ -148,13 +152,13 @@ class DermHyperModel(keras_tuner.HyperModel):
         architecture: str,
         num_classes: int,
         image_size: int,
-        weights: str = "imagenet",
+        weights: str = TRAIN_DEFAULTS.weights,
         *,
-        batch_size: int = 32,
-        seed: int = 42,
+        batch_size: int = TRAIN_DEFAULTS.batch_size,
+        seed: int = TRAIN_DEFAULTS.seed,
         deadline: float | None = None,
         data: TrialData | None = None,
-        patience: int = 3,
+        patience: int = TRIAL_PATIENCE,
     ):
         super().__init__(name=f"derm-{architecture}", tunable=True)
         models.get_spec(architecture)
@@ -366,32 +370,28 @@ def dist_role() -> str:
     return "chief" if dist_utils.is_chief_oracle() else "worker"
 
 
-@dataclass
-class SearchSpec:
-    """Everything that decides one search (JSON-able; the chief and workers get the same)."""
+class SearchSpec(config.ModelInput, config.SearchOptions):
+    """Everything that decides one search (JSON-able; the chief and workers get the same).
 
-    architecture: str
-    num_classes: int
-    image_size: int = 128
-    weights: str = "imagenet"
-    tuner: str = "random"
-    max_trials: int = 10
-    trial_epochs: int = 5
-    batch_size: int = 32
-    seed: int = 42
+    Input size, batch size, weights, tuner and trial count, with their defaults and bounds, come
+    from `dermflow.config`; a bad value raises pydantic's ValidationError (a ValueError)."""
+
+    architecture: ArchitectureName
+    num_classes: int = Field(ge=2)
+    trial_epochs: int = Field(5, ge=1, le=config.MAX_EPOCHS)
+    seed: config.Seed = TRAIN_DEFAULTS.seed
     deadline: float | None = None
-    tuning_id: str = ""
-    directory: str = ""
-    patience: int = 3
+    tuning_id: str = Field(min_length=1)
+    directory: str = Field(min_length=1, description="local parent of the keras-tuner project directory")
+    patience: int = Field(TRIAL_PATIENCE, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.tuner not in TUNER_KINDS:
-            raise TuningError(f"tuner {self.tuner!r}: expected one of {TUNER_KINDS}")
-        models.get_spec(self.architecture)
-        if self.max_trials < 1 or self.trial_epochs < 1:
-            raise TuningError(f"max_trials and trial_epochs must be >= 1 (got {self.max_trials}, {self.trial_epochs})")
-        if not self.tuning_id or not self.directory:
-            raise TuningError("tuning_id and directory are required")
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchSpec":
+        """A spec from its JSON form; a bad or unknown field is a TuningError naming it."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValueError as error:
+            raise TuningError(f"bad search spec: {error}") from error
 
     @property
     def project_dir(self) -> Path:
@@ -533,14 +533,14 @@ def tune_architecture(
     split_key: str,
     architecture: str,
     *,
-    tuner: str = "random",
-    max_trials: int = 10,
+    tuner: str = SEARCH_DEFAULTS.tuner,
+    max_trials: int = SEARCH_DEFAULTS.max_trials,
     trial_epochs: int | None = None,
-    epochs: int = 30,
-    image_size: int = 128,
-    batch_size: int = 32,
-    weights: str = "imagenet",
-    seed: int = 42,
+    epochs: int = TRAIN_DEFAULTS.epochs,
+    image_size: int = TRAIN_DEFAULTS.image_size,
+    batch_size: int = TRAIN_DEFAULTS.batch_size,
+    weights: str = TRAIN_DEFAULTS.weights,
+    seed: int = TRAIN_DEFAULTS.seed,
     deadline: float | None = None,
     tuning_id: str | None = None,
     settings=None,
@@ -563,9 +563,11 @@ def tune_architecture(
     return {"tuning_id": spec.tuning_id, **result}
 
 
-def make_spec(store, split_key: str, architecture: str, *, tuner: str = "random", max_trials: int = 10,
-              trial_epochs: int | None = None, epochs: int = 30, image_size: int = 128, batch_size: int = 32,
-              weights: str = "imagenet", seed: int = 42, deadline: float | None = None,
+def make_spec(store, split_key: str, architecture: str, *, tuner: str = SEARCH_DEFAULTS.tuner,
+              max_trials: int = SEARCH_DEFAULTS.max_trials, trial_epochs: int | None = None,
+              epochs: int = TRAIN_DEFAULTS.epochs, image_size: int = TRAIN_DEFAULTS.image_size,
+              batch_size: int = TRAIN_DEFAULTS.batch_size, weights: str = TRAIN_DEFAULTS.weights,
+              seed: int = TRAIN_DEFAULTS.seed, deadline: float | None = None,
               tuning_id: str | None = None, settings=None) -> SearchSpec:
     """The SearchSpec of a search on a split manifest (class count read from the manifest)."""
     from dermflow.settings import get_settings
@@ -607,7 +609,7 @@ def serve_oracle(spec: SearchSpec, host: str, port: int, sync: ProjectSync | Non
         sync.pull()
     # The chief builds models only to discover the space: never download weights for that.
     with tuner_environment("chief", host, port):
-        tuner = make_tuner(replace(spec, weights="none"), None, sync)
+        tuner = make_tuner(spec.model_copy(update={"weights": "none"}), None, sync)
         tuner.search()
     if sync is not None:
         sync.push()
@@ -676,7 +678,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     payload = json.loads(args.spec.read_text())
-    spec = SearchSpec(**payload["spec"])
+    spec = SearchSpec.from_dict(payload["spec"])
     sync = None
     store = settings = None
     if payload.get("split_key"):
@@ -710,7 +712,7 @@ def arrays_from_npz(path: Path) -> data_lib.SplitArrays:
 
 
 def spec_payload(spec: SearchSpec, split_key: str | None = None) -> dict:
-    return {"spec": asdict(spec), "split_key": split_key}
+    return {"spec": spec.model_dump(), "split_key": split_key}
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -44,7 +43,7 @@ def spec_for(tmp_path, **overrides) -> tuning.SearchSpec:
 
 
 def test_search_space_yields_only_train_config_fields():
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(TrainConfig.model_fields)
     for architecture in ("baseline_cnn", "vgg16", "efficientnetv2_b0"):
         hp = keras_tuner.HyperParameters()
         config = tuning.sample_config(hp, architecture)
@@ -103,10 +102,27 @@ def test_tuning_deadline_takes_a_share_of_the_time_left():
 
 
 def test_bad_spec_is_refused(tmp_path):
-    with pytest.raises(tuning.TuningError, match="tuner 'grid'"):
+    with pytest.raises(ValueError, match="tuner\n  Input should be 'random'"):
         spec_for(tmp_path, tuner="grid")
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match="architecture\n  Input should be 'baseline_cnn'"):
         spec_for(tmp_path, architecture="resnet9000")
+    with pytest.raises(ValueError, match="tuning_id\n  String should have at least 1 character"):
+        spec_for(tmp_path, tuning_id="")
+    payload = tuning.spec_payload(spec_for(tmp_path))
+    assert tuning.SearchSpec.from_dict(payload["spec"]) == spec_for(tmp_path)
+    with pytest.raises(tuning.TuningError, match="(?s)bad search spec: .*trials\n  Extra inputs"):
+        tuning.SearchSpec.from_dict({**payload["spec"], "trials": 3})
+
+
+def test_search_defaults_come_from_the_config():
+    from dermflow import config
+
+    spec = tuning.SearchSpec(architecture="vgg16", num_classes=3, tuning_id="t", directory="d")
+    assert (spec.image_size, spec.batch_size, spec.weights) == (
+        config.TRAIN_DEFAULTS.image_size, config.TRAIN_DEFAULTS.batch_size, config.TRAIN_DEFAULTS.weights)
+    assert (spec.tuner, spec.max_trials, spec.seed) == (
+        config.SearchOptions().tuner, config.SearchOptions().max_trials, config.TRAIN_DEFAULTS.seed)
+    assert tuning.DEFAULT_TUNING_SHARE is config.DEFAULT_TUNING_SHARE
 
 
 def test_build_uses_the_sampled_architecture_options():
