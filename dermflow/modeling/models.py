@@ -21,6 +21,8 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from dermflow.config import TRAIN_DEFAULTS
+
 REGISTERED_PACKAGE = "dermflow"
 
 # ImageNet statistics used by keras.applications.imagenet_utils (RGB order).
@@ -186,7 +188,8 @@ def augmentation_block(seed: int | None = None) -> keras.Sequential:
     )
 
 
-def classification_head(x, num_classes: int, *, head_width: int = 256, dropout: float = 0.25):
+def classification_head(x, num_classes: int, *, head_width: int = TRAIN_DEFAULTS.head_width,
+                        dropout: float = TRAIN_DEFAULTS.dropout):
     """The shared head: global average pooling, (Dense ReLU + Dropout) x 2, softmax.
 
     The output is float32 even under a mixed-precision policy, so the softmax and the loss
@@ -270,10 +273,10 @@ def create_model(
     name: str,
     num_classes: int,
     image_size: int,
-    weights: str | Path | None = "imagenet",
+    weights: str | Path | None = TRAIN_DEFAULTS.weights,
     *,
-    head_width: int = 256,
-    dropout: float = 0.25,
+    head_width: int = TRAIN_DEFAULTS.head_width,
+    dropout: float = TRAIN_DEFAULTS.dropout,
     augment: bool = True,
     seed: int | None = None,
     **arch_options,
@@ -319,7 +322,7 @@ def freeze_backbone(model: keras.Model) -> None:
 def unfreeze_top(
     model: keras.Model,
     *,
-    fraction: float = 0.3,
+    fraction: float = TRAIN_DEFAULTS.fine_tune_fraction,
     blocks: int | None = None,
 ) -> int:
     """Fine-tuning phase: unfreeze the top of the backbone, keep BatchNormalization frozen.
