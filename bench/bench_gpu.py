@@ -38,7 +38,8 @@ def main() -> int:
 
     from dermflow.dataset import arrays as data_lib
     from dermflow.modeling import models
-    from dermflow.modeling.train import TrainConfig, accelerator_present
+    from dermflow.config import TrainConfig
+    from dermflow.modeling.recipe import accelerator_present
 
     print(f"backend={keras.backend.backend()} accelerator={accelerator_present()}", flush=True)
     if keras.backend.backend() == "jax":
@@ -95,7 +96,7 @@ def main() -> int:
 
     if "whole" in sections:
         # Every layer trainable: the cost of training resnet50v2 from scratch (weights=none).
-        from dermflow.modeling.train import compile_model
+        from dermflow.modeling.recipe import compile_model
 
         model.trainable = True
         compile_model(model, config, config.learning_rate, jit_compile=True)
@@ -110,7 +111,8 @@ def transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem,
     import keras
 
     from dermflow.dataset import arrays as data_lib
-    from dermflow.modeling.train import ValWeightedF1, configure_phase
+    from dermflow.modeling.callbacks import ValWeightedF1
+    from dermflow.modeling.recipe import configure_phase
 
     train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
     configure_phase(model, "warmup", config, jit_compile=True)

@@ -71,7 +71,7 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
     from dermflow.dataset import arrays as data_lib
     from dermflow.modeling import models
     from dermflow.metrics import weighted_f1
-    from dermflow.modeling.train import TimeBudget
+    from dermflow.modeling.callbacks import TimeBudget
 
     started = time.time()
     class_names = sorted(frame.loc[frame["split"] == "train", "label"].unique())
@@ -128,7 +128,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         )
         tuning_seconds = time.time() - started
         best = tuned["best"] or {}
-        train_config = train_lib.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
+        train_config = config.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
         summary = train_lib.train_architecture(store, split_key, train_config, "20260101-000000-bench", settings=settings)
         return {
             "weighted_f1": summary["test"]["weighted_f1"], "best": best,

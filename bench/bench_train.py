@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from dermflow.dataset import arrays as data_lib
     from dermflow.modeling import models
     from dermflow.settings import get_settings
-    from dermflow.modeling.train import TrainConfig, accelerator_present, compile_model
+    from dermflow.config import TrainConfig
+    from dermflow.modeling.recipe import accelerator_present, compile_model
 
     cache_dir = args.cache_dir or get_settings().local_cache_dir / "bench"
     frame = atlas_split(args.atlas, args.seed)

@@ -43,11 +43,12 @@ async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
 async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_sync import ProjectSync
 
     spec = tuning.SearchSpec.from_dict(payload["spec"])
 
     def read() -> dict:
-        tuning.ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
+        ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
         trials = tuning.read_trials(spec.project_dir, spec.architecture)
         return {"tuning_id": spec.tuning_id, "trials": trials, "best": tuning.best_config(trials)}
 
@@ -58,13 +59,15 @@ async def search_results(payload: dict) -> dict:
 def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int:
     """One keras-tuner worker: trains the chief's trials until it says stop."""
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_distributed import run_worker
+    from dermflow.modeling.tuning_sync import ProjectSync
 
     logger = get_run_logger()
     spec = tuning.SearchSpec.from_dict(payload["spec"])
     store = object_store()
     arrays = tuning.load_training_arrays(store, payload["split_key"], spec.image_size, settings())
-    sync = tuning.ProjectSync(store, spec.tuning_id, spec.project_dir)
-    ran = tuning.run_worker(spec, tuning.trial_data(arrays), host, port, tuner_id, sync)
+    sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
+    ran = run_worker(spec, tuning.trial_data(arrays), host, port, tuner_id, sync)
     logger.info("worker %s ran %d trial(s) of %s", tuner_id, ran, spec.tuning_id)
     return ran
 

@@ -1,4 +1,4 @@
-"""dermflow.modeling.tuning without services: the search space, the objective, resuming, the deadline."""
+"""dermflow.modeling.tuning and search_space without services: the search space, the objective, resuming, the deadline."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ pytestmark = pytest.mark.unit
 keras_tuner = pytest.importorskip("keras_tuner")
 
 from dermflow.dataset import arrays as data_lib  # noqa: E402
-from dermflow.modeling import tuning  # noqa: E402
+from dermflow.modeling import search_space, tuning  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
-from dermflow.modeling.train import TrainConfig  # noqa: E402
+from dermflow.config import TrainConfig  # noqa: E402
 
 SIZE = 32
 CLASSES = ["alpha", "beta", "gamma"]
@@ -46,20 +46,20 @@ def test_search_space_yields_only_train_config_fields():
     fields = set(TrainConfig.model_fields)
     for architecture in ("baseline_cnn", "vgg16", "efficientnetv2_b0"):
         hp = keras_tuner.HyperParameters()
-        config = tuning.sample_config(hp, architecture)
+        config = search_space.sample_config(hp, architecture)
         assert set(config) <= fields, set(config) - fields
         TrainConfig(architecture=architecture, **config)  # accepted as an override
         names = {p.name for p in hp.space}
         assert {"optimizer", "learning_rate", "dropout", "head_width"} <= names
-    baseline = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    baseline = search_space.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
     assert set(baseline["arch_options"]) == {"width_multiplier", "depth", "batch_norm"}
-    pretrained = tuning.sample_config(keras_tuner.HyperParameters(), "vgg16")
+    pretrained = search_space.sample_config(keras_tuner.HyperParameters(), "vgg16")
     assert "fine_tune_blocks" in pretrained and "arch_options" not in pretrained
 
 
 def test_search_space_matches_the_report_ranges():
     hp = keras_tuner.HyperParameters()
-    tuning.sample_config(hp, "baseline_cnn")
+    search_space.sample_config(hp, "baseline_cnn")
     space = {p.name: p for p in hp.space}
     assert set(space["optimizer"].values) == {"adam", "rmsprop", "sgd"}
     assert space["learning_rate"].min_value <= 1e-3 and space["learning_rate"].max_value >= 1e-1
@@ -70,14 +70,14 @@ def test_config_from_values_drops_tuner_bookkeeping():
     values = {"optimizer": "sgd", "learning_rate": 0.05, "dropout": 0.1, "head_width": 64, "label_smoothing": 0.0,
               "class_weights": False, "width_multiplier": 0.5, "depth": 3, "batch_norm": False,
               "tuner/epochs": 3, "tuner/trial_id": "0001"}
-    config = tuning.config_from_values("baseline_cnn", values)
+    config = search_space.config_from_values("baseline_cnn", values)
     assert config["optimizer"] == "sgd" and config["learning_rate"] == 0.05
     assert config["arch_options"] == {"width_multiplier": 0.5, "depth": 3, "batch_norm": False}
     assert not any(key.startswith("tuner/") for key in config)
 
 
 def test_objective_is_validation_weighted_f1_maximised():
-    objective = tuning.objective()
+    objective = search_space.objective()
     assert objective.name == "val_weighted_f1" and objective.direction == "max"
 
 
@@ -159,7 +159,7 @@ def test_a_stopped_search_resumes_to_the_same_trial_count(tmp_path):
     first = tuning.search(spec_for(tmp_path, max_trials=1), data)
     assert [t["trial_id"] for t in first["trials"]] == ["0"]
     # The first trial runs the space's defaults (a known-good recipe).
-    defaults = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    defaults = search_space.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
     assert first["trials"][0]["hyperparameters"] == defaults
     resumed = tuning.search(spec_for(tmp_path, max_trials=2), data)
     assert [t["trial_id"] for t in resumed["trials"]] == ["0", "1"]
