@@ -133,3 +133,17 @@ def check_training_data(frame, min_train_images: int) -> list[str]:
     if not (frame["split"] == "val").any():
         raise TrainingError("the split manifest has no 'val' rows; validation F1 drives model selection")
     return class_names
+
+
+def load_split_arrays(store, frame, image_size: int, settings, class_names: list[str]) -> data_lib.SplitArrays:
+    """The images of a (checked) split manifest, from the bucket through the local cache into one
+    cached uint8 array: what the final training and every tuning trial read."""
+    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
+    stored_keys = used["key"] if "key" in used.columns else [""] * len(used)
+    keys = {md5: (key or f"images/{md5}") for md5, key in zip(used["md5hash"], stored_keys)}
+    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
+    try:
+        return data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir,
+                                             class_names)
+    except data_lib.DataError as error:
+        raise TrainingError(str(error)) from error

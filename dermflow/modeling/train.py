@@ -16,9 +16,11 @@ PyDataset).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -41,11 +43,238 @@ from dermflow.modeling.recipe import (
     accelerator_present,
     check_training_data,
     configure_phase,
+    load_split_arrays,
     phases_for,
 )
 from dermflow.settings import Settings, get_settings
 
 log = logging.getLogger("dermflow.modeling.train")
+
+# The headline metrics a training's summary carries (the full set is in metrics.json).
+HEADLINE_METRICS = ("n", "accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "range_gap_weighted_f1")
+
+
+@dataclass
+class PreparedData:
+    """The split's images as one cached array, and what training needs to know about them."""
+
+    arrays: data_lib.SplitArrays
+    class_names: list[str]
+    image_size: int  # the architecture's effective input size
+    class_weights: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process trains: on an accelerator or not, mixed precision, XLA."""
+
+    accelerator: bool
+    mixed_precision: bool
+    jit_compile: bool
+
+
+@dataclass
+class StartingPoint:
+    """The model training continues from: a fresh one, or the last checkpoint of this run."""
+
+    model: keras.Model
+    done_epochs: int  # epochs finished before this call (0 for a fresh start)
+    loaded_phase: str | None  # the phase the resumed checkpoint was trained in
+
+
+@dataclass
+class Evaluation:
+    """The best epoch's model file and its scores on the held-out splits."""
+
+    best_path: Path
+    metrics: dict[str, dict | None]
+    predictions: list[tuple[str, np.ndarray, np.ndarray]]  # (split, row indices, probabilities)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def finished_summary(store, previous: dict | None, run_id: str, architecture: str) -> dict | None:
+    """The summary of this run's training of `architecture` if it already finished, else None."""
+    done = previous and previous.get("status") == "done" and previous.get("summary")
+    if done and store.exists(f"runs/{run_id}/models/{architecture}/model.keras"):
+        log.info("%s: run %s already finished; returning its summary", architecture, run_id)
+        return previous["summary"]
+    return None
+
+
+def prepare_data(store, split_key: str, config: TrainConfig, settings: Settings) -> PreparedData:
+    """Check the split manifest, cache its images locally and load them as one uint8 array."""
+    frame = store.get_dataframe_csv(split_key)
+    class_names = check_training_data(frame, config.min_train_images)
+    image_size = models.effective_image_size(config.architecture, config.image_size)
+    arrays = load_split_arrays(store, frame, image_size, settings, class_names)
+    class_weights = None
+    if config.class_weights:
+        class_weights = data_lib.class_weights_from_labels(arrays.labels[arrays.indices("train")], len(class_names))
+    return PreparedData(arrays, class_names, image_size, class_weights)
+
+
+def choose_runtime(config: TrainConfig) -> Runtime:
+    """Mixed precision and XLA as the config asks, else by what this machine has."""
+    accelerator = accelerator_present()
+    mixed = accelerator if config.mixed_precision is None else config.mixed_precision
+    # XLA on TensorFlow only pays off on a GPU; a JAX model without jit runs op by op, so
+    # there jit is on everywhere.
+    auto_jit = accelerator or keras.backend.backend() == "jax"
+    jit = auto_jit if config.jit_compile is None else config.jit_compile
+    return Runtime(accelerator=bool(accelerator), mixed_precision=bool(mixed), jit_compile=bool(jit))
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: bool) -> Iterator[None]:
+    """Keras' global dtype policy for the block (restored after)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_or_resume(manager: CheckpointManager, previous: dict | None, config: TrainConfig,
+                    data: PreparedData, run_id: str) -> StartingPoint:
+    """The last checkpoint of this run if there is one, else a freshly built model."""
+    if previous and previous.get("checkpoints"):
+        done_epochs = int(previous["epoch"])
+        last = previous["checkpoints"][-1]
+        log.info("%s: resuming run %s after epoch %d from %s", config.architecture, run_id, done_epochs, last)
+        model = keras.saving.load_model(manager.fetch(last))
+        # the phase the checkpoint was trained in (state["phase"] may already name the next
+        # phase if the crash came between configuring it and its first epoch)
+        loaded_phase = (previous.get("history", {}).get("phase") or [previous["phase"]])[-1]
+        return StartingPoint(model, done_epochs, loaded_phase)
+    model = models.create_model(
+        config.architecture, len(data.class_names), data.image_size, config.weights, head_width=config.head_width,
+        dropout=config.dropout, augment=config.augment, seed=config.seed, **config.arch_options,
+    )
+    return StartingPoint(model, 0, None)
+
+
+def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainConfig, data: PreparedData, *,
+               jit_compile: bool, progress: Progress | None) -> str:
+    """Train the phases (or their rest) not done yet; returns how training ended:
+    `completed`, `early_stopped` or `deadline`."""
+    arch, arrays = config.architecture, data.arrays
+    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
+    train_data = data_lib.make_dataset(arrays, train_idx, config.batch_size, shuffle=True, seed=config.seed,
+                                       class_weights=data.class_weights)
+    val_data = data_lib.make_dataset(arrays, val_idx, config.eval_batch_size, shuffle=False)
+    f1_callback = ValWeightedF1(val_data, arrays.labels[val_idx])
+    budget = TimeBudget(config.deadline)
+    model, done_epochs, loaded_phase = start.model, start.done_epochs, start.loaded_phase
+    for phase, first, end in phases_for(config, models.get_spec(arch).pretrained):
+        if end <= done_epochs:
+            continue
+        if budget.stopped or (config.deadline is not None and time.time() >= config.deadline):
+            return "deadline"
+        if loaded_phase != phase:
+            configure_phase(model, phase, config, jit_compile=jit_compile)
+            manager.save_state(phase=phase, phase_start_epoch=max(first, done_epochs))
+        loaded_phase = None
+        if progress:
+            progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1,
+                      "epochs": config.epochs})
+        schedule = schedule_callbacks(config, phase, first, end, config.deadline)
+        checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
+                                     may_stop=schedule[0].annealed if schedule else None)
+        model.fit(
+            train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
+            callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
+        )
+        done_epochs = int(manager.state["epoch"])
+        if budget.stopped:
+            return "deadline"
+        if checkpoint.early_stopped and phase != "warmup":
+            return "early_stopped"
+    return "completed"
+
+
+def evaluate_best_epoch(manager: CheckpointManager, config: TrainConfig, data: PreparedData) -> Evaluation:
+    """Load the best epoch's checkpoint and score it on `test` and `verified_test`."""
+    if manager.state.get("best_key") is None:
+        raise TrainingError(f"{config.architecture}: no epoch finished before the deadline; nothing to evaluate")
+    best_path = manager.fetch(manager.state["best_key"])
+    best = keras.saving.load_model(best_path)
+    arrays = data.arrays
+    metrics: dict[str, dict | None] = {}
+    predictions = []
+    for split in ("test", "verified_test"):
+        idx = arrays.indices(split)
+        if len(idx) == 0:
+            metrics[split] = None
+            continue
+        probs = np.asarray(
+            best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
+            dtype=np.float32,
+        )
+        metrics[split] = classification_metrics(arrays.labels[idx], probs, data.class_names,
+                                                arrays.fitzpatrick_range[idx])
+        predictions.append((split, idx, probs))
+    return Evaluation(best_path, metrics, predictions)
+
+
+def save_predictions(path: Path, data: PreparedData, evaluation: Evaluation) -> None:
+    """The held-out predictions as an npz: md5hash, split, y_true, y_prob, fitzpatrick_range."""
+    arrays, parts = data.arrays, evaluation.predictions
+    if not parts:
+        np.savez_compressed(
+            path, md5hash=np.zeros(0, dtype=str), split=np.zeros(0, dtype=str), y_true=np.zeros(0, dtype=np.int64),
+            y_prob=np.zeros((0, len(data.class_names)), dtype=np.float32), fitzpatrick_range=np.zeros(0, dtype=str),
+        )
+        return
+    all_idx = np.concatenate([idx for _, idx, _ in parts])
+    np.savez_compressed(
+        path,
+        md5hash=arrays.md5hash[all_idx].astype(str),
+        split=np.concatenate([[split] * len(idx) for split, idx, _ in parts]).astype(str),
+        y_true=arrays.labels[all_idx].astype(np.int64),
+        y_prob=np.concatenate([probs for _, _, probs in parts]).astype(np.float32),
+        fitzpatrick_range=arrays.fitzpatrick_range[all_idx].astype(str),
+    )
+
+
+def training_params(config: TrainConfig, run_id: str, split_key: str, data: PreparedData, runtime: Runtime,
+                    manager: CheckpointManager) -> dict:
+    """What decided this model (params.json): the config plus the data, machine and best epoch."""
+    return {
+        **config.to_dict(),
+        "image_size_requested": config.image_size,
+        "image_size": data.image_size,
+        "run_id": run_id,
+        "split_key": split_key,
+        "split_digest": data.arrays.digest,
+        "class_names": data.class_names,
+        "class_weights_values": None if data.class_weights is None else [float(w) for w in data.class_weights],
+        "split_sizes": {s: int(len(data.arrays.indices(s))) for s in data_lib.USED_SPLITS},
+        "mixed_precision": runtime.mixed_precision,
+        "jit_compile": runtime.jit_compile,
+        "accelerator": runtime.accelerator,
+        "best_epoch": manager.state["best_epoch"],
+        "best_val_weighted_f1": manager.state["best_score"],
+        **_versions(),
+    }
+
+
+def write_outputs(store, run_id: str, architecture: str, evaluation: Evaluation, history: dict, params: dict,
+                  predictions_path: Path) -> dict[str, str]:
+    """Upload the model and its reports; returns their keys. The model goes last: its presence
+    means the outputs are complete."""
+    out_prefix = f"runs/{run_id}/models/{architecture}/"
+    keys = {name: out_prefix + file for name, file in (
+        ("model", "model.keras"), ("metrics", "metrics.json"), ("history", "history.json"),
+        ("params", "params.json"), ("predictions", "predictions.npz"))}
+    store.put_json(keys["metrics"], evaluation.metrics)
+    store.put_json(keys["history"], history)
+    store.put_json(keys["params"], params)
+    store.put_file(keys["predictions"], predictions_path)
+    store.put_file(keys["model"], evaluation.best_path)
+    return keys
 
 
 def _versions() -> dict:
@@ -62,7 +291,31 @@ def _versions() -> dict:
 def _headline(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
-    return {k: metrics.get(k) for k in ("n", "accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "range_gap_weighted_f1")}
+    return {k: metrics.get(k) for k in HEADLINE_METRICS}
+
+
+def summarize(store, config: TrainConfig, run_id: str, status: str, data: PreparedData, keys: dict[str, str],
+              evaluation: Evaluation, manager: CheckpointManager, resumed_from: int, started: float) -> dict:
+    """The JSON-able summary a training returns (and records in its state, for a rerun)."""
+    return {
+        "architecture": config.architecture,
+        "status": status,
+        "run_id": run_id,
+        "image_size": data.image_size,
+        "keys": keys,
+        "uris": {name: store.uri(key) for name, key in keys.items()},
+        "test": _headline(evaluation.metrics.get("test")),
+        "verified_test": _headline(evaluation.metrics.get("verified_test")),
+        "best_epoch": manager.state["best_epoch"],
+        "best_val_weighted_f1": manager.state["best_score"],
+        "epochs_run": int(manager.state["epoch"]) - resumed_from,
+        "epochs_total": int(manager.state["epoch"]),
+        "resumed_from_epoch": resumed_from,
+        "seconds": round(time.time() - started, 2),
+    }
+
+
+# --------------------------------------------------------------------------- the entry point
 
 
 def train_architecture(
@@ -83,184 +336,27 @@ def train_architecture(
     started = time.time()
     settings = settings or get_settings()
     arch = config.architecture
-    spec = models.get_spec(arch)
-    out_prefix = f"runs/{run_id}/models/{arch}/"
-    work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch
+    work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch  # local, not a bucket key
     manager = CheckpointManager(store, run_id, arch, work_dir / "checkpoints", settings.keep_checkpoints)
     previous = manager.load()
-    if previous and previous.get("status") == "done" and previous.get("summary") and store.exists(out_prefix + "model.keras"):
-        log.info("%s: run %s already finished; returning its summary", arch, run_id)
-        return previous["summary"]
+    finished = finished_summary(store, previous, run_id, arch)
+    if finished is not None:
+        return finished
 
-    frame = store.get_dataframe_csv(split_key)
-    class_names = check_training_data(frame, config.min_train_images)
-    image_size = models.effective_image_size(arch, config.image_size)
-
-    # --- data: bucket -> local cache -> one uint8 array per (manifest, size)
-    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
-    keys = {
-        md5: (key or f"images/{md5}")
-        for md5, key in zip(used["md5hash"], used["key"] if "key" in used.columns else [""] * len(used))
-    }
-    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
-    try:
-        arrays = data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir, class_names)
-    except data_lib.DataError as error:
-        raise TrainingError(str(error)) from error
-    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
-    class_weights = (
-        data_lib.class_weights_from_labels(arrays.labels[train_idx], len(class_names)) if config.class_weights else None
-    )
-
-    gpu = accelerator_present()
-    use_mixed = gpu if config.mixed_precision is None else config.mixed_precision
-    # XLA on TensorFlow only pays off on a GPU; a JAX model without jit runs op by op, so
-    # there jit is on everywhere.
-    auto_jit = gpu or keras.backend.backend() == "jax"
-    jit = auto_jit if config.jit_compile is None else config.jit_compile
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if use_mixed else "float32")
-    try:
+    data = prepare_data(store, split_key, config, settings)
+    runtime = choose_runtime(config)
+    with dtype_policy(runtime.mixed_precision):
         keras.utils.set_random_seed(config.seed)
-        phases = phases_for(config, spec.pretrained)
-        done_epochs = 0
-        model = None
-        loaded_phase = None
-        if previous and previous.get("checkpoints"):
-            done_epochs = int(previous["epoch"])
-            last = previous["checkpoints"][-1]
-            log.info("%s: resuming run %s after epoch %d from %s", arch, run_id, done_epochs, last)
-            model = keras.saving.load_model(manager.fetch(last))
-            # the phase the checkpoint was trained in (state["phase"] may already name the next
-            # phase if the crash came between configuring it and its first epoch)
-            loaded_phase = (previous.get("history", {}).get("phase") or [previous["phase"]])[-1]
-        resumed_from = done_epochs
-        if model is None:
-            model = models.create_model(
-                arch, len(class_names), image_size, config.weights, head_width=config.head_width,
-                dropout=config.dropout, augment=config.augment, seed=config.seed, **config.arch_options,
-            )
-
-        train_data = data_lib.make_dataset(arrays, train_idx, config.batch_size, shuffle=True, seed=config.seed, class_weights=class_weights)
-        val_data = data_lib.make_dataset(arrays, val_idx, config.eval_batch_size, shuffle=False)
-        f1_callback = ValWeightedF1(val_data, arrays.labels[val_idx])
-        budget = TimeBudget(config.deadline)
-        status = "completed"
-        for phase, first, end in phases:
-            if end <= done_epochs:
-                continue
-            if budget.stopped or (config.deadline is not None and time.time() >= config.deadline):
-                status = "deadline"
-                break
-            if loaded_phase != phase:
-                configure_phase(model, phase, config, jit_compile=jit)
-                manager.save_state(phase=phase, phase_start_epoch=max(first, done_epochs))
-            loaded_phase = None
-            if progress:
-                progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1, "epochs": config.epochs})
-            schedule = schedule_callbacks(config, phase, first, end, config.deadline)
-            checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
-                                         may_stop=schedule[0].annealed if schedule else None)
-            model.fit(
-                train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
-                callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
-            )
-            done_epochs = int(manager.state["epoch"])
-            if budget.stopped:
-                status = "deadline"
-                break
-            if checkpoint.early_stopped and phase != "warmup":
-                status = "early_stopped"
-                break
-        if manager.state.get("best_key") is None:
-            raise TrainingError(f"{arch}: no epoch finished before the deadline; nothing to evaluate")
-
-        # --- evaluate the best epoch
-        best_path = manager.fetch(manager.state["best_key"])
-        best = keras.saving.load_model(best_path)
-        metrics: dict[str, dict | None] = {}
-        prediction_parts = []
-        for split in ("test", "verified_test"):
-            idx = arrays.indices(split)
-            if len(idx) == 0:
-                metrics[split] = None
-                continue
-            probs = np.asarray(
-                best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
-                dtype=np.float32,
-            )
-            metrics[split] = classification_metrics(arrays.labels[idx], probs, class_names, arrays.fitzpatrick_range[idx])
-            prediction_parts.append((split, idx, probs))
-
-        # --- outputs
-        out_dir = work_dir / "outputs"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best_path, out_dir / "model.keras")
-        npz_path = out_dir / "predictions.npz"
-        if prediction_parts:
-            all_idx = np.concatenate([idx for _, idx, _ in prediction_parts])
-            np.savez_compressed(
-                npz_path,
-                md5hash=arrays.md5hash[all_idx].astype(str),
-                split=np.concatenate([[s] * len(idx) for s, idx, _ in prediction_parts]).astype(str),
-                y_true=arrays.labels[all_idx].astype(np.int64),
-                y_prob=np.concatenate([p for _, _, p in prediction_parts]).astype(np.float32),
-                fitzpatrick_range=arrays.fitzpatrick_range[all_idx].astype(str),
-            )
-        else:
-            np.savez_compressed(
-                npz_path, md5hash=np.zeros(0, dtype=str), split=np.zeros(0, dtype=str), y_true=np.zeros(0, dtype=np.int64),
-                y_prob=np.zeros((0, len(class_names)), dtype=np.float32), fitzpatrick_range=np.zeros(0, dtype=str),
-            )
-        history = manager.state.get("history", {})
-        params = {
-            **config.to_dict(),
-            "image_size_requested": config.image_size,
-            "image_size": image_size,
-            "run_id": run_id,
-            "split_key": split_key,
-            "split_digest": arrays.digest,
-            "class_names": class_names,
-            "class_weights_values": None if class_weights is None else [float(w) for w in class_weights],
-            "split_sizes": {s: int(len(arrays.indices(s))) for s in data_lib.USED_SPLITS},
-            "mixed_precision": bool(use_mixed),
-            "jit_compile": bool(jit),
-            "accelerator": bool(gpu),
-            "best_epoch": manager.state["best_epoch"],
-            "best_val_weighted_f1": manager.state["best_score"],
-            **_versions(),
-        }
-        keys_out = {
-            "model": out_prefix + "model.keras",
-            "metrics": out_prefix + "metrics.json",
-            "history": out_prefix + "history.json",
-            "params": out_prefix + "params.json",
-            "predictions": out_prefix + "predictions.npz",
-        }
-        store.put_json(keys_out["metrics"], metrics)
-        store.put_json(keys_out["history"], history)
-        store.put_json(keys_out["params"], params)
-        store.put_file(keys_out["predictions"], npz_path)
-        store.put_file(keys_out["model"], out_dir / "model.keras")  # last: its presence means "complete"
-        summary = {
-            "architecture": arch,
-            "status": status,
-            "run_id": run_id,
-            "image_size": image_size,
-            "keys": keys_out,
-            "uris": {name: store.uri(key) for name, key in keys_out.items()},
-            "test": _headline(metrics.get("test")),
-            "verified_test": _headline(metrics.get("verified_test")),
-            "best_epoch": manager.state["best_epoch"],
-            "best_val_weighted_f1": manager.state["best_score"],
-            "epochs_run": int(manager.state["epoch"]) - resumed_from,
-            "epochs_total": int(manager.state["epoch"]),
-            "resumed_from_epoch": resumed_from,
-            "seconds": round(time.time() - started, 2),
-        }
-        manager.save_state(status="done", summary=summary)
-        if progress:
-            progress({"event": "done", **summary})
-        return summary
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+        start = build_or_resume(manager, previous, config, data, run_id)
+        status = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress)
+        evaluation = evaluate_best_epoch(manager, config, data)
+    predictions_path = work_dir / "outputs" / "predictions.npz"
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    save_predictions(predictions_path, data, evaluation)
+    params = training_params(config, run_id, split_key, data, runtime, manager)
+    keys = write_outputs(store, run_id, arch, evaluation, manager.state.get("history", {}), params, predictions_path)
+    summary = summarize(store, config, run_id, status, data, keys, evaluation, manager, start.done_epochs, started)
+    manager.save_state(status="done", summary=summary)
+    if progress:
+        progress({"event": "done", **summary})
+    return summary

@@ -367,11 +367,7 @@ def load_training_arrays(store, split_key: str, image_size: int, settings) -> da
     """The split manifest's images as cached arrays (the same cache `dermflow.modeling.train` uses)."""
     frame = store.get_dataframe_csv(split_key)
     class_names = recipe.check_training_data(frame, 2)
-    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
-    keys = {md5: (key or f"images/{md5}") for md5, key in
-            zip(used["md5hash"], used["key"] if "key" in used.columns else [""] * len(used))}
-    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
-    return data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir, class_names)
+    return recipe.load_split_arrays(store, frame, image_size, settings, class_names)
 
 
 def class_count(store, split_key: str) -> int:
