@@ -12,14 +12,17 @@ from pathlib import Path
 
 import keras
 
+from dermflow import layout
+
 
 class CheckpointManager:
     """Per-epoch checkpoints in the bucket plus `state.json`, keeping the last N and the best."""
 
     def __init__(self, store, run_id: str, architecture: str, local_dir: Path, keep: int):
         self.store = store
-        self.prefix = f"runs/{run_id}/checkpoints/{architecture}/"
-        self.state_key = self.prefix + "state.json"
+        self.run_id, self.architecture = run_id, architecture
+        self.prefix = layout.checkpoint_prefix(run_id, architecture)
+        self.state_key = layout.checkpoint_state_key(run_id, architecture)
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
@@ -35,7 +38,7 @@ class CheckpointManager:
         return self.state
 
     def key_for(self, epoch: int) -> str:
-        return f"{self.prefix}epoch-{epoch:03d}.keras"
+        return layout.checkpoint_key(self.run_id, self.architecture, epoch)
 
     def local_path(self, key: str) -> Path:
         return self.local_dir / Path(key).name
@@ -78,7 +81,7 @@ class CheckpointManager:
         self.state["checkpoints"] = [k for k in self.state["checkpoints"] if k in keep]
         self.store.put_json(self.state_key, self.state)
         for key in stale:
-            self.store.client.delete_object(Bucket=self.store.bucket, Key=key)
+            self.store.delete_prefix(key)  # the exact key: no other checkpoint's name extends it
             self.local_path(key).unlink(missing_ok=True)
 
     def save_state(self, **updates) -> None:

@@ -14,6 +14,7 @@ from typing import get_args
 
 import keras
 
+from dermflow import layout
 from dermflow.config import LRScheduleName, TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.modeling import models
@@ -140,7 +141,7 @@ def load_split_arrays(store, frame, image_size: int, settings, class_names: list
     cached uint8 array: what the final training and every tuning trial read."""
     used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
     stored_keys = used["key"] if "key" in used.columns else [""] * len(used)
-    keys = {md5: (key or f"images/{md5}") for md5, key in zip(used["md5hash"], stored_keys)}
+    keys = {md5: (key or layout.image_key(md5)) for md5, key in zip(used["md5hash"], stored_keys)}
     paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
     try:
         return data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir,

@@ -26,6 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from dermflow import layout
 from dermflow.config import TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.metrics import classification_metrics
@@ -97,7 +98,7 @@ class Evaluation:
 def finished_summary(store, previous: dict | None, run_id: str, architecture: str) -> dict | None:
     """The summary of this run's training of `architecture` if it already finished, else None."""
     done = previous and previous.get("status") == "done" and previous.get("summary")
-    if done and store.exists(f"runs/{run_id}/models/{architecture}/model.keras"):
+    if done and store.exists(layout.model_key(run_id, architecture)):
         log.info("%s: run %s already finished; returning its summary", architecture, run_id)
         return previous["summary"]
     return None
@@ -265,9 +266,8 @@ def write_outputs(store, run_id: str, architecture: str, evaluation: Evaluation,
                   predictions_path: Path) -> dict[str, str]:
     """Upload the model and its reports; returns their keys. The model goes last: its presence
     means the outputs are complete."""
-    out_prefix = f"runs/{run_id}/models/{architecture}/"
-    keys = {name: out_prefix + file for name, file in (
-        ("model", "model.keras"), ("metrics", "metrics.json"), ("history", "history.json"),
+    keys = {name: layout.model_key(run_id, architecture, file) for name, file in (
+        ("model", layout.MODEL_FILE), ("metrics", "metrics.json"), ("history", "history.json"),
         ("params", "params.json"), ("predictions", "predictions.npz"))}
     store.put_json(keys["metrics"], evaluation.metrics)
     store.put_json(keys["history"], history)

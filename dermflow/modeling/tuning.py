@@ -48,7 +48,7 @@ from dermflow.modeling.search_space import (
     sample_config,
     search_space_signature,
 )
-from dermflow.modeling.tuning_sync import TUNING_PREFIX, ProjectSync
+from dermflow.modeling.tuning_sync import ProjectSync
 from dermflow.runs import content_hash
 
 log = logging.getLogger("dermflow.modeling.tuning")
@@ -57,6 +57,9 @@ TUNER_KINDS: tuple[str, ...] = get_args(TunerName)
 # A trial stops after this many epochs without a better validation weighted F1.
 TRIAL_PATIENCE = 3
 SEARCH_DEFAULTS = config.SearchOptions()
+# Where searches keep their keras-tuner project directories, under the local cache (a local
+# path; the bucket copy is at `layout.tuning_prefix`).
+LOCAL_TUNING_DIR = "tuning"
 
 
 class TuningError(RuntimeError):
@@ -453,7 +456,7 @@ def make_spec(store, split_key: str, architecture: str, *, tuner: str = SEARCH_D
         architecture=architecture, num_classes=class_count(store, split_key), image_size=image_size,
         weights=weights, tuner=tuner, max_trials=max_trials,
         trial_epochs=trial_epochs or default_trial_epochs(epochs), batch_size=batch_size, seed=seed,
-        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / TUNING_PREFIX),
+        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / LOCAL_TUNING_DIR),
     )
 
 

@@ -114,7 +114,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--tuner-id", default=None)
-    parser.add_argument("--arrays", default=None, help="worker: a local .npz with images/labels/split (tests)")
+    parser.add_argument("--arrays", default=None, help="worker: a local .npz with images, labels, split (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     payload = json.loads(args.spec.read_text())

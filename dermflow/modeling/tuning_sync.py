@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-TUNING_PREFIX = "tuning"
+from dermflow import layout
 
 
 class ProjectSync:
@@ -19,7 +19,7 @@ class ProjectSync:
 
     def __init__(self, store, tuning_id: str, local_dir: Path):
         self.store = store
-        self.prefix = f"{TUNING_PREFIX}/{tuning_id}/"
+        self.prefix = layout.tuning_prefix(tuning_id)
         self.local_dir = Path(local_dir)
         self._pushed: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
