@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="train-architecture", retries=1, retry_delay_seconds=5)
+@task(name="train-architecture", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     """Train, evaluate and store one model; a retry resumes from the last checkpoint."""
     from dermflow.modeling.train import parse_train_config, train_architecture as train

@@ -9,10 +9,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import acreate_table_artifact
 from prefect.concurrency.asyncio import concurrency
 
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="tune-search", retries=1, retry_delay_seconds=5)
+@task(name="tune-search", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 async def search_in_process(split_key: str, architecture: str, options: dict, gpu_limit: str = "gpu") -> dict:
     """A whole search in this process, holding a `gpu` slot while it trains. A retry (or a
     rerun with the same tuning id) continues from the last synced trial."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.error
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import keras
 from keras import layers, ops
 
 from dermflow.config import TRAIN_DEFAULTS
+from dermflow.errors import DermflowError
 
 REGISTERED_PACKAGE = "dermflow"
 
@@ -31,8 +33,25 @@ IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be obtained (no internet, missing file)."""
+class WeightsUnavailableError(DermflowError, RuntimeError):
+    """Pretrained weights could not be obtained (no internet, missing file). Transient only when
+    a download failed on the network; a missing or unreadable local file is permanent."""
+
+
+def is_network_failure(error: BaseException) -> bool:
+    """True when `error` (or what it was raised from) is a network failure a retry may cure:
+    a connection error, a timeout, an HTTP 429 or 5xx. Keras' downloader re-raises these as a
+    plain Exception, with the original as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, urllib.error.HTTPError):
+            return current.code == 429 or current.code >= 500
+        if isinstance(current, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @keras.saving.register_keras_serializable(package=REGISTERED_PACKAGE)
@@ -257,7 +276,8 @@ def _build_backbone(spec: ArchSpec, image_size: int, weights: str | Path | None)
             f"{spec.name}: could not {source} ({type(error).__name__}: {error}). Ways out: "
             f"weights='none' to train from random initialisation, or weights='/path/to/"
             f"{spec.name}_notop.weights.h5' (a local include_top=False weights file for the backbone; "
-            f"Keras caches downloads under ~/.keras/models)"
+            f"Keras caches downloads under ~/.keras/models)",
+            transient=weights_arg == "imagenet" and is_network_failure(error),
         ) from error
 
 

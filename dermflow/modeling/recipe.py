@@ -17,11 +17,13 @@ import keras
 from dermflow import layout
 from dermflow.config import LRScheduleName, TrainConfig
 from dermflow.dataset import arrays as data_lib
+from dermflow.errors import DermflowError
 from dermflow.modeling import models
 
 
-class TrainingError(RuntimeError):
-    """Training cannot start or continue for a reason the caller can fix (data, config)."""
+class TrainingError(DermflowError, RuntimeError):
+    """Training cannot start or continue for a reason the caller can fix (data, config):
+    permanent, so a task does not retry it."""
 
 
 # Keyed by the names `dermflow.config.OptimizerName` allows (a unit test keeps them equal).

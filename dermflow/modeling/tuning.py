@@ -39,6 +39,7 @@ from pydantic import Field
 from dermflow import config
 from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TrainConfig, TunerName
 from dermflow.dataset import arrays as data_lib
+from dermflow.errors import DermflowError
 from dermflow.modeling import models, recipe
 from dermflow.modeling.callbacks import TimeBudget, ValWeightedF1, schedule_callbacks
 from dermflow.modeling.search_space import (
@@ -62,8 +63,8 @@ SEARCH_DEFAULTS = config.SearchOptions()
 LOCAL_TUNING_DIR = "tuning"
 
 
-class TuningError(RuntimeError):
-    """A search cannot start or go on for a reason the caller can fix."""
+class TuningError(DermflowError, RuntimeError):
+    """A search cannot start or go on for a reason the caller can fix (permanent unless said)."""
 
 
 @dataclass

@@ -90,7 +90,8 @@ def wait_for_port(host: str, port: int, timeout: float = 120.0) -> None:
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.3)
-    raise TuningError(f"the tuning chief did not listen on {host}:{port} within {timeout:.0f} s")
+    # A chief slow to start (a loaded machine) may listen on the next try.
+    raise TuningError(f"the tuning chief did not listen on {host}:{port} within {timeout:.0f} s", transient=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

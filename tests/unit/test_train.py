@@ -16,6 +16,7 @@ pytestmark = pytest.mark.unit
 keras = pytest.importorskip("keras")
 
 import dermflow.config  # noqa: E402
+from dermflow.errors import DermflowError, is_transient  # noqa: E402
 from dermflow.dataset import arrays as data  # noqa: E402
 from dermflow.config import TrainConfig  # noqa: E402
 from dermflow.modeling import callbacks, recipe  # noqa: E402
@@ -118,8 +119,9 @@ def test_config_round_trips_and_rejects_unknown_values():
         TrainConfig(architecture="alexnet")
     with pytest.raises(ValueError, match="optimizer\n  Input should be 'adam'"):
         TrainConfig(optimizer="lamb")
-    with pytest.raises(recipe.TrainingError, match="(?s)bad training config: .*epoch\n  Extra inputs"):
+    with pytest.raises(recipe.TrainingError, match="(?s)bad training config: .*epoch\n  Extra inputs") as caught:
         recipe.parse_train_config({"architecture": "vgg16", "epoch": 3})
+    assert isinstance(caught.value, DermflowError) and not is_transient(caught.value)
     assert recipe.parse_train_config({"architecture": "vgg16"}).architecture == "vgg16"
 
 

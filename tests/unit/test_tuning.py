@@ -13,6 +13,7 @@ keras_tuner = pytest.importorskip("keras_tuner")
 
 from dermflow.dataset import arrays as data_lib  # noqa: E402
 from dermflow.modeling import search_space, tuning  # noqa: E402
+from dermflow.errors import is_transient  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
 from dermflow.config import TrainConfig  # noqa: E402
 
@@ -110,8 +111,9 @@ def test_bad_spec_is_refused(tmp_path):
         spec_for(tmp_path, tuning_id="")
     payload = tuning.spec_payload(spec_for(tmp_path))
     assert tuning.SearchSpec.from_dict(payload["spec"]) == spec_for(tmp_path)
-    with pytest.raises(tuning.TuningError, match="(?s)bad search spec: .*trials\n  Extra inputs"):
+    with pytest.raises(tuning.TuningError, match="(?s)bad search spec: .*trials\n  Extra inputs") as caught:
         tuning.SearchSpec.from_dict({**payload["spec"], "trials": 3})
+    assert not is_transient(caught.value)
 
 
 def test_search_defaults_come_from_the_config():
@@ -181,3 +183,12 @@ def test_trial_table_flattens_hyperparameters():
                                            "val_weighted_f1": 0.1235, "learning_rate": 0.001235,
                                            "arch_options.depth": 4}]
     assert tuning.best_config([{**trials[0], "status": "FAILED"}]) is None
+
+
+def test_a_chief_that_never_listens_is_a_transient_tuning_error():
+    from dermflow.modeling import tuning_distributed
+
+    port = tuning_distributed.free_port()
+    with pytest.raises(tuning.TuningError, match="did not listen") as caught:
+        tuning_distributed.wait_for_port("127.0.0.1", port, timeout=0.5)
+    assert is_transient(caught.value)
