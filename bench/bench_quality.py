@@ -95,6 +95,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
                      tuner: str, max_trials: int, share: float, epochs: int | None = None) -> dict:
     from dermflow.modeling import train as train_lib
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_results import trial_table
     from dermflow.settings import load_settings
     from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
@@ -132,7 +133,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         summary = train_lib.train_architecture(store, split_key, train_config, "20260101-000000-bench", settings=settings)
         return {
             "weighted_f1": summary["test"]["weighted_f1"], "best": best,
-            "trials": tuning.trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
+            "trials": trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
             "final_epochs": summary["epochs_run"], "final_status": summary["status"],
             "seconds": round(time.time() - started, 1),
         }

@@ -43,14 +43,15 @@ async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
 async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_results import best_config, read_trials
     from dermflow.modeling.tuning_sync import ProjectSync
 
     spec = tuning.SearchSpec.from_dict(payload["spec"])
 
     def read() -> dict:
         ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
-        trials = tuning.read_trials(spec.project_dir, spec.architecture)
-        return {"tuning_id": spec.tuning_id, "trials": trials, "best": tuning.best_config(trials)}
+        trials = read_trials(spec.project_dir, spec.architecture)
+        return {"tuning_id": spec.tuning_id, "trials": trials, "best": best_config(trials)}
 
     return await asyncio.to_thread(read)
 
@@ -75,11 +76,11 @@ def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int
 @task(name="tune-table")
 async def publish_trial_table(run_id: str, trials: list[dict]) -> str | None:
     """A table artifact with every trial: architecture, id, status, score, hyperparameters."""
-    from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_results import trial_table
 
     if not trials:
         return None
-    rows = tuning.trial_table(trials)
+    rows = trial_table(trials)
     columns = list(dict.fromkeys(name for row in rows for name in row))
     table = [{name: row.get(name) for name in columns} for row in rows]
     artifact_id = await acreate_table_artifact(

@@ -13,7 +13,8 @@
   (`dermflow.modeling.tuning_sync`) mirrors it to the search's prefix in the bucket after every
   trial and restores it before a search (`overwrite=False`), so a rerun with the same
   `tuning_id` continues where it stopped.
-- Distributed: keras-tuner's chief/worker mode lives in `dermflow.modeling.tuning_distributed`.
+- Distributed: keras-tuner's chief/worker mode lives in `dermflow.modeling.tuning_distributed`;
+  reading a finished search's trials in `dermflow.modeling.tuning_results`.
 - Time budget: past `deadline` the oracle hands out no new trial and the running trial stops
   after its current batch (its best epoch so far still counts).
 """
@@ -21,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -44,11 +44,11 @@ from dermflow.modeling import models, recipe
 from dermflow.modeling.callbacks import TimeBudget, ValWeightedF1, schedule_callbacks
 from dermflow.modeling.search_space import (
     OBJECTIVE_NAME,
-    config_from_values,
     objective,
     sample_config,
     search_space_signature,
 )
+from dermflow.modeling.tuning_results import best_config, read_trials
 from dermflow.modeling.tuning_sync import ProjectSync
 from dermflow.runs import content_hash
 
@@ -307,54 +307,6 @@ def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSyn
     tuner.oracle.max_trials = spec.max_trials
     tuner.project_sync = sync
     return tuner
-
-
-# --------------------------------------------------------------------------- results
-
-
-def read_trials(project_dir: Path, architecture: str) -> list[dict]:
-    """Every trial of a keras-tuner project directory: id, status, score, raw values, config."""
-    def order(path: Path):
-        name = path.parent.name.removeprefix("trial_")
-        return (0, int(name), name) if name.isdigit() else (1, 0, name)
-
-    trials = []
-    for path in sorted(Path(project_dir).glob("trial_*/trial.json"), key=order):
-        state = json.loads(path.read_text())
-        values = state.get("hyperparameters", {}).get("values", {})
-        score = state.get("score")
-        trials.append({
-            "architecture": architecture,
-            "trial_id": state.get("trial_id"),
-            "status": state.get("status"),
-            "score": None if score is None else float(score),
-            "hyperparameters": config_from_values(architecture, values),
-            "values": values,
-        })
-    return trials
-
-
-def best_config(trials: list[dict]) -> dict | None:
-    """The `TrainConfig` override of the best completed trial (None when none completed)."""
-    done = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None and not np.isnan(t["score"])]
-    if not done:
-        return None
-    return max(done, key=lambda t: t["score"])["hyperparameters"]
-
-
-def trial_table(trials: list[dict]) -> list[dict]:
-    """One flat row per trial (hyperparameters spread into columns) for a table artifact."""
-    rows = []
-    for trial in trials:
-        row = {"architecture": trial["architecture"], "trial": trial["trial_id"], "status": trial["status"],
-               "val_weighted_f1": None if trial["score"] is None else round(trial["score"], 4)}
-        for name, value in trial["hyperparameters"].items():
-            if isinstance(value, dict):
-                row.update({f"{name}.{k}": v for k, v in value.items()})
-            else:
-                row[name] = round(value, 6) if isinstance(value, float) else value
-        rows.append(row)
-    return rows
 
 
 # --------------------------------------------------------------------------- entry points

@@ -66,7 +66,7 @@ def test_a_search_resumes_from_the_bucket_on_another_machine(store, tmp_path):
 
 @pytest.mark.slow
 def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_path):
-    from dermflow.modeling import tuning, tuning_distributed
+    from dermflow.modeling import tuning, tuning_distributed, tuning_results
     from dermflow.settings import load_settings
 
     split_key = put_synthetic_split(store)
@@ -109,7 +109,7 @@ def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_pa
     states = [store.get_json(k) for k in trial_keys]
     assert all(s["status"] == "COMPLETED" and s["score"] is not None for s in states)
     # The chief's directory holds the whole search: what the parent flow reads the results from.
-    trials = tuning.read_trials(Path(settings.local_cache_dir) / "tuning" / spec.tuning_id, "baseline_cnn")
+    trials = tuning_results.read_trials(Path(settings.local_cache_dir) / "tuning" / spec.tuning_id, "baseline_cnn")
     assert len(trials) == 4
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 keras_tuner = pytest.importorskip("keras_tuner")
 
 from dermflow.dataset import arrays as data_lib  # noqa: E402
-from dermflow.modeling import search_space, tuning  # noqa: E402
+from dermflow.modeling import search_space, tuning, tuning_results  # noqa: E402
 from dermflow.errors import is_transient  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
 from dermflow.config import TrainConfig  # noqa: E402
@@ -179,10 +179,10 @@ def test_no_trial_starts_past_the_deadline(tmp_path):
 def test_trial_table_flattens_hyperparameters():
     trials = [{"architecture": "baseline_cnn", "trial_id": "0", "status": "COMPLETED", "score": 0.123456,
                "hyperparameters": {"learning_rate": 0.00123456789, "arch_options": {"depth": 4}}}]
-    assert tuning.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
+    assert tuning_results.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
                                            "val_weighted_f1": 0.1235, "learning_rate": 0.001235,
                                            "arch_options.depth": 4}]
-    assert tuning.best_config([{**trials[0], "status": "FAILED"}]) is None
+    assert tuning_results.best_config([{**trials[0], "status": "FAILED"}]) is None
 
 
 def test_a_chief_that_never_listens_is_a_transient_tuning_error():
