@@ -45,6 +45,13 @@ def test_registry_lists_the_contract_architectures():
     ]
     with pytest.raises(ValueError, match="unknown architecture 'resnet18'"):
         models.create_model("resnet18", 3, 64, weights="none")
+    # the config's Literal (the UI's dropdown, validated before any work) names the same set
+    from typing import get_args
+
+    from dermflow import config
+
+    assert set(get_args(config.ArchitectureName)) == set(models.list_architectures())
+    assert set(config.REPORT_ARCHITECTURES) <= set(models.list_architectures())
 
 
 def test_image_size_below_the_minimum_is_raised_with_a_warning():
