@@ -27,8 +27,6 @@ class TrainingError(DermflowError, RuntimeError):
 
 
 # Keyed by the names `dermflow.config.OptimizerName` allows (a unit test keeps them equal).
-
-
 OPTIMIZERS: dict[str, Callable[[float, TrainConfig], keras.optimizers.Optimizer]] = {
     "adam": lambda lr, c: keras.optimizers.Adam(lr),
     "adamw": lambda lr, c: keras.optimizers.AdamW(lr, weight_decay=c.weight_decay),

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import keras
 import keras_tuner
@@ -37,7 +37,7 @@ from keras_tuner.src.engine.trial import TrialStatus
 from pydantic import Field
 
 from dermflow import config
-from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TrainConfig, TunerName
+from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.errors import DermflowError
 from dermflow.modeling import models, recipe
@@ -54,7 +54,6 @@ from dermflow.runs import content_hash
 
 log = logging.getLogger("dermflow.modeling.tuning")
 
-TUNER_KINDS: tuple[str, ...] = get_args(TunerName)
 # A trial stops after this many epochs without a better validation weighted F1.
 TRIAL_PATIENCE = 3
 SEARCH_DEFAULTS = config.SearchOptions()
