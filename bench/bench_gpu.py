@@ -22,7 +22,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=2)
@@ -30,26 +30,17 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=114)
     parser.add_argument("--sections", default="steps,phases,whole",
                         help="comma-separated: steps (every architecture), phases (warm-up, fine-tune), whole")
-    args = parser.parse_args()
-    sections = set(args.sections.split(","))
+    return parser.parse_args()
 
+
+def every_architecture_steps(rng) -> None:
+    """One training step of every registered architecture at its minimum size."""
     import keras
     import numpy as np
 
-    from dermflow.dataset import arrays as data_lib
     from dermflow.modeling import models
-    from dermflow.modeling.train import TrainConfig, accelerator_present
 
-    print(f"backend={keras.backend.backend()} accelerator={accelerator_present()}", flush=True)
-    if keras.backend.backend() == "jax":
-        import jax
-
-        print("devices:", jax.devices(), flush=True)
-    keras.mixed_precision.set_global_policy("mixed_float16" if accelerator_present() else "float32")
-    rng = np.random.default_rng(0)
-
-    # 1. every registered architecture: one training step at its minimum size
-    for name in models.list_architectures() if "steps" in sections else []:
+    for name in models.list_architectures():
         size = models.effective_image_size(name, 32)
         model = models.create_model(name, 5, size, weights="none")
         model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
@@ -62,21 +53,54 @@ def main() -> int:
         print(f"step {name:18} size={size:3} ok={ok} loss={float(np.ravel(loss)[0]):.3f} "
               f"({time.perf_counter() - start:.1f}s incl. compile)", flush=True)
 
-    # 2. resnet50v2 at 224 px, mixed precision: pipeline vs in-memory throughput
-    size, n = 224, args.images
+
+def synthetic_arrays(args, rng, size: int):
+    """`args.images` random images as a memmapped SplitArrays, 85 % train, 15 % val."""
+    import numpy as np
+
+    from dermflow.dataset import arrays as data_lib
+
+    n = args.images
     work = Path(tempfile.mkdtemp())
     pixels = np.lib.format.open_memmap(work / "arrays.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     for start in range(0, n, 256):
         pixels[start:start + 256] = rng.integers(0, 255, (min(256, n - start), size, size, 3), dtype=np.uint8)
     pixels.flush()
-    labels = rng.integers(0, args.classes, n)
-    split = np.where(np.arange(n) < int(n * 0.85), "train", "val")
-    arrays = data_lib.SplitArrays(
-        images=np.load(work / "arrays.npy", mmap_mode="r"), labels=labels,
-        md5hash=np.array([f"{i:032x}" for i in range(n)]), split=split,
+    return data_lib.SplitArrays(
+        images=np.load(work / "arrays.npy", mmap_mode="r"), labels=rng.integers(0, args.classes, n),
+        md5hash=np.array([f"{i:032x}" for i in range(n)]), split=np.where(np.arange(n) < int(n * 0.85), "train", "val"),
         fitzpatrick_range=np.array(["I-II"] * n), class_names=[f"c{i}" for i in range(args.classes)],
         image_size=size, array_path=work / "arrays.npy", digest="bench",
     )
+
+
+def main() -> int:
+    args = parse_args()
+    sections = set(args.sections.split(","))
+
+    import keras
+    import numpy as np
+
+    from dermflow.config import TrainConfig
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling import models
+    from dermflow.modeling.recipe import accelerator_present, compile_model
+
+    print(f"backend={keras.backend.backend()} accelerator={accelerator_present()}", flush=True)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        print("devices:", jax.devices(), flush=True)
+    keras.mixed_precision.set_global_policy("mixed_float16" if accelerator_present() else "float32")
+    rng = np.random.default_rng(0)
+
+    # 1. every registered architecture: one training step at its minimum size
+    if "steps" in sections:
+        every_architecture_steps(rng)
+
+    # 2. resnet50v2 at 224 px, mixed precision: pipeline vs in-memory throughput
+    size = 224
+    arrays = synthetic_arrays(args, rng, size)
     train_idx = arrays.indices("train")
     config = TrainConfig(architecture="resnet50v2", image_size=size, weights="none", batch_size=args.batch_size)
     model = models.create_model("resnet50v2", args.classes, size, weights="none")
@@ -89,14 +113,12 @@ def main() -> int:
 
     dataset = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True)
     x_mem = np.asarray(arrays.images[train_idx], dtype=np.float32)
-    y_mem = keras.utils.to_categorical(labels[train_idx], args.classes)
+    y_mem = keras.utils.to_categorical(arrays.labels[train_idx], args.classes)
     if "phases" in sections:
         transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem, timed_fit)
 
     if "whole" in sections:
         # Every layer trainable: the cost of training resnet50v2 from scratch (weights=none).
-        from dermflow.modeling.train import compile_model
-
         model.trainable = True
         compile_model(model, config, config.learning_rate, jit_compile=True)
         whole_ips = timed_fit(dataset)
@@ -110,7 +132,8 @@ def transfer_learning_phases(args, arrays, model, config, dataset, x_mem, y_mem,
     import keras
 
     from dermflow.dataset import arrays as data_lib
-    from dermflow.modeling.train import ValWeightedF1, configure_phase
+    from dermflow.modeling.callbacks import ValWeightedF1
+    from dermflow.modeling.recipe import configure_phase
 
     train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
     configure_phase(model, "warmup", config, jit_compile=True)

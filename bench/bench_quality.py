@@ -2,7 +2,8 @@
 
 On ../shared/data/atlas20 (20 conditions), with a fixed stratified split (seed 0: 20 %
 held-out test, 15 % validation, the rest training), both recipes get the same wall-clock
-budget on this machine (`--budget-minutes`, default 15) at the same image size, from random
+budget on this machine (`--budget-minutes`, default 15) at the same image size (`--image-size`,
+default the run's; the figures in bench/README.md were measured at 128), from random
 initialisation (weights=none), and are scored by weighted F1 on the same held-out images:
 
 - report: `baseline_cnn` as the registry builds it, Adam 1e-3, plain cross-entropy, no class
@@ -34,6 +35,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ATLAS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "atlas20"
 
+from dermflow import config  # noqa: E402 - Keras-free: the defaults of the tuned recipe
+from dermflow import layout  # noqa: E402
+
+SEARCH_DEFAULTS = config.SearchOptions()
+
 
 def fixed_split(rows, seed: int = 0):
     """Stratified by condition: 20 % test (held out), 15 % val, the rest train."""
@@ -54,7 +60,7 @@ def manifest(atlas_dir: Path):
     rows = pd.read_csv(atlas_dir / "rows.csv", dtype=str, keep_default_na=False)
     rows = fixed_split(rows)
     rows["fitzpatrick_range"] = "unknown"
-    rows["key"] = "images/" + rows["md5hash"]
+    rows["key"] = rows["md5hash"].map(layout.image_key)
     return rows[["md5hash", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "split", "key"]]
 
 
@@ -65,7 +71,7 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
     from dermflow.dataset import arrays as data_lib
     from dermflow.modeling import models
     from dermflow.metrics import weighted_f1
-    from dermflow.modeling.train import TimeBudget
+    from dermflow.modeling.callbacks import TimeBudget
 
     started = time.time()
     class_names = sorted(frame.loc[frame["split"] == "train", "label"].unique())
@@ -89,7 +95,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
                      tuner: str, max_trials: int, share: float, epochs: int | None = None) -> dict:
     from dermflow.modeling import train as train_lib
     from dermflow.modeling import tuning
-    from dermflow.params import resolve_epochs
+    from dermflow.modeling.tuning_results import trial_table
     from dermflow.settings import load_settings
     from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
@@ -104,27 +110,30 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         store = ObjectStore.from_settings(settings)
         store.ensure_bucket()
         for md5 in frame["md5hash"]:
-            store.put_file(f"images/{md5}", atlas_dir / "images" / f"{md5}.jpg")
-        split_key = "manifests/split-bench.csv"
+            store.put_file(layout.image_key(md5), atlas_dir / "images" / f"{md5}.jpg")
+        split_key = layout.split_manifest_key("bench")
         store.put_dataframe_csv(split_key, frame)
 
         started = time.time()  # the budget starts when the data is in the bucket, as in derm
         deadline = started + budget_s
-        epochs = resolve_epochs(epochs, budget_s / 60)  # as derm/full does
-        train_params = {"image_size": image_size, "epochs": epochs, "batch_size": 32, "weights": "none", "seed": seed}
+        # as derm/full does: as many epochs as the budget allows unless given
+        epochs = config.RunConfig.from_parameters(epochs=epochs, budget_minutes=budget_s / 60).final_epochs()
+        batch_size = config.TRAIN_DEFAULTS.batch_size
+        train_params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size, "weights": "none",
+                        "seed": seed}
         tuned = tuning.tune_architecture(
             store, split_key, "baseline_cnn", tuner=tuner, max_trials=max_trials,
-            epochs=train_params["epochs"], image_size=image_size, batch_size=32, weights="none", seed=seed,
+            epochs=train_params["epochs"], image_size=image_size, batch_size=batch_size, weights="none", seed=seed,
             deadline=tuning.tuning_deadline(deadline, share, started), settings=settings,
             tuning_id=f"bench-{secrets.token_hex(3)}",
         )
         tuning_seconds = time.time() - started
         best = tuned["best"] or {}
-        config = train_lib.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
-        summary = train_lib.train_architecture(store, split_key, config, "20260101-000000-bench", settings=settings)
+        train_config = config.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
+        summary = train_lib.train_architecture(store, split_key, train_config, "20260101-000000-bench", settings=settings)
         return {
             "weighted_f1": summary["test"]["weighted_f1"], "best": best,
-            "trials": tuning.trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
+            "trials": trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
             "final_epochs": summary["epochs_run"], "final_status": summary["status"],
             "seconds": round(time.time() - started, 1),
         }
@@ -136,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--atlas", type=Path, default=ATLAS_DIR)
     parser.add_argument("--budget-minutes", type=float, default=15.0)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=config.TRAIN_DEFAULTS.image_size)
     parser.add_argument("--recipe", choices=("both", "report", "tuned"), default="both")
-    parser.add_argument("--tuner", default="random")
-    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--tuner", default=SEARCH_DEFAULTS.tuner)
+    parser.add_argument("--max-trials", type=int, default=SEARCH_DEFAULTS.max_trials)
     parser.add_argument("--tuning-share", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=config.TRAIN_DEFAULTS.seed)
     parser.add_argument("--epochs", type=int, default=None,
                         help="final training epochs (default: as many as the budget allows, as in derm/full)")
     parser.add_argument("--out", type=Path, default=None)
@@ -149,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.atlas / "rows.csv").exists():
         print(f"{args.atlas} is absent: this bench needs ../shared/data/atlas20", file=sys.stderr)
         return 2
-    from dermflow.modeling import tuning
-
-    share = args.tuning_share or tuning.DEFAULT_TUNING_SHARE
+    share = args.tuning_share or config.DEFAULT_TUNING_SHARE
     frame = manifest(args.atlas)
     budget_s = args.budget_minutes * 60
     results: dict = {"budget_minutes": args.budget_minutes, "image_size": args.image_size,

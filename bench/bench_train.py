@@ -7,7 +7,9 @@ memmap, or the PyDataset under a non-TensorFlow Keras backend) and fed by the sa
 already in memory as float32 arrays, in alternating rounds on one compiled model. Prints
 images/s for both, their ratio (goal >= 0.95) and the implied seconds per training epoch.
 
-    make bench-train      # or: .venv/bin/python bench/bench_train.py [--size 128] [--archs ...]
+    make bench-train      # or: .venv/bin/python bench/bench_train.py [--size N] [--archs ...]
+
+`--size` and `--batch-size` default to the run's (`dermflow.config.TrainConfig`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from dermflow.config import TRAIN_DEFAULTS  # noqa: E402 - Keras-free
 
 
 def atlas_split(atlas: Path, seed: int) -> pd.DataFrame:
@@ -69,17 +73,73 @@ def timed_fit(model, steps: int, **fit_args) -> float:
     return (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--atlas", type=Path, default=PROJECT_ROOT.parent / "shared" / "data" / "atlas20")
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=TRAIN_DEFAULTS.image_size)
     parser.add_argument("--archs", default="baseline_cnn,resnet50v2")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
     parser.add_argument("--steps", default="baseline_cnn=12,resnet50v2=4", help="timed steps per round, per architecture")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def in_memory_inputs(arrays, train_idx, weights, args) -> dict:
+    """`fit` arguments feeding the same training images from memory (the baseline)."""
+    import keras
+
+    x = np.asarray(arrays.images[train_idx], dtype=np.float32)
+    y = np.eye(len(arrays.class_names), dtype=np.float32)[arrays.labels[train_idx]]
+    w = weights[arrays.labels[train_idx]].astype(np.float32)
+    if keras.backend.backend() != "tensorflow":
+        return dict(x=x, y=y, sample_weight=w, batch_size=args.batch_size, shuffle=True)
+    import tensorflow as tf
+
+    # the same images already in memory as tensors, shuffled and batched
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y, w))
+        .shuffle(len(train_idx), seed=args.seed).batch(args.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+    )
+    return dict(x=dataset)
+
+
+def measure(name: str, arrays, train_idx, weights, memory_args: dict, steps: int, args) -> tuple[float, float]:
+    """Images/s of architecture `name` fed by the pipeline and from memory (median of rounds)."""
+    import keras
+
+    from dermflow.config import TrainConfig
+    from dermflow.dataset import arrays as data_lib
+    from dermflow.modeling import models
+    from dermflow.modeling.recipe import accelerator_present, compile_model
+
+    config = TrainConfig(architecture=name, image_size=args.size, batch_size=args.batch_size, weights="none")
+    model = models.create_model(name, len(arrays.class_names), args.size, weights="none", seed=args.seed)
+    jit = accelerator_present() or keras.backend.backend() == "jax"
+    compile_model(model, config, config.learning_rate, jit_compile=jit)
+    pipeline = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True, seed=args.seed, class_weights=weights)
+    if keras.backend.backend() == "tensorflow":
+        pipeline = pipeline.repeat()
+    else:
+        steps = min(steps, len(pipeline) - 1)  # a PyDataset restarts at batch 0 on every fit
+    # warm-up: trace/compile both input signatures before timing
+    timed_fit(model, 2, x=pipeline)
+    timed_fit(model, 2, **memory_args)
+    pipeline_s, memory_s = [], []
+    for round_index in range(args.rounds):
+        # alternate which input goes first, so neither gets a systematic position
+        order = ("pipeline", "memory") if round_index % 2 == 0 else ("memory", "pipeline")
+        for which in order:
+            if which == "pipeline":
+                pipeline_s.append(timed_fit(model, steps + 1, x=pipeline))
+            else:
+                memory_s.append(timed_fit(model, steps + 1, **memory_args))
+    return args.batch_size / float(np.median(pipeline_s)), args.batch_size / float(np.median(memory_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not (args.atlas / "rows.csv").exists():
         print(f"{args.atlas} is absent (../shared not beside the project); nothing to measure", file=sys.stderr)
         return 2
@@ -87,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     from dermflow.dataset import arrays as data_lib
-    from dermflow.modeling import models
+    from dermflow.modeling.recipe import accelerator_present
     from dermflow.settings import get_settings
-    from dermflow.modeling.train import TrainConfig, accelerator_present, compile_model
 
     cache_dir = args.cache_dir or get_settings().local_cache_dir / "bench"
     frame = atlas_split(args.atlas, args.seed)
@@ -108,45 +167,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({arrays.array_path})")
 
     steps_of = dict(item.split("=") for item in args.steps.split(",") if "=" in item)
-    in_memory_x = np.asarray(arrays.images[train_idx], dtype=np.float32)
-    in_memory_y = np.eye(len(arrays.class_names), dtype=np.float32)[arrays.labels[train_idx]]
-    in_memory_w = weights[arrays.labels[train_idx]].astype(np.float32)
+    memory_args = in_memory_inputs(arrays, train_idx, weights, args)
     print(f"{'architecture':<14} {'pipeline img/s':>15} {'in-memory img/s':>16} {'ratio':>6} {'s/epoch':>8}")
     for name in args.archs.split(","):
-        steps = int(steps_of.get(name, 10))
-        config = TrainConfig(architecture=name, image_size=args.size, batch_size=args.batch_size, weights="none")
-        model = models.create_model(name, len(arrays.class_names), args.size, weights="none", seed=args.seed)
-        compile_model(model, config, config.learning_rate, jit_compile=gpu or keras.backend.backend() == "jax")
-        pipeline = data_lib.make_dataset(arrays, train_idx, args.batch_size, shuffle=True, seed=args.seed, class_weights=weights)
-        if keras.backend.backend() == "tensorflow":
-            pipeline = pipeline.repeat()
-        else:
-            steps = min(steps, len(pipeline) - 1)  # a PyDataset restarts at batch 0 on every fit
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            # the baseline: the same images already in memory as tensors, shuffled and batched
-            in_memory = (
-                tf.data.Dataset.from_tensor_slices((in_memory_x, in_memory_y, in_memory_w))
-                .shuffle(len(train_idx), seed=args.seed).batch(args.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
-            )
-            memory_args = dict(x=in_memory)
-        else:
-            memory_args = dict(x=in_memory_x, y=in_memory_y, sample_weight=in_memory_w, batch_size=args.batch_size, shuffle=True)
-        # warm-up: trace/compile both input signatures before timing
-        timed_fit(model, 2, x=pipeline)
-        timed_fit(model, 2, **memory_args)
-        pipeline_s, memory_s = [], []
-        for round_index in range(args.rounds):
-            # alternate which input goes first, so neither gets a systematic position
-            order = ("pipeline", "memory") if round_index % 2 == 0 else ("memory", "pipeline")
-            for which in order:
-                if which == "pipeline":
-                    pipeline_s.append(timed_fit(model, steps + 1, x=pipeline))
-                else:
-                    memory_s.append(timed_fit(model, steps + 1, **memory_args))
-        pipeline_rate = args.batch_size / float(np.median(pipeline_s))
-        memory_rate = args.batch_size / float(np.median(memory_s))
+        pipeline_rate, memory_rate = measure(name, arrays, train_idx, weights, memory_args,
+                                             int(steps_of.get(name, 10)), args)
         epoch_s = len(train_idx) / pipeline_rate
         print(f"{name:<14} {pipeline_rate:>15.1f} {memory_rate:>16.1f} {pipeline_rate / memory_rate:>6.3f} {epoch_s:>8.1f}",
               flush=True)

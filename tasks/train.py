@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="train-architecture", retries=1, retry_delay_seconds=5)
+@task(name="train-architecture", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     """Train, evaluate and store one model; a retry resumes from the last checkpoint."""
-    from dermflow.modeling.train import TrainConfig, train_architecture as train
+    from dermflow.modeling.recipe import parse_train_config
+    from dermflow.modeling.train import train_architecture as train
 
     logger = get_run_logger()
-    train_config = TrainConfig.from_dict(config)
+    train_config = parse_train_config(config)
     logger.info("training %s on %s (run %s)", train_config.architecture, split_key, run_id)
 
     def progress(event: dict) -> None:

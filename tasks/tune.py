@@ -9,10 +9,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import acreate_table_artifact
 from prefect.concurrency.asyncio import concurrency
 
-from tasks.common import object_store, settings
+from tasks.common import object_store, retry_unless_permanent, settings
 
 
-@task(name="tune-search", retries=1, retry_delay_seconds=5)
+@task(name="tune-search", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 async def search_in_process(split_key: str, architecture: str, options: dict, gpu_limit: str = "gpu") -> dict:
     """A whole search in this process, holding a `gpu` slot while it trains. A retry (or a
     rerun with the same tuning id) continues from the last synced trial."""
@@ -43,13 +43,15 @@ async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
 async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_results import best_config, read_trials
+    from dermflow.modeling.tuning_sync import ProjectSync
 
-    spec = tuning.SearchSpec(**payload["spec"])
+    spec = tuning.SearchSpec.from_dict(payload["spec"])
 
     def read() -> dict:
-        tuning.ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
-        trials = tuning.read_trials(spec.project_dir, spec.architecture)
-        return {"tuning_id": spec.tuning_id, "trials": trials, "best": tuning.best_config(trials)}
+        ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
+        trials = read_trials(spec.project_dir, spec.architecture)
+        return {"tuning_id": spec.tuning_id, "trials": trials, "best": best_config(trials)}
 
     return await asyncio.to_thread(read)
 
@@ -58,13 +60,15 @@ async def search_results(payload: dict) -> dict:
 def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int:
     """One keras-tuner worker: trains the chief's trials until it says stop."""
     from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_distributed import run_worker
+    from dermflow.modeling.tuning_sync import ProjectSync
 
     logger = get_run_logger()
-    spec = tuning.SearchSpec(**payload["spec"])
+    spec = tuning.SearchSpec.from_dict(payload["spec"])
     store = object_store()
     arrays = tuning.load_training_arrays(store, payload["split_key"], spec.image_size, settings())
-    sync = tuning.ProjectSync(store, spec.tuning_id, spec.project_dir)
-    ran = tuning.run_worker(spec, tuning.trial_data(arrays), host, port, tuner_id, sync)
+    sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
+    ran = run_worker(spec, tuning.trial_data(arrays), host, port, tuner_id, sync)
     logger.info("worker %s ran %d trial(s) of %s", tuner_id, ran, spec.tuning_id)
     return ran
 
@@ -72,11 +76,11 @@ def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int
 @task(name="tune-table")
 async def publish_trial_table(run_id: str, trials: list[dict]) -> str | None:
     """A table artifact with every trial: architecture, id, status, score, hyperparameters."""
-    from dermflow.modeling import tuning
+    from dermflow.modeling.tuning_results import trial_table
 
     if not trials:
         return None
-    rows = tuning.trial_table(trials)
+    rows = trial_table(trials)
     columns = list(dict.fromkeys(name for row in rows for name in row))
     table = [{name: row.get(name) for name in columns} for row in rows]
     artifact_id = await acreate_table_artifact(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.error
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import keras
 from keras import layers, ops
+
+from dermflow.config import TRAIN_DEFAULTS
+from dermflow.errors import DermflowError
 
 REGISTERED_PACKAGE = "dermflow"
 
@@ -29,8 +33,25 @@ IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be obtained (no internet, missing file)."""
+class WeightsUnavailableError(DermflowError, RuntimeError):
+    """Pretrained weights could not be obtained (no internet, missing file). Transient only when
+    a download failed on the network; a missing or unreadable local file is permanent."""
+
+
+def is_network_failure(error: BaseException) -> bool:
+    """True when `error` (or what it was raised from) is a network failure a retry may cure:
+    a connection error, a timeout, an HTTP 429 or 5xx. Keras' downloader re-raises these as a
+    plain Exception, with the original as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, urllib.error.HTTPError):
+            return current.code == 429 or current.code >= 500
+        if isinstance(current, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @keras.saving.register_keras_serializable(package=REGISTERED_PACKAGE)
@@ -186,7 +207,8 @@ def augmentation_block(seed: int | None = None) -> keras.Sequential:
     )
 
 
-def classification_head(x, num_classes: int, *, head_width: int = 256, dropout: float = 0.25):
+def classification_head(x, num_classes: int, *, head_width: int = TRAIN_DEFAULTS.head_width,
+                        dropout: float = TRAIN_DEFAULTS.dropout):
     """The shared head: global average pooling, (Dense ReLU + Dropout) x 2, softmax.
 
     The output is float32 even under a mixed-precision policy, so the softmax and the loss
@@ -254,7 +276,8 @@ def _build_backbone(spec: ArchSpec, image_size: int, weights: str | Path | None)
             f"{spec.name}: could not {source} ({type(error).__name__}: {error}). Ways out: "
             f"weights='none' to train from random initialisation, or weights='/path/to/"
             f"{spec.name}_notop.weights.h5' (a local include_top=False weights file for the backbone; "
-            f"Keras caches downloads under ~/.keras/models)"
+            f"Keras caches downloads under ~/.keras/models)",
+            transient=weights_arg == "imagenet" and is_network_failure(error),
         ) from error
 
 
@@ -270,10 +293,10 @@ def create_model(
     name: str,
     num_classes: int,
     image_size: int,
-    weights: str | Path | None = "imagenet",
+    weights: str | Path | None = TRAIN_DEFAULTS.weights,
     *,
-    head_width: int = 256,
-    dropout: float = 0.25,
+    head_width: int = TRAIN_DEFAULTS.head_width,
+    dropout: float = TRAIN_DEFAULTS.dropout,
     augment: bool = True,
     seed: int | None = None,
     **arch_options,
@@ -319,7 +342,7 @@ def freeze_backbone(model: keras.Model) -> None:
 def unfreeze_top(
     model: keras.Model,
     *,
-    fraction: float = 0.3,
+    fraction: float = TRAIN_DEFAULTS.fine_tune_fraction,
     blocks: int | None = None,
 ) -> int:
     """Fine-tuning phase: unfreeze the top of the backbone, keep BatchNormalization frozen.

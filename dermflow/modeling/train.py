@@ -1,469 +1,280 @@
-"""The transfer-learning recipe and the one entry point that trains one architecture.
+"""The one entry point that trains one architecture: `train_architecture`.
 
 `train_architecture(store, split_key, config, run_id)` reads a split manifest, prepares the
-cached image arrays (`dermflow.dataset.arrays`), builds the model (`dermflow.modeling.models`), trains it (head
-warm-up on a frozen backbone, then the top of the backbone at a lower learning rate with
-BatchNormalization frozen; `baseline_cnn` trains whole), checkpoints every epoch to the bucket
-so that a rerun of the same run id resumes, evaluates the best epoch on `test` and
-`verified_test`, and writes the model and its reports under `runs/<run_id>/models/<arch>/`.
+cached image arrays (`dermflow.dataset.arrays`), builds the model (`dermflow.modeling.models`),
+trains it by the recipe (`dermflow.modeling.recipe`: head warm-up on a frozen backbone, then the
+top of the backbone at a lower learning rate with BatchNormalization frozen; `baseline_cnn`
+trains whole), checkpoints every epoch to the bucket (`dermflow.modeling.checkpoints`) so that a
+rerun of the same run id resumes, evaluates the best epoch on `test` and `verified_test`, and
+writes the model and its reports under `runs/<run_id>/models/<arch>/`.
 
 Model selection and early stopping use the real validation weighted F1 (scikit-learn over the
-whole val split, once per epoch). Only Keras 3 APIs are used in the training core, so it also
-runs under `KERAS_BACKEND=jax` (the input pipeline then uses a PyDataset).
+whole val split, once per epoch; `dermflow.modeling.callbacks`). Only Keras 3 APIs are used in
+the training core, so it also runs under `KERAS_BACKEND=jax` (the input pipeline then uses a
+PyDataset).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-import math
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 
+from dermflow import layout
+from dermflow.config import TrainConfig
 from dermflow.dataset import arrays as data_lib
+from dermflow.metrics import classification_metrics
 from dermflow.modeling import models
-from dermflow.metrics import classification_metrics, weighted_f1
+from dermflow.modeling.callbacks import (
+    EpochCheckpoint,
+    Progress,
+    TimeBudget,
+    ValWeightedF1,
+    schedule_callbacks,
+)
+from dermflow.modeling.checkpoints import CheckpointManager
+from dermflow.modeling.recipe import (
+    TrainingError,
+    accelerator_present,
+    check_training_data,
+    configure_phase,
+    load_split_arrays,
+    phases_for,
+)
 from dermflow.settings import Settings, get_settings
 
 log = logging.getLogger("dermflow.modeling.train")
 
-Progress = Callable[[dict], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue for a reason the caller can fix (data, config)."""
+# The headline metrics a training's summary carries (the full set is in metrics.json).
+HEADLINE_METRICS = ("n", "accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "range_gap_weighted_f1")
 
 
 @dataclass
-class TrainConfig:
-    """Everything that decides a training run of one architecture (all JSON-able)."""
+class PreparedData:
+    """The split's images as one cached array, and what training needs to know about them."""
 
-    architecture: str = "baseline_cnn"
-    image_size: int = 128
-    epochs: int = 20
-    batch_size: int = 32
-    weights: str = "imagenet"  # "imagenet", "none" or a local backbone weights file
-    learning_rate: float = 1e-3  # baseline_cnn training and the head warm-up
-    fine_tune_learning_rate: float = 1e-5
-    warmup_epochs: int = 3
-    fine_tune_fraction: float = 0.3  # top share of backbone layers unfrozen after warm-up
-    fine_tune_blocks: int | None = None  # if set, unfreeze the last N backbone blocks instead
-    class_weights: bool = True
-    label_smoothing: float = 0.0
-    # "cosine": linear warm-up, then cosine decay to ~0 by the end of each phase (its last
-    # epoch or the deadline, whichever comes first); "constant": the phase's rate throughout.
-    lr_schedule: str = "cosine"
-    lr_warmup_fraction: float = 0.05
-    optimizer: str = "adam"  # adam | adamw | sgd | rmsprop
-    weight_decay: float = 1e-4  # adamw only
-    patience: int = 5  # epochs without val weighted F1 improvement (within a phase)
-    seed: int = 42
-    deadline: float | None = None  # unix time: stop cleanly, keeping the best epoch so far
-    head_width: int = 256
-    dropout: float = 0.25
-    augment: bool = True
-    arch_options: dict[str, Any] = field(default_factory=dict)
-    min_train_images: int = 10
-    eval_batch_size: int = 64
-    mixed_precision: bool | None = None  # None: only when a GPU is present
-    jit_compile: bool | None = None  # None: XLA when a GPU is present (always under JAX)
-
-    def __post_init__(self) -> None:
-        models.get_spec(self.architecture)  # clear error for an unknown name
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {list(LR_SCHEDULES)}")
-        if not 0 <= self.lr_warmup_fraction < 1:
-            raise ValueError(f"lr_warmup_fraction must be within [0, 1), got {self.lr_warmup_fraction}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {unknown}")
-        return cls(**values)
+    arrays: data_lib.SplitArrays
+    class_names: list[str]
+    image_size: int  # the architecture's effective input size
+    class_weights: np.ndarray | None
 
 
-OPTIMIZERS: dict[str, Callable[[float, TrainConfig], keras.optimizers.Optimizer]] = {
-    "adam": lambda lr, c: keras.optimizers.Adam(lr),
-    "adamw": lambda lr, c: keras.optimizers.AdamW(lr, weight_decay=c.weight_decay),
-    "sgd": lambda lr, c: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-    "rmsprop": lambda lr, c: keras.optimizers.RMSprop(lr),
-}
+@dataclass(frozen=True)
+class Runtime:
+    """How this process trains: on an accelerator or not, mixed precision, XLA."""
+
+    accelerator: bool
+    mixed_precision: bool
+    jit_compile: bool
 
 
-LR_SCHEDULES = ("cosine", "constant")
+@dataclass
+class StartingPoint:
+    """The model training continues from: a fresh one, or the last checkpoint of this run."""
+
+    model: keras.Model
+    done_epochs: int  # epochs finished before this call (0 for a fresh start)
+    loaded_phase: str | None  # the phase the resumed checkpoint was trained in
 
 
-def accelerator_present() -> bool:
-    """A GPU (or TPU) visible to the current Keras backend."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+@dataclass
+class Evaluation:
+    """The best epoch's model file and its scores on the held-out splits."""
 
-        return bool(tf.config.list_physical_devices("GPU"))
-    if backend == "jax":
-        import jax
-
-        return any(d.platform != "cpu" for d in jax.devices())
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    return False
+    best_path: Path
+    metrics: dict[str, dict | None]
+    predictions: list[tuple[str, np.ndarray, np.ndarray]]  # (split, row indices, probabilities)
 
 
-def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float, *, jit_compile: bool) -> None:
-    """Compile for training; XLA only where asked and every layer supports it (under
-    TensorFlow the image-transform augmentations do not, so a TF model runs as a graph)."""
-    jit_compile = jit_compile and all(getattr(layer, "supports_jit", True) for layer in model._flatten_layers())
-    model.compile(
-        optimizer=OPTIMIZERS[config.optimizer](learning_rate, config),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
+# --------------------------------------------------------------------------- the steps
+
+
+def finished_summary(store, previous: dict | None, run_id: str, architecture: str) -> dict | None:
+    """The summary of this run's training of `architecture` if it already finished, else None."""
+    done = previous and previous.get("status") == "done" and previous.get("summary")
+    if done and store.exists(layout.model_key(run_id, architecture)):
+        log.info("%s: run %s already finished; returning its summary", architecture, run_id)
+        return previous["summary"]
+    return None
+
+
+def prepare_data(store, split_key: str, config: TrainConfig, settings: Settings) -> PreparedData:
+    """Check the split manifest, cache its images locally and load them as one uint8 array."""
+    frame = store.get_dataframe_csv(split_key)
+    class_names = check_training_data(frame, config.min_train_images)
+    image_size = models.effective_image_size(config.architecture, config.image_size)
+    arrays = load_split_arrays(store, frame, image_size, settings, class_names)
+    class_weights = None
+    if config.class_weights:
+        class_weights = data_lib.class_weights_from_labels(arrays.labels[arrays.indices("train")], len(class_names))
+    return PreparedData(arrays, class_names, image_size, class_weights)
+
+
+def choose_runtime(config: TrainConfig) -> Runtime:
+    """Mixed precision and XLA as the config asks, else by what this machine has."""
+    accelerator = accelerator_present()
+    mixed = accelerator if config.mixed_precision is None else config.mixed_precision
+    # XLA on TensorFlow only pays off on a GPU; a JAX model without jit runs op by op, so
+    # there jit is on everywhere.
+    auto_jit = accelerator or keras.backend.backend() == "jax"
+    jit = auto_jit if config.jit_compile is None else config.jit_compile
+    return Runtime(accelerator=bool(accelerator), mixed_precision=bool(mixed), jit_compile=bool(jit))
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: bool) -> Iterator[None]:
+    """Keras' global dtype policy for the block (restored after)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_or_resume(manager: CheckpointManager, previous: dict | None, config: TrainConfig,
+                    data: PreparedData, run_id: str) -> StartingPoint:
+    """The last checkpoint of this run if there is one, else a freshly built model."""
+    if previous and previous.get("checkpoints"):
+        done_epochs = int(previous["epoch"])
+        last = previous["checkpoints"][-1]
+        log.info("%s: resuming run %s after epoch %d from %s", config.architecture, run_id, done_epochs, last)
+        model = keras.saving.load_model(manager.fetch(last))
+        # the phase the checkpoint was trained in (state["phase"] may already name the next
+        # phase if the crash came between configuring it and its first epoch)
+        loaded_phase = (previous.get("history", {}).get("phase") or [previous["phase"]])[-1]
+        return StartingPoint(model, done_epochs, loaded_phase)
+    model = models.create_model(
+        config.architecture, len(data.class_names), data.image_size, config.weights, head_width=config.head_width,
+        dropout=config.dropout, augment=config.augment, seed=config.seed, **config.arch_options,
+    )
+    return StartingPoint(model, 0, None)
+
+
+def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainConfig, data: PreparedData, *,
+               jit_compile: bool, progress: Progress | None) -> str:
+    """Train the phases (or their rest) not done yet; returns how training ended:
+    `completed`, `early_stopped` or `deadline`."""
+    arch, arrays = config.architecture, data.arrays
+    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
+    train_data = data_lib.make_dataset(arrays, train_idx, config.batch_size, shuffle=True, seed=config.seed,
+                                       class_weights=data.class_weights)
+    val_data = data_lib.make_dataset(arrays, val_idx, config.eval_batch_size, shuffle=False)
+    f1_callback = ValWeightedF1(val_data, arrays.labels[val_idx])
+    budget = TimeBudget(config.deadline)
+    model, done_epochs, loaded_phase = start.model, start.done_epochs, start.loaded_phase
+    for phase, first, end in phases_for(config, models.get_spec(arch).pretrained):
+        if end <= done_epochs:
+            continue
+        if budget.stopped or (config.deadline is not None and time.time() >= config.deadline):
+            return "deadline"
+        if loaded_phase != phase:
+            configure_phase(model, phase, config, jit_compile=jit_compile)
+            manager.save_state(phase=phase, phase_start_epoch=max(first, done_epochs))
+        loaded_phase = None
+        if progress:
+            progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1,
+                      "epochs": config.epochs})
+        schedule = schedule_callbacks(config, phase, first, end, config.deadline)
+        checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
+                                     may_stop=schedule[0].annealed if schedule else None)
+        model.fit(
+            train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
+            callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
+        )
+        done_epochs = int(manager.state["epoch"])
+        if budget.stopped:
+            return "deadline"
+        if checkpoint.early_stopped and phase != "warmup":
+            return "early_stopped"
+    return "completed"
+
+
+def evaluate_best_epoch(manager: CheckpointManager, config: TrainConfig, data: PreparedData) -> Evaluation:
+    """Load the best epoch's checkpoint and score it on `test` and `verified_test`."""
+    if manager.state.get("best_key") is None:
+        raise TrainingError(f"{config.architecture}: no epoch finished before the deadline; nothing to evaluate")
+    best_path = manager.fetch(manager.state["best_key"])
+    best = keras.saving.load_model(best_path)
+    arrays = data.arrays
+    metrics: dict[str, dict | None] = {}
+    predictions = []
+    for split in ("test", "verified_test"):
+        idx = arrays.indices(split)
+        if len(idx) == 0:
+            metrics[split] = None
+            continue
+        probs = np.asarray(
+            best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
+            dtype=np.float32,
+        )
+        metrics[split] = classification_metrics(arrays.labels[idx], probs, data.class_names,
+                                                arrays.fitzpatrick_range[idx])
+        predictions.append((split, idx, probs))
+    return Evaluation(best_path, metrics, predictions)
+
+
+def save_predictions(path: Path, data: PreparedData, evaluation: Evaluation) -> None:
+    """The held-out predictions as an npz: md5hash, split, y_true, y_prob, fitzpatrick_range."""
+    arrays, parts = data.arrays, evaluation.predictions
+    if not parts:
+        np.savez_compressed(
+            path, md5hash=np.zeros(0, dtype=str), split=np.zeros(0, dtype=str), y_true=np.zeros(0, dtype=np.int64),
+            y_prob=np.zeros((0, len(data.class_names)), dtype=np.float32), fitzpatrick_range=np.zeros(0, dtype=str),
+        )
+        return
+    all_idx = np.concatenate([idx for _, idx, _ in parts])
+    np.savez_compressed(
+        path,
+        md5hash=arrays.md5hash[all_idx].astype(str),
+        split=np.concatenate([[split] * len(idx) for split, idx, _ in parts]).astype(str),
+        y_true=arrays.labels[all_idx].astype(np.int64),
+        y_prob=np.concatenate([probs for _, _, probs in parts]).astype(np.float32),
+        fitzpatrick_range=arrays.fitzpatrick_range[all_idx].astype(str),
     )
 
 
-# --------------------------------------------------------------------------- callbacks
+def training_params(config: TrainConfig, run_id: str, split_key: str, data: PreparedData, runtime: Runtime,
+                    manager: CheckpointManager) -> dict:
+    """What decided this model (params.json): the config plus the data, machine and best epoch."""
+    return {
+        **config.to_dict(),
+        "image_size_requested": config.image_size,
+        "image_size": data.image_size,
+        "run_id": run_id,
+        "split_key": split_key,
+        "split_digest": data.arrays.digest,
+        "class_names": data.class_names,
+        "class_weights_values": None if data.class_weights is None else [float(w) for w in data.class_weights],
+        "split_sizes": {s: int(len(data.arrays.indices(s))) for s in data_lib.USED_SPLITS},
+        "mixed_precision": runtime.mixed_precision,
+        "jit_compile": runtime.jit_compile,
+        "accelerator": runtime.accelerator,
+        "best_epoch": manager.state["best_epoch"],
+        "best_val_weighted_f1": manager.state["best_score"],
+        **_versions(),
+    }
 
 
-class ValWeightedF1(keras.callbacks.Callback):
-    """Predicts the whole validation split once per epoch; adds `val_weighted_f1`,
-    `val_accuracy` and `val_loss` (plain cross-entropy) to the epoch logs.
-
-    Put it first in the callback list: later callbacks (checkpointing, early stopping) read
-    the logs it fills.
-    """
-
-    def __init__(self, val_inputs, y_true: np.ndarray, batch_size: int | None = None):
-        super().__init__()
-        self.val_inputs = val_inputs
-        self.y_true = np.asarray(y_true, dtype=int)
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        kwargs = {"batch_size": self.batch_size} if isinstance(self.val_inputs, np.ndarray) else {}
-        probs = np.asarray(self.model.predict(self.val_inputs, verbose=0, **kwargs), dtype=np.float64)
-        picked = probs[np.arange(len(self.y_true)), self.y_true]
-        logs["val_weighted_f1"] = weighted_f1(self.y_true, probs.argmax(axis=1))
-        logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.y_true))
-        logs["val_loss"] = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training cleanly before `deadline` (unix time).
-
-    After each epoch it stops when another epoch of the same length would overrun; during an
-    epoch it stops at the first batch past the deadline (that partial epoch is still validated
-    and checkpointed, so the best model so far is kept).
-    """
-
-    def __init__(self, deadline: float | None):
-        super().__init__()
-        self.deadline = deadline
-        self.stopped = False
-        self._epoch_started = time.time()
-
-    def _stop(self) -> None:
-        self.stopped = True
-        self.model.stop_training = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_started = time.time()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.deadline is not None and time.time() >= self.deadline:
-            self._stop()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.deadline is None:
-            return
-        last_epoch_seconds = time.time() - self._epoch_started
-        if time.time() + last_epoch_seconds >= self.deadline:
-            self._stop()
-
-
-class CosineSchedule(keras.callbacks.Callback):
-    """Linear warm-up, then cosine decay of the learning rate across one training phase.
-
-    Progress through the phase is whichever is further along: its epochs (`first_epoch` to
-    `end_epoch`) or the wall clock (from the phase's start to `deadline`). So a run under a
-    time budget anneals by the budget's end instead of being cut off at a high rate, and one
-    without a budget anneals by its last epoch. Annealing to a small rate is what turns the
-    erratic validation scores of a constant rate into a converged model (on atlas20 from
-    scratch: held-out weighted F1 0.23 at a constant 1e-3 vs 0.43 with this, 6 minutes each).
-    The rate is set per batch; it is a plain optimizer variable, so this works on any backend.
-    """
-
-    def __init__(
-        self,
-        base_rate: float,
-        first_epoch: int,
-        end_epoch: int,
-        *,
-        deadline: float | None = None,
-        warmup_fraction: float = 0.05,
-        floor_fraction: float = 1e-3,
-    ):
-        super().__init__()
-        self.base_rate = float(base_rate)
-        self.first_epoch = int(first_epoch)
-        self.span = max(1, int(end_epoch) - int(first_epoch))
-        self.deadline = deadline
-        self.warmup_fraction = warmup_fraction
-        self.floor_fraction = floor_fraction
-        self._started = time.time()
-        self._epoch = self.first_epoch
-        self._steps: int | None = None
-
-    def rate_at(self, progress: float) -> float:
-        """The learning rate at `progress` (0 = phase start, 1 = phase end)."""
-        progress = min(max(progress, 0.0), 1.0)
-        warmup = min(1.0, progress / self.warmup_fraction) if self.warmup_fraction > 0 else 1.0
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.base_rate * max(warmup * cosine, self.floor_fraction)
-
-    def progress(self, batch: int) -> float:
-        within_epoch = batch / self._steps if self._steps else 0.0
-        by_epochs = (self._epoch - self.first_epoch + within_epoch) / self.span
-        by_time = 0.0
-        if self.deadline is not None:
-            by_time = (time.time() - self._started) / max(self.deadline - self._started, 1e-9)
-        return max(by_epochs, by_time)
-
-    def on_train_begin(self, logs=None):
-        self._started = time.time()
-        steps = (self.params or {}).get("steps")
-        self._steps = int(steps) if steps else None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.model.optimizer.learning_rate = self.rate_at(self.progress(batch))
-
-    def annealed(self) -> bool:
-        """Past the schedule's half-way point. Early stopping waits for it: the high-rate first
-        half has erratic validation scores by design (long runs without a new best are normal)."""
-        return self.progress(0) >= 0.5
-
-
-def schedule_callbacks(config: TrainConfig, phase: str, first_epoch: int, end_epoch: int,
-                       deadline: float | None) -> list[keras.callbacks.Callback]:
-    """The learning-rate callbacks of one phase (none for a constant rate)."""
-    if config.lr_schedule == "constant":
-        return []
-    return [CosineSchedule(phase_learning_rate(phase, config), first_epoch, end_epoch, deadline=deadline,
-                           warmup_fraction=config.lr_warmup_fraction)]
-
-
-class CheckpointManager:
-    """Per-epoch checkpoints in the bucket plus `state.json`, keeping the last N and the best."""
-
-    def __init__(self, store, run_id: str, architecture: str, local_dir: Path, keep: int):
-        self.store = store
-        self.prefix = f"runs/{run_id}/checkpoints/{architecture}/"
-        self.state_key = self.prefix + "state.json"
-        self.local_dir = Path(local_dir)
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
-        self.state: dict = {
-            "status": "running", "epoch": 0, "phase": None, "phase_start_epoch": 0,
-            "best_score": None, "best_epoch": None, "best_key": None, "checkpoints": [], "history": {},
-        }
-
-    def load(self) -> dict | None:
-        if not self.store.exists(self.state_key):
-            return None
-        self.state = self.store.get_json(self.state_key)
-        return self.state
-
-    def key_for(self, epoch: int) -> str:
-        return f"{self.prefix}epoch-{epoch:03d}.keras"
-
-    def local_path(self, key: str) -> Path:
-        return self.local_dir / Path(key).name
-
-    def fetch(self, key: str) -> Path:
-        path = self.local_path(key)
-        if not path.exists():
-            self.store.download_file(key, path)
-        return path
-
-    def record_epoch(self, model: keras.Model, epoch: int, phase: str, logs: dict, seconds: float) -> bool:
-        """Save and upload epoch `epoch` (1-based), update state.json; True when it is the best."""
-        key = self.key_for(epoch)
-        path = self.local_path(key)
-        model.save(path)
-        self.store.put_file(key, path)
-        row = {"epoch": epoch, "phase": phase, "seconds": round(seconds, 3), **_scalars(logs)}
-        history = self.state.setdefault("history", {})
-        length = len(history.get("epoch", []))
-        for name in sorted(set(history) | set(row)):
-            history.setdefault(name, [None] * length).append(row.get(name))
-        score = float(logs.get("val_weighted_f1", float("nan")))
-        improved = not math.isnan(score) and (self.state["best_score"] is None or score > self.state["best_score"])
-        if improved:
-            self.state.update(best_score=score, best_epoch=epoch, best_key=key)
-        self.state["checkpoints"] = [k for k in self.state["checkpoints"] if k != key] + [key]
-        self.state.update(epoch=epoch, phase=phase)
-        # state.json is written after the checkpoint it names exists, and before pruning.
-        self.store.put_json(self.state_key, self.state)
-        self._prune()
-        return improved
-
-    def _prune(self) -> None:
-        keep = set(self.state["checkpoints"][-self.keep :])
-        if self.state["best_key"]:
-            keep.add(self.state["best_key"])
-        stale = [k for k in self.state["checkpoints"] if k not in keep]
-        if not stale:
-            return
-        self.state["checkpoints"] = [k for k in self.state["checkpoints"] if k in keep]
-        self.store.put_json(self.state_key, self.state)
-        for key in stale:
-            self.store.client.delete_object(Bucket=self.store.bucket, Key=key)
-            self.local_path(key).unlink(missing_ok=True)
-
-    def save_state(self, **updates) -> None:
-        self.state.update(updates)
-        self.store.put_json(self.state_key, self.state)
-
-
-def _scalars(logs: dict | None) -> dict:
-    out = {}
-    for name, value in (logs or {}).items():
-        try:
-            out[name] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Checkpoints every epoch, tracks the best val weighted F1, stops after `patience`
-    epochs without improvement in the current phase (once `may_stop()` allows it), and
-    reports progress."""
-
-    def __init__(self, manager: CheckpointManager, phase: str, patience: int, progress: Progress | None,
-                 total_epochs: int, architecture: str, may_stop: Callable[[], bool] | None = None):
-        super().__init__()
-        self.may_stop = may_stop
-        self.manager = manager
-        self.phase = phase
-        self.patience = patience
-        self.progress = progress
-        self.total_epochs = total_epochs
-        self.architecture = architecture
-        self.early_stopped = False
-        self._started = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        try:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate.value))
-        except Exception:  # noqa: BLE001 - a schedule object; not worth failing over
-            pass
-        number = epoch + 1
-        improved = self.manager.record_epoch(self.model, number, self.phase, logs, time.time() - self._started)
-        state = self.manager.state
-        since = number - max(state["best_epoch"] or 0, state.get("phase_start_epoch", 0))
-        if since >= self.patience and (self.may_stop is None or self.may_stop()):
-            self.early_stopped = True
-            self.model.stop_training = True
-        log.info(
-            "%s %s epoch %d/%d: loss %.4f val_weighted_f1 %.4f%s",
-            self.architecture, self.phase, number, self.total_epochs, logs.get("loss", float("nan")),
-            logs.get("val_weighted_f1", float("nan")), " (best)" if improved else "",
-        )
-        if self.progress:
-            self.progress({
-                "event": "epoch_end", "architecture": self.architecture, "phase": self.phase, "epoch": number,
-                "epochs": self.total_epochs, "logs": _scalars(logs), "improved": improved,
-                "best_score": state["best_score"], "best_epoch": state["best_epoch"],
-                "checkpoint_key": self.manager.key_for(number),
-            })
-
-
-# --------------------------------------------------------------------------- the entry point
-
-
-def _phases(config: TrainConfig, pretrained: bool) -> list[tuple[str, int, int]]:
-    """(phase, first epoch index, end epoch index) with 0-based half-open epoch ranges."""
-    if not pretrained:
-        return [("full", 0, config.epochs)]
-    warmup = min(max(config.warmup_epochs, 0), config.epochs)
-    phases = [("warmup", 0, warmup)] if warmup else []
-    if config.epochs > warmup:
-        phases.append(("finetune", warmup, config.epochs))
-    return phases
-
-
-def training_phases(config: TrainConfig) -> list[tuple[str, int, int]]:
-    """The phases of `config`'s architecture: [(phase, first epoch index, end index)], 0-based
-    half-open; `warmup` + `finetune` for a pretrained backbone, `full` for a model from scratch."""
-    return _phases(config, models.get_spec(config.architecture).pretrained)
-
-
-def configure_phase(model: keras.Model, phase: str, config: TrainConfig, *, jit_compile: bool) -> None:
-    """Set what is trainable for `phase` and compile with that phase's learning rate."""
-    if phase == "warmup":
-        models.freeze_backbone(model)
-    elif phase == "finetune":
-        models.unfreeze_top(model, fraction=config.fine_tune_fraction, blocks=config.fine_tune_blocks)
-    else:
-        model.trainable = True
-    compile_model(model, config, phase_learning_rate(phase, config), jit_compile=jit_compile)
-
-
-def phase_learning_rate(phase: str, config: TrainConfig) -> float:
-    """The (peak) learning rate of `phase`: the lower fine-tune rate for a pretrained backbone."""
-    return config.fine_tune_learning_rate if phase == "finetune" else config.learning_rate
-
-
-def check_training_data(frame, min_train_images: int) -> list[str]:
-    """The class names (sorted train labels); TrainingError if the split cannot be trained on."""
-    for column in ("md5hash", "label", "split"):
-        if column not in frame.columns:
-            raise TrainingError(f"split manifest lacks column {column!r}")
-    train = frame[frame["split"] == "train"]
-    if len(train) < min_train_images:
-        raise TrainingError(
-            f"the training split has {len(train)} images; at least {min_train_images} are needed"
-        )
-    class_names = sorted(train["label"].unique())
-    if len(class_names) < 2:
-        raise TrainingError(f"the training split has {len(class_names)} class(es); at least 2 are needed")
-    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
-    missing = sorted(set(used["label"]) - set(class_names))
-    if missing:
-        where = used[used["label"].isin(missing)].groupby("label")["split"].first().to_dict()
-        raise TrainingError(
-            "class(es) missing from the training split: "
-            + ", ".join(f"{name!r} (found in {where[name]})" for name in missing[:10])
-        )
-    if not (frame["split"] == "val").any():
-        raise TrainingError("the split manifest has no 'val' rows; validation F1 drives model selection")
-    return class_names
+def write_outputs(store, run_id: str, architecture: str, evaluation: Evaluation, history: dict, params: dict,
+                  predictions_path: Path) -> dict[str, str]:
+    """Upload the model and its reports; returns their keys. The model goes last: its presence
+    means the outputs are complete."""
+    keys = {name: layout.model_key(run_id, architecture, file) for name, file in (
+        ("model", layout.MODEL_FILE), ("metrics", "metrics.json"), ("history", "history.json"),
+        ("params", "params.json"), ("predictions", "predictions.npz"))}
+    store.put_json(keys["metrics"], evaluation.metrics)
+    store.put_json(keys["history"], history)
+    store.put_json(keys["params"], params)
+    store.put_file(keys["predictions"], predictions_path)
+    store.put_file(keys["model"], evaluation.best_path)
+    return keys
 
 
 def _versions() -> dict:
@@ -480,7 +291,31 @@ def _versions() -> dict:
 def _headline(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
-    return {k: metrics.get(k) for k in ("n", "accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "range_gap_weighted_f1")}
+    return {k: metrics.get(k) for k in HEADLINE_METRICS}
+
+
+def summarize(store, config: TrainConfig, run_id: str, status: str, data: PreparedData, keys: dict[str, str],
+              evaluation: Evaluation, manager: CheckpointManager, resumed_from: int, started: float) -> dict:
+    """The JSON-able summary a training returns (and records in its state, for a rerun)."""
+    return {
+        "architecture": config.architecture,
+        "status": status,
+        "run_id": run_id,
+        "image_size": data.image_size,
+        "keys": keys,
+        "uris": {name: store.uri(key) for name, key in keys.items()},
+        "test": _headline(evaluation.metrics.get("test")),
+        "verified_test": _headline(evaluation.metrics.get("verified_test")),
+        "best_epoch": manager.state["best_epoch"],
+        "best_val_weighted_f1": manager.state["best_score"],
+        "epochs_run": int(manager.state["epoch"]) - resumed_from,
+        "epochs_total": int(manager.state["epoch"]),
+        "resumed_from_epoch": resumed_from,
+        "seconds": round(time.time() - started, 2),
+    }
+
+
+# --------------------------------------------------------------------------- the entry point
 
 
 def train_architecture(
@@ -501,184 +336,27 @@ def train_architecture(
     started = time.time()
     settings = settings or get_settings()
     arch = config.architecture
-    spec = models.get_spec(arch)
-    out_prefix = f"runs/{run_id}/models/{arch}/"
-    work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch
+    work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch  # local, not a bucket key
     manager = CheckpointManager(store, run_id, arch, work_dir / "checkpoints", settings.keep_checkpoints)
     previous = manager.load()
-    if previous and previous.get("status") == "done" and previous.get("summary") and store.exists(out_prefix + "model.keras"):
-        log.info("%s: run %s already finished; returning its summary", arch, run_id)
-        return previous["summary"]
+    finished = finished_summary(store, previous, run_id, arch)
+    if finished is not None:
+        return finished
 
-    frame = store.get_dataframe_csv(split_key)
-    class_names = check_training_data(frame, config.min_train_images)
-    image_size = models.effective_image_size(arch, config.image_size)
-
-    # --- data: bucket -> local cache -> one uint8 array per (manifest, size)
-    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
-    keys = {
-        md5: (key or f"images/{md5}")
-        for md5, key in zip(used["md5hash"], used["key"] if "key" in used.columns else [""] * len(used))
-    }
-    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
-    try:
-        arrays = data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir, class_names)
-    except data_lib.DataError as error:
-        raise TrainingError(str(error)) from error
-    train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
-    class_weights = (
-        data_lib.class_weights_from_labels(arrays.labels[train_idx], len(class_names)) if config.class_weights else None
-    )
-
-    gpu = accelerator_present()
-    use_mixed = gpu if config.mixed_precision is None else config.mixed_precision
-    # XLA on TensorFlow only pays off on a GPU; a JAX model without jit runs op by op, so
-    # there jit is on everywhere.
-    auto_jit = gpu or keras.backend.backend() == "jax"
-    jit = auto_jit if config.jit_compile is None else config.jit_compile
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if use_mixed else "float32")
-    try:
+    data = prepare_data(store, split_key, config, settings)
+    runtime = choose_runtime(config)
+    with dtype_policy(runtime.mixed_precision):
         keras.utils.set_random_seed(config.seed)
-        phases = _phases(config, spec.pretrained)
-        done_epochs = 0
-        model = None
-        loaded_phase = None
-        if previous and previous.get("checkpoints"):
-            done_epochs = int(previous["epoch"])
-            last = previous["checkpoints"][-1]
-            log.info("%s: resuming run %s after epoch %d from %s", arch, run_id, done_epochs, last)
-            model = keras.saving.load_model(manager.fetch(last))
-            # the phase the checkpoint was trained in (state["phase"] may already name the next
-            # phase if the crash came between configuring it and its first epoch)
-            loaded_phase = (previous.get("history", {}).get("phase") or [previous["phase"]])[-1]
-        resumed_from = done_epochs
-        if model is None:
-            model = models.create_model(
-                arch, len(class_names), image_size, config.weights, head_width=config.head_width,
-                dropout=config.dropout, augment=config.augment, seed=config.seed, **config.arch_options,
-            )
-
-        train_data = data_lib.make_dataset(arrays, train_idx, config.batch_size, shuffle=True, seed=config.seed, class_weights=class_weights)
-        val_data = data_lib.make_dataset(arrays, val_idx, config.eval_batch_size, shuffle=False)
-        f1_callback = ValWeightedF1(val_data, arrays.labels[val_idx])
-        budget = TimeBudget(config.deadline)
-        status = "completed"
-        for phase, first, end in phases:
-            if end <= done_epochs:
-                continue
-            if budget.stopped or (config.deadline is not None and time.time() >= config.deadline):
-                status = "deadline"
-                break
-            if loaded_phase != phase:
-                configure_phase(model, phase, config, jit_compile=jit)
-                manager.save_state(phase=phase, phase_start_epoch=max(first, done_epochs))
-            loaded_phase = None
-            if progress:
-                progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1, "epochs": config.epochs})
-            schedule = schedule_callbacks(config, phase, first, end, config.deadline)
-            checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
-                                         may_stop=schedule[0].annealed if schedule else None)
-            model.fit(
-                train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
-                callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
-            )
-            done_epochs = int(manager.state["epoch"])
-            if budget.stopped:
-                status = "deadline"
-                break
-            if checkpoint.early_stopped and phase != "warmup":
-                status = "early_stopped"
-                break
-        if manager.state.get("best_key") is None:
-            raise TrainingError(f"{arch}: no epoch finished before the deadline; nothing to evaluate")
-
-        # --- evaluate the best epoch
-        best_path = manager.fetch(manager.state["best_key"])
-        best = keras.saving.load_model(best_path)
-        metrics: dict[str, dict | None] = {}
-        prediction_parts = []
-        for split in ("test", "verified_test"):
-            idx = arrays.indices(split)
-            if len(idx) == 0:
-                metrics[split] = None
-                continue
-            probs = np.asarray(
-                best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
-                dtype=np.float32,
-            )
-            metrics[split] = classification_metrics(arrays.labels[idx], probs, class_names, arrays.fitzpatrick_range[idx])
-            prediction_parts.append((split, idx, probs))
-
-        # --- outputs
-        out_dir = work_dir / "outputs"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best_path, out_dir / "model.keras")
-        npz_path = out_dir / "predictions.npz"
-        if prediction_parts:
-            all_idx = np.concatenate([idx for _, idx, _ in prediction_parts])
-            np.savez_compressed(
-                npz_path,
-                md5hash=arrays.md5hash[all_idx].astype(str),
-                split=np.concatenate([[s] * len(idx) for s, idx, _ in prediction_parts]).astype(str),
-                y_true=arrays.labels[all_idx].astype(np.int64),
-                y_prob=np.concatenate([p for _, _, p in prediction_parts]).astype(np.float32),
-                fitzpatrick_range=arrays.fitzpatrick_range[all_idx].astype(str),
-            )
-        else:
-            np.savez_compressed(
-                npz_path, md5hash=np.zeros(0, dtype=str), split=np.zeros(0, dtype=str), y_true=np.zeros(0, dtype=np.int64),
-                y_prob=np.zeros((0, len(class_names)), dtype=np.float32), fitzpatrick_range=np.zeros(0, dtype=str),
-            )
-        history = manager.state.get("history", {})
-        params = {
-            **config.to_dict(),
-            "image_size_requested": config.image_size,
-            "image_size": image_size,
-            "run_id": run_id,
-            "split_key": split_key,
-            "split_digest": arrays.digest,
-            "class_names": class_names,
-            "class_weights_values": None if class_weights is None else [float(w) for w in class_weights],
-            "split_sizes": {s: int(len(arrays.indices(s))) for s in data_lib.USED_SPLITS},
-            "mixed_precision": bool(use_mixed),
-            "jit_compile": bool(jit),
-            "accelerator": bool(gpu),
-            "best_epoch": manager.state["best_epoch"],
-            "best_val_weighted_f1": manager.state["best_score"],
-            **_versions(),
-        }
-        keys_out = {
-            "model": out_prefix + "model.keras",
-            "metrics": out_prefix + "metrics.json",
-            "history": out_prefix + "history.json",
-            "params": out_prefix + "params.json",
-            "predictions": out_prefix + "predictions.npz",
-        }
-        store.put_json(keys_out["metrics"], metrics)
-        store.put_json(keys_out["history"], history)
-        store.put_json(keys_out["params"], params)
-        store.put_file(keys_out["predictions"], npz_path)
-        store.put_file(keys_out["model"], out_dir / "model.keras")  # last: its presence means "complete"
-        summary = {
-            "architecture": arch,
-            "status": status,
-            "run_id": run_id,
-            "image_size": image_size,
-            "keys": keys_out,
-            "uris": {name: store.uri(key) for name, key in keys_out.items()},
-            "test": _headline(metrics.get("test")),
-            "verified_test": _headline(metrics.get("verified_test")),
-            "best_epoch": manager.state["best_epoch"],
-            "best_val_weighted_f1": manager.state["best_score"],
-            "epochs_run": int(manager.state["epoch"]) - resumed_from,
-            "epochs_total": int(manager.state["epoch"]),
-            "resumed_from_epoch": resumed_from,
-            "seconds": round(time.time() - started, 2),
-        }
-        manager.save_state(status="done", summary=summary)
-        if progress:
-            progress({"event": "done", **summary})
-        return summary
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+        start = build_or_resume(manager, previous, config, data, run_id)
+        status = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress)
+        evaluation = evaluate_best_epoch(manager, config, data)
+    predictions_path = work_dir / "outputs" / "predictions.npz"
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    save_predictions(predictions_path, data, evaluation)
+    params = training_params(config, run_id, split_key, data, runtime, manager)
+    keys = write_outputs(store, run_id, arch, evaluation, manager.state.get("history", {}), params, predictions_path)
+    summary = summarize(store, config, run_id, status, data, keys, evaluation, manager, start.done_epochs, started)
+    manager.save_state(status="done", summary=summary)
+    if progress:
+        progress({"event": "done", **summary})
+    return summary

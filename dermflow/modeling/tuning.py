@@ -1,39 +1,32 @@
-"""Hyperparameter search with keras-tuner: one search space, three tuners, resumable, distributable.
+"""Hyperparameter search with keras-tuner: the hypermodel, three tuners, resumable searches.
 
-- The search space lives in ONE place, `DermHyperModel.build(hp)` (through `sample_config`): it
-  only samples values, turns them into `dermflow.modeling.train.TrainConfig` fields, and calls the
-  ordinary builder (`dermflow.modeling.models.create_model`) and compile step
-  (`dermflow.modeling.train.configure_phase`). So the best trial's values are a `TrainConfig` override
-  that the final training (`derm-train`) takes as is.
-- The objective is `val_weighted_f1`, computed by `dermflow.modeling.train.ValWeightedF1` over the WHOLE
-  validation split once per epoch (scikit-learn, not a batch average), declared to keras-tuner
-  as `keras_tuner.Objective("val_weighted_f1", direction="max")`.
+- The search space lives in ONE place, `dermflow.modeling.search_space.sample_config`; the
+  hypermodel only turns its values into `TrainConfig` fields and calls the ordinary builder
+  (`dermflow.modeling.models.create_model`) and compile step
+  (`dermflow.modeling.recipe.configure_phase`). So the best trial's values are a `TrainConfig`
+  override that the final training (`derm-train`) takes as is.
+- The objective is `val_weighted_f1`, computed by `dermflow.modeling.callbacks.ValWeightedF1`
+  over the WHOLE validation split once per epoch (scikit-learn, not a batch average).
 - Tuners: `random`, `hyperband`, `bayesian`. The first trial of `random`/`bayesian` runs the
   space's defaults (a known-good recipe), so even a one-trial budget returns a sound config.
-- Resumable: keras-tuner writes its project to a local directory; `ProjectSync` mirrors it to
-  `tuning/<tuning_id>/` in the bucket after every trial and restores it before a search
-  (`overwrite=False`), so a rerun with the same `tuning_id` continues where it stopped.
-- Distributed: keras-tuner's own chief/worker mode (`KERASTUNER_TUNER_ID`,
-  `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`). `serve_oracle` is the chief (no training),
-  `run_worker` a worker; `python -m dermflow.modeling.tuning chief|worker --spec FILE` runs either in
-  its own process.
+- Resumable: keras-tuner writes its project to a local directory; `ProjectSync`
+  (`dermflow.modeling.tuning_sync`) mirrors it to the search's prefix in the bucket after every
+  trial and restores it before a search (`overwrite=False`), so a rerun with the same
+  `tuning_id` continues where it stopped.
+- Distributed: keras-tuner's chief/worker mode lives in `dermflow.modeling.tuning_distributed`;
+  reading a finished search's trials in `dermflow.modeling.tuning_results`.
 - Time budget: past `deadline` the oracle hands out no new trial and the running trial stops
   after its current batch (its best epoch so far still counts).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
-import os
-import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,89 +34,36 @@ import keras
 import keras_tuner
 import numpy as np
 from keras_tuner.src.engine.trial import TrialStatus
+from pydantic import Field
 
+from dermflow import config
+from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TrainConfig
 from dermflow.dataset import arrays as data_lib
-from dermflow.modeling import models
-from dermflow.modeling import train as train_lib
+from dermflow.errors import DermflowError
+from dermflow.modeling import models, recipe
+from dermflow.modeling.callbacks import TimeBudget, ValWeightedF1, schedule_callbacks
+from dermflow.modeling.search_space import (
+    OBJECTIVE_NAME,
+    objective,
+    sample_config,
+    search_space_signature,
+)
+from dermflow.modeling.tuning_results import best_config, read_trials
+from dermflow.modeling.tuning_sync import ProjectSync
 from dermflow.runs import content_hash
 
 log = logging.getLogger("dermflow.modeling.tuning")
 
-TUNER_KINDS = ("random", "hyperband", "bayesian")
-OBJECTIVE_NAME = "val_weighted_f1"
-SEARCH_SPACE_VERSION = 2
-TUNING_PREFIX = "tuning"
-# The final training restarts from scratch: on small budgets its epochs matter more than more
-# trials (measured on atlas20, bench/bench_quality.py), so tuning gets the smaller part.
-DEFAULT_TUNING_SHARE = 0.35
-
-Progress = Callable[[dict], None]
+# A trial stops after this many epochs without a better validation weighted F1.
+TRIAL_PATIENCE = 3
+SEARCH_DEFAULTS = config.SearchOptions()
+# Where searches keep their keras-tuner project directories, under the local cache (a local
+# path; the bucket copy is at `layout.tuning_prefix`).
+LOCAL_TUNING_DIR = "tuning"
 
 
-class TuningError(RuntimeError):
-    """A search cannot start or go on for a reason the caller can fix."""
-
-
-def objective() -> keras_tuner.Objective:
-    return keras_tuner.Objective(OBJECTIVE_NAME, direction="max")
-
-
-# --------------------------------------------------------------------------- the search space
-
-
-def sample_config(hp: keras_tuner.HyperParameters, architecture: str) -> dict[str, Any]:
-    """Sample one point of the search space as `TrainConfig` fields (the ONLY place it is defined).
-
-    Defaults are a strong small-data recipe; `random`/`bayesian` searches start from them.
-    """
-    spec = models.get_spec(architecture)
-    # Defaults measured on atlas20 at 128 px from scratch on 2 CPU cores, 6 minutes of training
-    # each (held-out weighted F1): a cosine-annealed rate 0.42-0.43 vs 0.23 at a constant one;
-    # with flips 0.37, flips + translation 0.40, flips + mixup 0.38; width 1.0 0.30 (fewer
-    # epochs fit). Batch norm with small batches learns fastest per second.
-    config: dict[str, Any] = {
-        "optimizer": hp.Choice("optimizer", ["adam", "rmsprop", "sgd"], default="adam"),
-        "learning_rate": hp.Float("learning_rate", 1e-4, 1e-1, sampling="log", default=1e-3),
-        "lr_schedule": hp.Choice("lr_schedule", ["cosine", "constant"], default="cosine"),
-        "batch_size": hp.Choice("batch_size", [16, 32, 64], default=16),
-        "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.3),
-        "head_width": hp.Choice("head_width", [64, 128, 256, 512], default=256),
-        "label_smoothing": hp.Choice("label_smoothing", [0.0, 0.1], default=0.1),
-        "class_weights": hp.Boolean("class_weights", default=True),
-        "augment": hp.Boolean("augment", default=False),
-        # Not searched: validation F1 on a few hundred images is noisy, and the final training's
-        # default patience (5) stopped it with most of its budget left (bench_quality.py).
-        "patience": hp.Fixed("patience", 10),
-    }
-    if spec.pretrained:
-        # How many backbone blocks to fine-tune after the head warm-up, and how gently.
-        config["fine_tune_blocks"] = hp.Int("fine_tune_blocks", 1, 4, default=2)
-        config["fine_tune_learning_rate"] = hp.Float(
-            "fine_tune_learning_rate", 1e-6, 1e-4, sampling="log", default=1e-5
-        )
-    else:
-        config["arch_options"] = {
-            "width_multiplier": hp.Choice("width_multiplier", [0.5, 1.0, 1.5], default=0.5),
-            "depth": hp.Int("depth", 3, 5, default=4),
-            "batch_norm": hp.Boolean("batch_norm", default=True),
-        }
-    return config
-
-
-def search_space_signature(architecture: str) -> dict:
-    """A JSON description of the space (names, kinds, ranges): part of the default tuning id."""
-    hp = keras_tuner.HyperParameters()
-    sample_config(hp, architecture)
-    return {"version": SEARCH_SPACE_VERSION, "space": [p.get_config() for p in hp.space]}
-
-
-def config_from_values(architecture: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A trial's recorded hyperparameter values -> `TrainConfig` fields (tuner/* keys dropped)."""
-    hp = keras_tuner.HyperParameters()
-    sample_config(hp, architecture)
-    known = {p.name for p in hp.space}
-    hp.values.update({k: v for k, v in values.items() if k in known})
-    return sample_config(hp, architecture)
+class TuningError(DermflowError, RuntimeError):
+    """A search cannot start or go on for a reason the caller can fix (permanent unless said)."""
 
 
 @dataclass
@@ -148,13 +88,13 @@ class DermHyperModel(keras_tuner.HyperModel):
         architecture: str,
         num_classes: int,
         image_size: int,
-        weights: str = "imagenet",
+        weights: str = TRAIN_DEFAULTS.weights,
         *,
-        batch_size: int = 32,
-        seed: int = 42,
+        batch_size: int = TRAIN_DEFAULTS.batch_size,
+        seed: int = TRAIN_DEFAULTS.seed,
         deadline: float | None = None,
         data: TrialData | None = None,
-        patience: int = 3,
+        patience: int = TRIAL_PATIENCE,
     ):
         super().__init__(name=f"derm-{architecture}", tunable=True)
         models.get_spec(architecture)
@@ -168,11 +108,11 @@ class DermHyperModel(keras_tuner.HyperModel):
         self.data = data
         self.patience = patience
 
-    def train_config(self, hp: keras_tuner.HyperParameters, epochs: int = 1) -> train_lib.TrainConfig:
+    def train_config(self, hp: keras_tuner.HyperParameters, epochs: int = 1) -> TrainConfig:
         fixed = dict(architecture=self.architecture, image_size=self.image_size, epochs=max(1, int(epochs)),
                      batch_size=self.batch_size, weights=self.weights, seed=self.seed, deadline=self.deadline,
                      patience=self.patience)
-        return train_lib.TrainConfig(**{**fixed, **sample_config(hp, self.architecture)})
+        return TrainConfig(**{**fixed, **sample_config(hp, self.architecture)})
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         config = self.train_config(hp)
@@ -182,7 +122,7 @@ class DermHyperModel(keras_tuner.HyperModel):
             seed=config.seed, **config.arch_options,
         )
         first_phase = "warmup" if models.get_spec(self.architecture).pretrained else "full"
-        train_lib.configure_phase(model, first_phase, config, jit_compile=False)
+        recipe.configure_phase(model, first_phase, config, jit_compile=False)
         return model
 
     def fit(self, hp, model, *args, epochs: int = 1, initial_epoch: int = 0, callbacks=None, **kwargs):
@@ -198,19 +138,19 @@ class DermHyperModel(keras_tuner.HyperModel):
                                            seed=config.seed, class_weights=class_weights)
         val_data = data_lib.make_dataset(arrays, self.data.val_indices, config.eval_batch_size, shuffle=False)
         # ValWeightedF1 first: keras-tuner's own callbacks (after it) read the value from the logs.
-        f1 = train_lib.ValWeightedF1(val_data, arrays.labels[self.data.val_indices])
+        f1 = ValWeightedF1(val_data, arrays.labels[self.data.val_indices])
         stop = keras.callbacks.EarlyStopping(OBJECTIVE_NAME, mode="max", patience=config.patience)
-        budget = train_lib.TimeBudget(config.deadline)
+        budget = TimeBudget(config.deadline)
         all_callbacks = [f1, *(callbacks or []), stop, budget]
         merged: dict[str, list] = {}
         pretrained = models.get_spec(self.architecture).pretrained
-        for phase, first, end in train_lib._phases(config, pretrained):
+        for phase, first, end in recipe.phases_for(config, pretrained):
             if end <= initial_epoch or budget.stopped:
                 continue
             if phase == "finetune":
-                train_lib.configure_phase(model, phase, config, jit_compile=False)
+                recipe.configure_phase(model, phase, config, jit_compile=False)
             # Trials anneal over their own epochs: their share of the tuning deadline is unknown.
-            schedule = train_lib.schedule_callbacks(config, phase, first, end, deadline=None)
+            schedule = schedule_callbacks(config, phase, first, end, deadline=None)
             history = model.fit(train_data, initial_epoch=max(first, initial_epoch), epochs=end,
                                 callbacks=[*schedule, *all_callbacks], verbose=0)
             for name, values in history.history.items():
@@ -218,61 +158,6 @@ class DermHyperModel(keras_tuner.HyperModel):
         if not merged.get(OBJECTIVE_NAME):
             raise keras_tuner.errors.FailedTrialError("no epoch finished (deadline already passed)")
         return {OBJECTIVE_NAME: float(np.nanmax(merged[OBJECTIVE_NAME]))}
-
-
-# --------------------------------------------------------------------------- bucket sync
-
-
-class ProjectSync:
-    """Mirrors a local keras-tuner project directory to `tuning/<tuning_id>/` in the bucket.
-
-    `push()` uploads files that are new or changed since the last push (size and mtime);
-    `pull()` downloads bucket files absent or of another size locally. Thread-safe.
-    """
-
-    def __init__(self, store, tuning_id: str, local_dir: Path):
-        self.store = store
-        self.prefix = f"{TUNING_PREFIX}/{tuning_id}/"
-        self.local_dir = Path(local_dir)
-        self._pushed: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-
-    def _local_files(self) -> Iterator[Path]:
-        if self.local_dir.exists():
-            for path in sorted(self.local_dir.rglob("*")):
-                if path.is_file() and not path.name.endswith((".part", ".lock")):
-                    yield path
-
-    def push(self) -> int:
-        uploaded = 0
-        with self._lock:
-            for path in self._local_files():
-                relative = path.relative_to(self.local_dir).as_posix()
-                stat = path.stat()
-                stamp = (stat.st_size, stat.st_mtime_ns)
-                if self._pushed.get(relative) == stamp:
-                    continue
-                self.store.put_file(self.prefix + relative, path)
-                self._pushed[relative] = stamp
-                uploaded += 1
-        return uploaded
-
-    def pull(self) -> int:
-        downloaded = 0
-        with self._lock:
-            listing = self.store.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.store.bucket, Prefix=self.prefix)
-            for page in listing:
-                for item in page.get("Contents", []):
-                    relative = item["Key"][len(self.prefix):]
-                    path = self.local_dir / relative
-                    if path.exists() and path.stat().st_size == item["Size"]:
-                        continue
-                    self.store.download_file(item["Key"], path)
-                    stat = path.stat()
-                    self._pushed[relative] = (stat.st_size, stat.st_mtime_ns)
-                    downloaded += 1
-        return downloaded
 
 
 # --------------------------------------------------------------------------- tuners and oracles
@@ -366,32 +251,28 @@ def dist_role() -> str:
     return "chief" if dist_utils.is_chief_oracle() else "worker"
 
 
-@dataclass
-class SearchSpec:
-    """Everything that decides one search (JSON-able; the chief and workers get the same)."""
+class SearchSpec(config.ModelInput, config.SearchOptions):
+    """Everything that decides one search (JSON-able; the chief and workers get the same).
 
-    architecture: str
-    num_classes: int
-    image_size: int = 128
-    weights: str = "imagenet"
-    tuner: str = "random"
-    max_trials: int = 10
-    trial_epochs: int = 5
-    batch_size: int = 32
-    seed: int = 42
+    Input size, batch size, weights, tuner and trial count, with their defaults and bounds, come
+    from `dermflow.config`; a bad value raises pydantic's ValidationError (a ValueError)."""
+
+    architecture: ArchitectureName
+    num_classes: int = Field(ge=2)
+    trial_epochs: int = Field(5, ge=1, le=config.MAX_EPOCHS)
+    seed: config.Seed = TRAIN_DEFAULTS.seed
     deadline: float | None = None
-    tuning_id: str = ""
-    directory: str = ""
-    patience: int = 3
+    tuning_id: str = Field(min_length=1)
+    directory: str = Field(min_length=1, description="local parent of the keras-tuner project directory")
+    patience: int = Field(TRIAL_PATIENCE, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.tuner not in TUNER_KINDS:
-            raise TuningError(f"tuner {self.tuner!r}: expected one of {TUNER_KINDS}")
-        models.get_spec(self.architecture)
-        if self.max_trials < 1 or self.trial_epochs < 1:
-            raise TuningError(f"max_trials and trial_epochs must be >= 1 (got {self.max_trials}, {self.trial_epochs})")
-        if not self.tuning_id or not self.directory:
-            raise TuningError("tuning_id and directory are required")
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchSpec":
+        """A spec from its JSON form; a bad or unknown field is a TuningError naming it."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValueError as error:
+            raise TuningError(f"bad search spec: {error}") from error
 
     @property
     def project_dir(self) -> Path:
@@ -427,54 +308,6 @@ def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSyn
     return tuner
 
 
-# --------------------------------------------------------------------------- results
-
-
-def read_trials(project_dir: Path, architecture: str) -> list[dict]:
-    """Every trial of a keras-tuner project directory: id, status, score, raw values, config."""
-    def order(path: Path):
-        name = path.parent.name.removeprefix("trial_")
-        return (0, int(name), name) if name.isdigit() else (1, 0, name)
-
-    trials = []
-    for path in sorted(Path(project_dir).glob("trial_*/trial.json"), key=order):
-        state = json.loads(path.read_text())
-        values = state.get("hyperparameters", {}).get("values", {})
-        score = state.get("score")
-        trials.append({
-            "architecture": architecture,
-            "trial_id": state.get("trial_id"),
-            "status": state.get("status"),
-            "score": None if score is None else float(score),
-            "hyperparameters": config_from_values(architecture, values),
-            "values": values,
-        })
-    return trials
-
-
-def best_config(trials: list[dict]) -> dict | None:
-    """The `TrainConfig` override of the best completed trial (None when none completed)."""
-    done = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None and not np.isnan(t["score"])]
-    if not done:
-        return None
-    return max(done, key=lambda t: t["score"])["hyperparameters"]
-
-
-def trial_table(trials: list[dict]) -> list[dict]:
-    """One flat row per trial (hyperparameters spread into columns) for a table artifact."""
-    rows = []
-    for trial in trials:
-        row = {"architecture": trial["architecture"], "trial": trial["trial_id"], "status": trial["status"],
-               "val_weighted_f1": None if trial["score"] is None else round(trial["score"], 4)}
-        for name, value in trial["hyperparameters"].items():
-            if isinstance(value, dict):
-                row.update({f"{name}.{k}": v for k, v in value.items()})
-            else:
-                row[name] = round(value, 6) if isinstance(value, float) else value
-        rows.append(row)
-    return rows
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -488,17 +321,13 @@ def default_tuning_id(architecture: str, split_key: str, tuner: str, image_size:
 def load_training_arrays(store, split_key: str, image_size: int, settings) -> data_lib.SplitArrays:
     """The split manifest's images as cached arrays (the same cache `dermflow.modeling.train` uses)."""
     frame = store.get_dataframe_csv(split_key)
-    class_names = train_lib.check_training_data(frame, 2)
-    used = frame[frame["split"].isin(data_lib.USED_SPLITS)]
-    keys = {md5: (key or f"images/{md5}") for md5, key in
-            zip(used["md5hash"], used["key"] if "key" in used.columns else [""] * len(used))}
-    paths = data_lib.cache_images_from_store(store, keys, settings.local_cache_dir)
-    return data_lib.prepare_split_arrays(frame, paths.__getitem__, image_size, settings.local_cache_dir, class_names)
+    class_names = recipe.check_training_data(frame, 2)
+    return recipe.load_split_arrays(store, frame, image_size, settings, class_names)
 
 
 def class_count(store, split_key: str) -> int:
     """The number of classes of a split manifest (no images read): what the chief needs."""
-    return len(train_lib.check_training_data(store.get_dataframe_csv(split_key), 2))
+    return len(recipe.check_training_data(store.get_dataframe_csv(split_key), 2))
 
 
 def trial_data(arrays: data_lib.SplitArrays) -> TrialData:
@@ -533,14 +362,14 @@ def tune_architecture(
     split_key: str,
     architecture: str,
     *,
-    tuner: str = "random",
-    max_trials: int = 10,
+    tuner: str = SEARCH_DEFAULTS.tuner,
+    max_trials: int = SEARCH_DEFAULTS.max_trials,
     trial_epochs: int | None = None,
-    epochs: int = 30,
-    image_size: int = 128,
-    batch_size: int = 32,
-    weights: str = "imagenet",
-    seed: int = 42,
+    epochs: int = TRAIN_DEFAULTS.epochs,
+    image_size: int = TRAIN_DEFAULTS.image_size,
+    batch_size: int = TRAIN_DEFAULTS.batch_size,
+    weights: str = TRAIN_DEFAULTS.weights,
+    seed: int = TRAIN_DEFAULTS.seed,
     deadline: float | None = None,
     tuning_id: str | None = None,
     settings=None,
@@ -563,9 +392,11 @@ def tune_architecture(
     return {"tuning_id": spec.tuning_id, **result}
 
 
-def make_spec(store, split_key: str, architecture: str, *, tuner: str = "random", max_trials: int = 10,
-              trial_epochs: int | None = None, epochs: int = 30, image_size: int = 128, batch_size: int = 32,
-              weights: str = "imagenet", seed: int = 42, deadline: float | None = None,
+def make_spec(store, split_key: str, architecture: str, *, tuner: str = SEARCH_DEFAULTS.tuner,
+              max_trials: int = SEARCH_DEFAULTS.max_trials, trial_epochs: int | None = None,
+              epochs: int = TRAIN_DEFAULTS.epochs, image_size: int = TRAIN_DEFAULTS.image_size,
+              batch_size: int = TRAIN_DEFAULTS.batch_size, weights: str = TRAIN_DEFAULTS.weights,
+              seed: int = TRAIN_DEFAULTS.seed, deadline: float | None = None,
               tuning_id: str | None = None, settings=None) -> SearchSpec:
     """The SearchSpec of a search on a split manifest (class count read from the manifest)."""
     from dermflow.settings import get_settings
@@ -577,74 +408,8 @@ def make_spec(store, split_key: str, architecture: str, *, tuner: str = "random"
         architecture=architecture, num_classes=class_count(store, split_key), image_size=image_size,
         weights=weights, tuner=tuner, max_trials=max_trials,
         trial_epochs=trial_epochs or default_trial_epochs(epochs), batch_size=batch_size, seed=seed,
-        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / TUNING_PREFIX),
+        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / LOCAL_TUNING_DIR),
     )
-
-
-@contextlib.contextmanager
-def tuner_environment(role: str, host: str, port: int, tuner_id: str | None = None) -> Iterator[None]:
-    """keras-tuner's chief/worker variables set for the block (restored after)."""
-    values = {
-        "KERASTUNER_TUNER_ID": "chief" if role == "chief" else (tuner_id or f"tuner-{os.getpid()}"),
-        "KERASTUNER_ORACLE_IP": host,
-        "KERASTUNER_ORACLE_PORT": str(port),
-    }
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def serve_oracle(spec: SearchSpec, host: str, port: int, sync: ProjectSync | None = None) -> None:
-    """The chief: serve the oracle over gRPC until every worker was told to stop. No training."""
-    if sync is not None:
-        sync.pull()
-    # The chief builds models only to discover the space: never download weights for that.
-    with tuner_environment("chief", host, port):
-        tuner = make_tuner(replace(spec, weights="none"), None, sync)
-        tuner.search()
-    if sync is not None:
-        sync.push()
-
-
-def run_worker(spec: SearchSpec, data: TrialData, host: str, port: int, tuner_id: str,
-               sync: ProjectSync | None = None) -> int:
-    """A worker: ask the chief for trials and train them until it says stop; returns trials run."""
-    keras.utils.set_random_seed(spec.seed)
-    with tuner_environment("worker", host, port, tuner_id):
-        tuner = make_tuner(spec, data, sync)
-        ran = []
-        original = tuner.on_trial_end
-
-        def count(trial):
-            ran.append(trial.trial_id)
-            original(trial)
-
-        tuner.on_trial_end = count
-        tuner.search(epochs=spec.trial_epochs)
-    return len(ran)
-
-
-def wait_for_port(host: str, port: int, timeout: float = 120.0) -> None:
-    """Block until something listens on host:port (the chief's gRPC server)."""
-    end = time.time() + timeout
-    while time.time() < end:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            return
-        time.sleep(0.3)
-    raise TuningError(f"the tuning chief did not listen on {host}:{port} within {timeout:.0f} s")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def tuning_deadline(deadline: float | None, share: float = DEFAULT_TUNING_SHARE, now: float | None = None) -> float | None:
@@ -655,47 +420,6 @@ def tuning_deadline(deadline: float | None, share: float = DEFAULT_TUNING_SHARE,
         raise TuningError(f"tuning share must be within (0, 1], got {share}")
     now = time.time() if now is None else now
     return now + max(0.0, deadline - now) * share
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """`python -m dermflow.modeling.tuning chief|worker --spec FILE --host H --port P [--store]`.
-
-    The spec file is `{"spec": SearchSpec fields, "split_key": ..., "tuner_id": ...}`; with
-    `--store` the bucket (from the settings) is synced and, for a worker, the images read.
-    """
-    parser = argparse.ArgumentParser(prog="python -m dermflow.modeling.tuning")
-    parser.add_argument("role", choices=("chief", "worker"))
-    parser.add_argument("--spec", required=True, type=Path)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", required=True, type=int)
-    parser.add_argument("--tuner-id", default=None)
-    parser.add_argument("--arrays", default=None, help="worker: a local .npz with images/labels/split (tests)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    payload = json.loads(args.spec.read_text())
-    spec = SearchSpec(**payload["spec"])
-    sync = None
-    store = settings = None
-    if payload.get("split_key"):
-        from dermflow.settings import get_settings
-        from dermflow.storage import ObjectStore
-
-        settings = get_settings()
-        store = ObjectStore.from_settings(settings)
-        sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
-    if args.role == "chief":
-        serve_oracle(spec, args.host, args.port, sync)
-        return 0
-    if args.arrays:
-        arrays = arrays_from_npz(Path(args.arrays))
-    else:
-        arrays = load_training_arrays(store, payload["split_key"], spec.image_size, settings)
-    ran = run_worker(spec, trial_data(arrays), args.host, args.port, args.tuner_id or f"worker-{os.getpid()}", sync)
-    print(json.dumps({"tuner_id": args.tuner_id, "trials_run": ran}))
-    return 0
 
 
 def arrays_from_npz(path: Path) -> data_lib.SplitArrays:
@@ -710,8 +434,20 @@ def arrays_from_npz(path: Path) -> data_lib.SplitArrays:
 
 
 def spec_payload(spec: SearchSpec, split_key: str | None = None) -> dict:
-    return {"spec": asdict(spec), "split_key": split_key}
+    return {"spec": spec.model_dump(), "split_key": split_key}
 
 
-if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+def __getattr__(name: str):
+    # `flows/tune.py` imports these from here; they now live in `tuning_distributed` (which
+    # imports this module, hence the lazy look-up). Remove once the flow imports them there.
+    if name in ("free_port", "wait_for_port"):
+        from dermflow.modeling import tuning_distributed
+
+        return getattr(tuning_distributed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m dermflow.modeling.tuning chief|worker`
+    from dermflow.modeling.tuning_distributed import _main
+
     sys.exit(_main())

@@ -66,14 +66,14 @@ def test_a_search_resumes_from_the_bucket_on_another_machine(store, tmp_path):
 
 @pytest.mark.slow
 def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_path):
-    from dermflow.modeling import tuning
+    from dermflow.modeling import tuning, tuning_distributed, tuning_results
     from dermflow.settings import load_settings
 
     split_key = put_synthetic_split(store)
     settings = load_settings(cache_dir=tmp_path / "chief")
     spec = tuning.make_spec(store, split_key, "baseline_cnn", tuner="random", max_trials=4, trial_epochs=1,
                             image_size=32, batch_size=8, weights="none", seed=5, settings=settings)
-    port = tuning.free_port()
+    port = tuning_distributed.free_port()
 
     def launch(role: str, cache: str, *extra: str) -> subprocess.Popen:
         # Each process has its own local cache: the bucket is all they share (besides the chief).
@@ -84,13 +84,13 @@ def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_pa
         spec_file.write_text(json.dumps(payload))
         env = {**os.environ, "DERMFLOW_CACHE_DIR": str(tmp_path / cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
         return subprocess.Popen(
-            [sys.executable, "-m", "dermflow.modeling.tuning", role, "--spec", str(spec_file), "--port", str(port), *extra],
+            [sys.executable, "-m", "dermflow.modeling.tuning_distributed", role, "--spec", str(spec_file), "--port", str(port), *extra],
             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     chief = launch("chief", "chief")
     workers = []
     try:
-        tuning.wait_for_port("127.0.0.1", port, timeout=120)
+        tuning_distributed.wait_for_port("127.0.0.1", port, timeout=120)
         workers = [launch("worker", f"worker{i}", "--tuner-id", f"worker{i}") for i in range(2)]
         outputs = [w.communicate(timeout=400)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0], outputs
@@ -109,7 +109,7 @@ def test_a_chief_and_two_worker_processes_share_one_search(store, s3_env, tmp_pa
     states = [store.get_json(k) for k in trial_keys]
     assert all(s["status"] == "COMPLETED" and s["score"] is not None for s in states)
     # The chief's directory holds the whole search: what the parent flow reads the results from.
-    trials = tuning.read_trials(Path(settings.local_cache_dir) / "tuning" / spec.tuning_id, "baseline_cnn")
+    trials = tuning_results.read_trials(Path(settings.local_cache_dir) / "tuning" / spec.tuning_id, "baseline_cnn")
     assert len(trials) == 4
 
 

@@ -45,6 +45,13 @@ def test_registry_lists_the_contract_architectures():
     ]
     with pytest.raises(ValueError, match="unknown architecture 'resnet18'"):
         models.create_model("resnet18", 3, 64, weights="none")
+    # the config's Literal (the UI's dropdown, validated before any work) names the same set
+    from typing import get_args
+
+    from dermflow import config
+
+    assert set(get_args(config.ArchitectureName)) == set(models.list_architectures())
+    assert set(config.REPORT_ARCHITECTURES) <= set(models.list_architectures())
 
 
 def test_image_size_below_the_minimum_is_raised_with_a_warning():
@@ -108,6 +115,37 @@ def test_imagenet_download_failure_names_the_ways_out(monkeypatch, tmp_path):
         models.create_model("vgg16", 3, 32, weights="imagenet")
     message = str(caught.value)
     assert "weights='none'" in message and "local include_top=False weights file" in message
+    assert caught.value.transient  # a network failure: a retry may get the weights
+
+
+def test_weights_errors_are_permanent_unless_the_network_failed(tmp_path):
+    import urllib.error
+
+    from dermflow.errors import DermflowError, is_transient
+
+    with pytest.raises(models.WeightsUnavailableError) as missing:
+        models.create_model("resnet50v2", 3, 32, weights=str(tmp_path / "nope.h5"))
+    assert isinstance(missing.value, DermflowError) and not is_transient(missing.value)
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_bytes(b"not an hdf5 file")
+    with pytest.raises(models.WeightsUnavailableError) as unreadable:
+        models.create_model("vgg16", 3, 32, weights=str(garbage))
+    assert not is_transient(unreadable.value)
+
+    def raised_from(cause: BaseException) -> Exception:
+        try:
+            try:
+                raise cause
+            except Exception:
+                raise Exception("URL fetch failure")  # as keras.utils.get_file re-raises
+        except Exception as error:  # noqa: BLE001
+            return error
+
+    assert models.is_network_failure(raised_from(urllib.error.URLError("connection refused")))
+    assert models.is_network_failure(raised_from(TimeoutError()))
+    assert models.is_network_failure(raised_from(urllib.error.HTTPError("u", 503, "busy", {}, None)))
+    assert not models.is_network_failure(raised_from(urllib.error.HTTPError("u", 404, "gone", {}, None)))
+    assert not models.is_network_failure(ValueError("shape mismatch"))
 
 
 def test_missing_local_weights_file_is_a_clear_error(tmp_path):

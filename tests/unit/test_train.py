@@ -4,6 +4,7 @@ time budget, configuration and the checks on a split before training."""
 from __future__ import annotations
 
 import time
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,11 @@ pytestmark = pytest.mark.unit
 
 keras = pytest.importorskip("keras")
 
-from dermflow.dataset import arrays as data
-from dermflow.modeling import train  # noqa: E402
+import dermflow.config  # noqa: E402
+from dermflow.errors import DermflowError, is_transient  # noqa: E402
+from dermflow.dataset import arrays as data  # noqa: E402
+from dermflow.config import TrainConfig  # noqa: E402
+from dermflow.modeling import callbacks, recipe  # noqa: E402
 
 
 def tiny_classifier(num_classes: int = 3, size: int = 4) -> keras.Model:
@@ -62,7 +66,7 @@ def test_val_weighted_f1_callback_equals_sklearn_on_the_same_predictions():
     x = rng.uniform(0, 255, (40, 4, 4, 3)).astype("float32")
     y = rng.integers(0, 3, 40)
     model = tiny_classifier()
-    callback = train.ValWeightedF1(x, y, batch_size=16)
+    callback = callbacks.ValWeightedF1(x, y, batch_size=16)
     callback.set_model(model)
     logs: dict = {}
     callback.on_epoch_end(0, logs)
@@ -80,7 +84,7 @@ def test_val_weighted_f1_reaches_the_fit_logs_for_later_callbacks():
     reader = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["val_weighted_f1"]))
     model = tiny_classifier()
     model.fit(x, keras.utils.to_categorical(y, 3), epochs=2, verbose=0,
-              callbacks=[train.ValWeightedF1(x, y), reader])
+              callbacks=[callbacks.ValWeightedF1(x, y), reader])
     assert len(seen) == 2 and all(0.0 <= s <= 1.0 for s in seen)
 
 
@@ -88,32 +92,45 @@ def test_time_budget_stops_training_at_the_deadline():
     x = np.zeros((64, 4, 4, 3), "float32")
     y = keras.utils.to_categorical(np.arange(64) % 3, 3)
     model = tiny_classifier()
-    budget = train.TimeBudget(time.time() - 1)
+    budget = callbacks.TimeBudget(time.time() - 1)
     history = model.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[budget])
     assert budget.stopped and len(history.epoch) == 1
-    unlimited = train.TimeBudget(None)
+    unlimited = callbacks.TimeBudget(None)
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[unlimited])
     assert not unlimited.stopped and len(history.epoch) == 2
 
 
 def test_phases_of_pretrained_and_scratch_models():
-    config = train.TrainConfig(architecture="resnet50v2", epochs=5, warmup_epochs=2)
-    assert train._phases(config, pretrained=True) == [("warmup", 0, 2), ("finetune", 2, 5)]
-    assert train.training_phases(config) == train._phases(config, pretrained=True)
-    assert train._phases(config, pretrained=False) == [("full", 0, 5)]
-    short = train.TrainConfig(architecture="resnet50v2", epochs=1, warmup_epochs=3)
-    assert train._phases(short, pretrained=True) == [("warmup", 0, 1)]
+    config = TrainConfig(architecture="resnet50v2", epochs=5, warmup_epochs=2)
+    assert recipe.phases_for(config, pretrained=True) == [("warmup", 0, 2), ("finetune", 2, 5)]
+    assert recipe.training_phases(config) == recipe.phases_for(config, pretrained=True)
+    assert recipe.phases_for(config, pretrained=False) == [("full", 0, 5)]
+    short = TrainConfig(architecture="resnet50v2", epochs=1, warmup_epochs=3)
+    assert recipe.phases_for(short, pretrained=True) == [("warmup", 0, 1)]
 
 
 def test_config_round_trips_and_rejects_unknown_values():
-    config = train.TrainConfig(architecture="vgg16", epochs=3, deadline=123.0, arch_options={})
-    assert train.TrainConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown TrainConfig field"):
-        train.TrainConfig.from_dict({"architecture": "vgg16", "epoch": 3})
-    with pytest.raises(ValueError, match="unknown architecture"):
-        train.TrainConfig(architecture="alexnet")
-    with pytest.raises(ValueError, match="optimizer 'lamb'"):
-        train.TrainConfig(optimizer="lamb")
+    config = TrainConfig(architecture="vgg16", epochs=3, deadline=123.0, arch_options={})
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert recipe.TrainConfig is dermflow.config.TrainConfig  # one declaration
+    with pytest.raises(ValueError, match="epoch\n  Extra inputs are not permitted"):
+        TrainConfig.from_dict({"architecture": "vgg16", "epoch": 3})
+    with pytest.raises(ValueError, match="architecture\n  Input should be 'baseline_cnn'"):
+        TrainConfig(architecture="alexnet")
+    with pytest.raises(ValueError, match="optimizer\n  Input should be 'adam'"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(recipe.TrainingError, match="(?s)bad training config: .*epoch\n  Extra inputs") as caught:
+        recipe.parse_train_config({"architecture": "vgg16", "epoch": 3})
+    assert isinstance(caught.value, DermflowError) and not is_transient(caught.value)
+    assert recipe.parse_train_config({"architecture": "vgg16"}).architecture == "vgg16"
+
+
+def test_optimizers_and_schedules_cover_the_config_names():
+    assert set(recipe.OPTIMIZERS) == set(get_args(dermflow.config.OptimizerName))
+    assert set(recipe.LR_SCHEDULES) == set(get_args(dermflow.config.LRScheduleName))
+    for name in recipe.OPTIMIZERS:
+        config = TrainConfig(optimizer=name)
+        assert isinstance(recipe.OPTIMIZERS[name](1e-3, config), keras.optimizers.Optimizer)
 
 
 def test_training_data_checks_name_the_problem():
@@ -121,34 +138,34 @@ def test_training_data_checks_name_the_problem():
         "md5hash": [str(i) for i in range(6)], "label": ["a", "a", "b", "b", "c", "a"],
         "split": ["train", "train", "train", "val", "test", "val"],
     })
-    with pytest.raises(train.TrainingError, match="class\\(es\\) missing from the training split: 'c' \\(found in test\\)"):
-        train.check_training_data(frame, min_train_images=2)
-    with pytest.raises(train.TrainingError, match="training split has 3 images; at least 10"):
-        train.check_training_data(frame, min_train_images=10)
+    with pytest.raises(recipe.TrainingError, match="class\\(es\\) missing from the training split: 'c' \\(found in test\\)"):
+        recipe.check_training_data(frame, min_train_images=2)
+    with pytest.raises(recipe.TrainingError, match="training split has 3 images; at least 10"):
+        recipe.check_training_data(frame, min_train_images=10)
     frame.loc[4, "label"] = "a"
-    assert train.check_training_data(frame, min_train_images=2) == ["a", "b"]
-    with pytest.raises(train.TrainingError, match="no 'val' rows"):
-        train.check_training_data(frame[frame["split"] != "val"], min_train_images=2)
+    assert recipe.check_training_data(frame, min_train_images=2) == ["a", "b"]
+    with pytest.raises(recipe.TrainingError, match="no 'val' rows"):
+        recipe.check_training_data(frame[frame["split"] != "val"], min_train_images=2)
 
 
 def test_compile_asks_for_xla_only_where_every_layer_supports_it():
     from dermflow.modeling import models
 
     model = models.create_model("baseline_cnn", 3, 32)
-    config = train.TrainConfig()
-    train.compile_model(model, config, 1e-3, jit_compile=True)
+    config = TrainConfig()
+    recipe.compile_model(model, config, 1e-3, jit_compile=True)
     translation = model.get_layer("augmentation").layers[2]
     assert isinstance(translation, models.RandomTranslation)
     # TensorFlow's image-transform kernel has no XLA lowering; under JAX the layer jits
     assert translation.supports_jit == (keras.backend.backend() != "tensorflow")
     assert model.jit_compile == translation.supports_jit
     plain = models.create_model("baseline_cnn", 3, 32, augment=False)
-    train.compile_model(plain, config, 1e-3, jit_compile=True)
+    recipe.compile_model(plain, config, 1e-3, jit_compile=True)
     assert plain.jit_compile is True
 
 
 def test_cosine_schedule_warms_up_then_anneals_to_the_floor():
-    schedule = train.CosineSchedule(1e-2, 0, 10, warmup_fraction=0.1, floor_fraction=1e-3)
+    schedule = callbacks.CosineSchedule(1e-2, 0, 10, warmup_fraction=0.1, floor_fraction=1e-3)
     assert schedule.rate_at(0.0) == pytest.approx(1e-5)  # the floor, not zero
     assert schedule.rate_at(0.05) == pytest.approx(0.5e-2 * 0.5 * (1 + np.cos(np.pi * 0.05)))
     assert schedule.rate_at(0.1) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.1)))
@@ -159,14 +176,14 @@ def test_cosine_schedule_warms_up_then_anneals_to_the_floor():
 
 
 def test_cosine_schedule_follows_epochs_or_the_deadline_whichever_is_further():
-    by_epochs = train.CosineSchedule(1e-3, 2, 6)
+    by_epochs = callbacks.CosineSchedule(1e-3, 2, 6)
     by_epochs._steps = 10
     by_epochs.on_epoch_begin(4)
     assert by_epochs.progress(5) == pytest.approx((2 + 0.5) / 4)
     assert by_epochs.annealed()
     by_epochs.on_epoch_begin(3)
     assert not by_epochs.annealed()  # early stopping waits for the second half
-    by_time = train.CosineSchedule(1e-3, 0, 100, deadline=time.time() + 10)
+    by_time = callbacks.CosineSchedule(1e-3, 0, 100, deadline=time.time() + 10)
     by_time._started = time.time() - 10  # the phase started 10 s ago; 10 s are left
     assert by_time.progress(0) == pytest.approx(0.5, abs=0.01)
 
@@ -179,14 +196,14 @@ def test_cosine_schedule_sets_the_optimizer_rate_during_fit():
     reader = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: seen.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
     )
-    config = train.TrainConfig(learning_rate=1e-2, lr_warmup_fraction=0.25)
-    callbacks = train.schedule_callbacks(config, "full", 0, 2, deadline=None)
-    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[*callbacks, reader])
+    config = TrainConfig(learning_rate=1e-2, lr_warmup_fraction=0.25)
+    schedule = callbacks.schedule_callbacks(config, "full", 0, 2, deadline=None)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[*schedule, reader])
     assert len(seen) == 8
     assert seen[0] < seen[2] and seen[2] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.25)), rel=1e-5)
     assert seen[-1] < 1e-3 and seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
-    assert train.schedule_callbacks(train.TrainConfig(lr_schedule="constant"), "full", 0, 2, None) == []
-    finetune = train.schedule_callbacks(train.TrainConfig(fine_tune_learning_rate=3e-5), "finetune", 3, 9, None)
+    assert callbacks.schedule_callbacks(TrainConfig(lr_schedule="constant"), "full", 0, 2, None) == []
+    finetune = callbacks.schedule_callbacks(TrainConfig(fine_tune_learning_rate=3e-5), "finetune", 3, 9, None)
     assert finetune[0].base_rate == 3e-5
-    with pytest.raises(ValueError, match="lr_schedule 'step'"):
-        train.TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_schedule\n  Input should be 'cosine'"):
+        TrainConfig(lr_schedule="step")

@@ -1,8 +1,7 @@
-"""dermflow.modeling.tuning without services: the search space, the objective, resuming, the deadline."""
+"""dermflow.modeling.tuning and search_space without services: the search space, the objective, resuming, the deadline."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -13,9 +12,10 @@ pytestmark = pytest.mark.unit
 keras_tuner = pytest.importorskip("keras_tuner")
 
 from dermflow.dataset import arrays as data_lib  # noqa: E402
-from dermflow.modeling import tuning  # noqa: E402
+from dermflow.modeling import search_space, tuning, tuning_results  # noqa: E402
+from dermflow.errors import is_transient  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
-from dermflow.modeling.train import TrainConfig  # noqa: E402
+from dermflow.config import TrainConfig  # noqa: E402
 
 SIZE = 32
 CLASSES = ["alpha", "beta", "gamma"]
@@ -44,23 +44,23 @@ def spec_for(tmp_path, **overrides) -> tuning.SearchSpec:
 
 
 def test_search_space_yields_only_train_config_fields():
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(TrainConfig.model_fields)
     for architecture in ("baseline_cnn", "vgg16", "efficientnetv2_b0"):
         hp = keras_tuner.HyperParameters()
-        config = tuning.sample_config(hp, architecture)
+        config = search_space.sample_config(hp, architecture)
         assert set(config) <= fields, set(config) - fields
         TrainConfig(architecture=architecture, **config)  # accepted as an override
         names = {p.name for p in hp.space}
         assert {"optimizer", "learning_rate", "dropout", "head_width"} <= names
-    baseline = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    baseline = search_space.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
     assert set(baseline["arch_options"]) == {"width_multiplier", "depth", "batch_norm"}
-    pretrained = tuning.sample_config(keras_tuner.HyperParameters(), "vgg16")
+    pretrained = search_space.sample_config(keras_tuner.HyperParameters(), "vgg16")
     assert "fine_tune_blocks" in pretrained and "arch_options" not in pretrained
 
 
 def test_search_space_matches_the_report_ranges():
     hp = keras_tuner.HyperParameters()
-    tuning.sample_config(hp, "baseline_cnn")
+    search_space.sample_config(hp, "baseline_cnn")
     space = {p.name: p for p in hp.space}
     assert set(space["optimizer"].values) == {"adam", "rmsprop", "sgd"}
     assert space["learning_rate"].min_value <= 1e-3 and space["learning_rate"].max_value >= 1e-1
@@ -71,14 +71,14 @@ def test_config_from_values_drops_tuner_bookkeeping():
     values = {"optimizer": "sgd", "learning_rate": 0.05, "dropout": 0.1, "head_width": 64, "label_smoothing": 0.0,
               "class_weights": False, "width_multiplier": 0.5, "depth": 3, "batch_norm": False,
               "tuner/epochs": 3, "tuner/trial_id": "0001"}
-    config = tuning.config_from_values("baseline_cnn", values)
+    config = search_space.config_from_values("baseline_cnn", values)
     assert config["optimizer"] == "sgd" and config["learning_rate"] == 0.05
     assert config["arch_options"] == {"width_multiplier": 0.5, "depth": 3, "batch_norm": False}
     assert not any(key.startswith("tuner/") for key in config)
 
 
 def test_objective_is_validation_weighted_f1_maximised():
-    objective = tuning.objective()
+    objective = search_space.objective()
     assert objective.name == "val_weighted_f1" and objective.direction == "max"
 
 
@@ -103,10 +103,28 @@ def test_tuning_deadline_takes_a_share_of_the_time_left():
 
 
 def test_bad_spec_is_refused(tmp_path):
-    with pytest.raises(tuning.TuningError, match="tuner 'grid'"):
+    with pytest.raises(ValueError, match="tuner\n  Input should be 'random'"):
         spec_for(tmp_path, tuner="grid")
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match="architecture\n  Input should be 'baseline_cnn'"):
         spec_for(tmp_path, architecture="resnet9000")
+    with pytest.raises(ValueError, match="tuning_id\n  String should have at least 1 character"):
+        spec_for(tmp_path, tuning_id="")
+    payload = tuning.spec_payload(spec_for(tmp_path))
+    assert tuning.SearchSpec.from_dict(payload["spec"]) == spec_for(tmp_path)
+    with pytest.raises(tuning.TuningError, match="(?s)bad search spec: .*trials\n  Extra inputs") as caught:
+        tuning.SearchSpec.from_dict({**payload["spec"], "trials": 3})
+    assert not is_transient(caught.value)
+
+
+def test_search_defaults_come_from_the_config():
+    from dermflow import config
+
+    spec = tuning.SearchSpec(architecture="vgg16", num_classes=3, tuning_id="t", directory="d")
+    assert (spec.image_size, spec.batch_size, spec.weights) == (
+        config.TRAIN_DEFAULTS.image_size, config.TRAIN_DEFAULTS.batch_size, config.TRAIN_DEFAULTS.weights)
+    assert (spec.tuner, spec.max_trials, spec.seed) == (
+        config.SearchOptions().tuner, config.SearchOptions().max_trials, config.TRAIN_DEFAULTS.seed)
+    assert tuning.DEFAULT_TUNING_SHARE is config.DEFAULT_TUNING_SHARE
 
 
 def test_build_uses_the_sampled_architecture_options():
@@ -143,7 +161,7 @@ def test_a_stopped_search_resumes_to_the_same_trial_count(tmp_path):
     first = tuning.search(spec_for(tmp_path, max_trials=1), data)
     assert [t["trial_id"] for t in first["trials"]] == ["0"]
     # The first trial runs the space's defaults (a known-good recipe).
-    defaults = tuning.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
+    defaults = search_space.sample_config(keras_tuner.HyperParameters(), "baseline_cnn")
     assert first["trials"][0]["hyperparameters"] == defaults
     resumed = tuning.search(spec_for(tmp_path, max_trials=2), data)
     assert [t["trial_id"] for t in resumed["trials"]] == ["0", "1"]
@@ -161,7 +179,16 @@ def test_no_trial_starts_past_the_deadline(tmp_path):
 def test_trial_table_flattens_hyperparameters():
     trials = [{"architecture": "baseline_cnn", "trial_id": "0", "status": "COMPLETED", "score": 0.123456,
                "hyperparameters": {"learning_rate": 0.00123456789, "arch_options": {"depth": 4}}}]
-    assert tuning.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
+    assert tuning_results.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
                                            "val_weighted_f1": 0.1235, "learning_rate": 0.001235,
                                            "arch_options.depth": 4}]
-    assert tuning.best_config([{**trials[0], "status": "FAILED"}]) is None
+    assert tuning_results.best_config([{**trials[0], "status": "FAILED"}]) is None
+
+
+def test_a_chief_that_never_listens_is_a_transient_tuning_error():
+    from dermflow.modeling import tuning_distributed
+
+    port = tuning_distributed.free_port()
+    with pytest.raises(tuning.TuningError, match="did not listen") as caught:
+        tuning_distributed.wait_for_port("127.0.0.1", port, timeout=0.5)
+    assert is_transient(caught.value)
