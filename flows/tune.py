@@ -89,7 +89,7 @@ def _options(train_params: dict, tuner: str, max_trials: int, trial_epochs: int 
 
 async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_host: str) -> None:
     """Chief as a child process, `workers` worker flow runs; returns when all have ended."""
-    from dermflow.modeling.tuning import free_port, wait_for_port
+    from dermflow.modeling.tuning_distributed import free_port, wait_for_port
 
     logger = get_run_logger()
     spec = payload["spec"]
@@ -98,7 +98,7 @@ async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_h
     spec_path = spec_dir / "spec.json"
     spec_path.write_text(json.dumps(payload))
     chief = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dermflow.modeling.tuning", "chief", "--spec", str(spec_path),
+        sys.executable, "-m", "dermflow.modeling.tuning_distributed", "chief", "--spec", str(spec_path),
         "--host", oracle_host, "--port", str(port),
         cwd=str(Path(__file__).resolve().parents[1]), env=dict(os.environ),
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -435,19 +434,3 @@ def arrays_from_npz(path: Path) -> data_lib.SplitArrays:
 
 def spec_payload(spec: SearchSpec, split_key: str | None = None) -> dict:
     return {"spec": spec.model_dump(), "split_key": split_key}
-
-
-def __getattr__(name: str):
-    # `flows/tune.py` imports these from here; they now live in `tuning_distributed` (which
-    # imports this module, hence the lazy look-up). Remove once the flow imports them there.
-    if name in ("free_port", "wait_for_port"):
-        from dermflow.modeling import tuning_distributed
-
-        return getattr(tuning_distributed, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m dermflow.modeling.tuning chief|worker`
-    from dermflow.modeling.tuning_distributed import _main
-
-    sys.exit(_main())

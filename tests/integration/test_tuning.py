@@ -193,7 +193,7 @@ def test_distributed_search_flow_runs_a_chief_and_worker_runs(store, tmp_path, m
         spec_file.write_text(json.dumps(payload))
         env = {**os.environ, "DERMFLOW_CACHE_DIR": str(tmp_path / tuner_id), "TF_CPP_MIN_LOG_LEVEL": "3"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dermflow.modeling.tuning", "worker", "--spec", str(spec_file),
+            sys.executable, "-m", "dermflow.modeling.tuning_distributed", "worker", "--spec", str(spec_file),
             "--host", parameters["oracle_host"], "--port", str(parameters["oracle_port"]), "--tuner-id", tuner_id,
             cwd=str(PROJECT_ROOT), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await process.communicate()
