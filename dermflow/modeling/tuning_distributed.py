@@ -3,7 +3,7 @@
 keras-tuner reads `KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT`.
 `serve_oracle` is the chief (the oracle's gRPC server, no training), `run_worker` a worker;
 `python -m dermflow.modeling.tuning_distributed chief|worker --spec FILE` runs either in its own
-process (`python -m dermflow.modeling.tuning ...` still works, for the flows that call it so).
+process (`flows/tune.py` starts the chief so).
 """
 
 from __future__ import annotations
