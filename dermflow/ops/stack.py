@@ -144,12 +144,40 @@ class ManagedProcess:
             return ""
 
 
+SEAWEED_SECURITY_TOML = """# Written by dermflow at each start of SeaweedFS; fresh random keys each time.
+# Volume server: every read and write needs a JWT that only the master (over gRPC) hands out.
+[jwt.signing]
+key = "{write}"
+expires_after_seconds = 10
+[jwt.signing.read]
+key = "{read}"
+expires_after_seconds = 10
+# Filer: HTTP is off (-filer.disableHttp); these keys also gate its IAM gRPC service.
+[jwt.filer_signing]
+key = "{filer_write}"
+expires_after_seconds = 10
+[jwt.filer_signing.read]
+key = "{filer_read}"
+expires_after_seconds = 10
+[access]
+ui = false
+[filer.expose_directory_metadata]
+enabled = false
+"""
+
+
 @dataclass
 class SeaweedServer:
     """`weed server -s3` on 127.0.0.1 with access keys enforced and data under `data_dir`.
 
     Ports: S3 on `s3_port`; master, volume and filer on the next three ports; their gRPC
     ports are SeaweedFS's default (+10000). Iceberg and Lance endpoints are disabled.
+
+    Only the S3 port serves data, and only with the keys: the filer's and the master's HTTP
+    APIs are off (`-filer.disableHttp`, `-disableHttp`; S3 reaches them over gRPC), and the
+    volume server, whose HTTP port S3 needs, serves nothing without a JWT signed with the
+    random keys of a `security.toml` written at each start (SeaweedFS reads it from its working
+    directory). Anonymous telemetry is off.
     """
 
     data_dir: Path
@@ -191,8 +219,32 @@ class SeaweedServer:
             # (-volume.max=0 at 1 GB each) runs out after about ten buckets on a small disk.
             "-master.volumeSizeLimitMB=64",
             "-volume.max=2000",
+            "-master.telemetry=false",
+            "-filer.disableHttp",  # the filer's HTTP API would serve every bucket without keys
+            "-disableHttp",  # the master's HTTP API (assign, lookup); S3 uses gRPC
+            f"-filer.localSocket={self.security_dir / 'filer.sock'}",  # not in a shared /tmp
         ]
         return argv
+
+    @property
+    def security_dir(self) -> Path:
+        """SeaweedFS's working directory: its `security.toml` (owner-only) and local socket."""
+        return self.data_dir / "run" / "seaweedfs-security"
+
+    def write_security_config(self) -> Path:
+        """A `security.toml` with fresh random JWT keys (all of SeaweedFS runs in one process,
+        started right after, so keys need not outlive it)."""
+        import secrets
+
+        self.security_dir.mkdir(parents=True, exist_ok=True)
+        self.security_dir.chmod(0o700)
+        path = self.security_dir / "security.toml"
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(SEAWEED_SECURITY_TOML.format(
+                **{name: secrets.token_hex(32) for name in ("write", "read", "filer_write", "filer_read")}))
+        return path
 
     def start(self, timeout: float = 60.0) -> None:
         if self.process.pid() is not None:
@@ -204,9 +256,11 @@ class SeaweedServer:
                 f"SeaweedFS cannot start: port(s) {busy} already in use on 127.0.0.1 "
                 f"(set DERMFLOW_S3_PORT to another port, or stop what holds them)"
             )
+        self.write_security_config()
         self.process.start(
             self.argv(),
             env={"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key},
+            cwd=self.security_dir,
         )
         self.wait_ready(timeout)
 
