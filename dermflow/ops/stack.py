@@ -76,9 +76,27 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def process_start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None.
+
+    With the pid it names one process for good: a pid reused by another process has another
+    start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 @dataclass
 class ManagedProcess:
-    """A detached service process tracked through a pid file."""
+    """A detached service process tracked through a pid file of `PID START_TIME`.
+
+    A pid file is trusted only while its pid's start time still matches: a stale file whose pid
+    now belongs to an unrelated process (after a reboot, or a crash and pid reuse) is ignored,
+    never signalled. A file with no start time (written by an older dermflow) is not trusted.
+    """
 
     name: str
     state_dir: Path
@@ -92,11 +110,15 @@ class ManagedProcess:
         return self.state_dir / f"{self.name}.log"
 
     def pid(self) -> int | None:
+        """The pid of the process this file recorded, while that very process is alive."""
         try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = self.pid_file.read_text().split()
+            pid, started = int(fields[0]), fields[1]
+        except (OSError, ValueError, IndexError):
             return None
-        return pid if _pid_alive(pid) else None
+        if not _pid_alive(pid) or process_start_time(pid) != started:
+            return None
+        return pid
 
     def start(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +133,7 @@ class ManagedProcess:
             start_new_session=True,  # survives the shell that ran `make up`; killed as a group
         )
         log.close()
-        self.pid_file.write_text(str(process.pid))
+        self.pid_file.write_text(f"{process.pid} {process_start_time(process.pid)}\n")
         self._popen = process
         return process.pid
 
@@ -125,10 +147,10 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and self.pid() == pid:
             getattr(self, "_popen", None) and self._popen.poll()
             time.sleep(0.2)
-        if _pid_alive(pid):
+        if self.pid() == pid:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
