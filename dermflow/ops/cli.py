@@ -207,7 +207,7 @@ def set_prefect_profile(api_url: str) -> None:
 
 def _settings_with_env_file():
     """Write the keys `.env` lacks (embedded stack, fresh keys), then the settings it gives."""
-    from dermflow.ops.stack import default_env_values, ensure_env_file
+    from dermflow.ops.envfile import default_env_values, ensure_env_file
 
     base = load_settings()
     added = ensure_env_file(env_file_path(), default_env_values(base.s3_port, base.prefect_port))
