@@ -53,6 +53,9 @@ from tasks.report import build_and_store_report
 from tasks.runs import data_summary, record_run_config, training_outcome
 
 TRAIN_DEPLOYMENT = "derm-train/default"
+# Attempts of each architecture's training per run of `derm` (the first, and one more after a
+# crash or failure); a retry of the `derm` run gets as many again.
+TRAIN_ATTEMPTS = 2
 D = RUN_DEFAULTS
 
 
@@ -209,16 +212,11 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
     """One `derm-train` subflow run per architecture (`jobs`: architecture -> parameters), all
     started at once; the `gpu` limit decides how many train at the same time. A failure is
     recorded in its outcome, never raised, so one architecture cannot stop the others."""
+    parent_runs = int(current_flow_run.run_count or 1)
 
     async def one(architecture: str, train_params: dict) -> dict:
-        child = await run_deployment(
-            TRAIN_DEPLOYMENT,
-            parameters={"architecture": architecture, "split_key": split_key, "run_id": run_id, **train_params},
-            flow_run_name=f"{run_id}-{architecture}",
-            idempotency_key=f"{parent_id}-{architecture}",  # a retried parent reuses its children
-            timeout=None,
-            as_subflow=True,
-        )
+        parameters = {"architecture": architecture, "split_key": split_key, "run_id": run_id, **train_params}
+        child = await _train_until_completed(architecture, parameters, run_id, parent_id, parent_runs)
         state = child.state
         outcome = training_outcome(run_id, architecture, state.name if state else "unknown",
                                    state.message if state else None, bool(state and state.is_completed()))
@@ -226,6 +224,36 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
         return {**outcome, "hyperparameters": train_params.get("hyperparameters")}
 
     return list(await asyncio.gather(*(one(a, p) for a, p in jobs.items())))
+
+
+async def _train_until_completed(architecture: str, parameters: dict, run_id: str, parent_id: str,
+                                 parent_runs: int):
+    """The child flow run that trained `architecture`, or its last attempt that did not.
+
+    A child that crashed (its process killed: OOM, a lost node) or failed is started again, up to
+    TRAIN_ATTEMPTS times per run of the parent; each attempt resumes from the checkpoints of the
+    ones before (same run id and architecture). Attempt k has the idempotency key
+    `<parent>-<architecture>-attempt-<k>`, and run n of the parent walks attempts
+    1..n*TRAIN_ATTEMPTS: a retried parent (the UI's Retry) reuses a completed child, re-reads the
+    ones that ended badly, and starts the new attempts its run adds. (A SIGKILLed flow run is
+    Crashed without running its own code again, so the derm-train flow's `retries` could not
+    recover it: the parent does.)"""
+    child = None
+    for attempt in range(1, parent_runs * TRAIN_ATTEMPTS + 1):
+        child = await run_deployment(
+            TRAIN_DEPLOYMENT,
+            parameters=parameters,
+            flow_run_name=f"{run_id}-{architecture}" + (f"-attempt-{attempt}" if attempt > 1 else ""),
+            idempotency_key=f"{parent_id}-{architecture}-attempt-{attempt}",
+            timeout=None,
+            as_subflow=True,
+        )
+        state = child.state
+        if state is None or state.is_completed() or state.is_cancelled() or state.is_cancelling():
+            return child
+        get_run_logger().warning("%s: training attempt %d ended %s: %s", architecture, attempt, state.name,
+                                 state.message)
+    return child
 
 
 def finish(run_id: str, outcomes: list[dict], report: dict, decision: dict | None) -> dict:
