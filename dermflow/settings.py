@@ -50,12 +50,22 @@ class Settings(BaseSettings):
         "http://127.0.0.1:4200/api",
         validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"),
     )
+    # The Prefect server's basic auth, "user:password" (Prefect's own client variable, so the
+    # workers, `prefect` commands and the UI's login all use the same one; `make up` makes it).
+    prefect_api_auth_string: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PREFECT_API_AUTH_STRING", "prefect_api_auth_string")
+    )
     work_pool: str = "dermflow"
     # Training slots: the `gpu` global concurrency limit. None means "GPUs detected, else 1".
     gpu_slots: int | None = Field(None, ge=1)
+    # How long a `gpu` slot's lease lasts unless its holder renews it (the holder renews it
+    # every ~3/4 of it): a holder killed with SIGKILL frees its slot this long after, at most,
+    # plus the server's repossessor interval (15 s). Prefect accepts 60 s to a day.
+    gpu_lease_seconds: float = Field(120, ge=60, le=86400)
 
     # A webhook that hears about failed scheduled retrains (a Prefect automation, made by `up`).
-    alert_webhook: str | None = None
+    # A secret: stored in a Prefect block's secret field, never printed.
+    alert_webhook: SecretStr | None = None
 
     # --- the embedded stack (make up) ---
     data_dir: Path = PROJECT_ROOT / ".dermflow"

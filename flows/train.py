@@ -20,6 +20,7 @@ from dermflow.config import (
     Weights,
     describe_parameters,
 )
+from tasks.common import settings
 from tasks.train import train_architecture
 
 T = TRAIN_DEFAULTS
@@ -57,6 +58,8 @@ def derm_train(
         "deadline": deadline,
         **(hyperparameters or {}),
     }
-    # The slot is held for the whole training: at most `gpu` limit trainings run at once.
-    with concurrency(gpu_limit, occupy=1):
+    # The slot is held for the whole training: at most `gpu` limit trainings run at once. Its
+    # lease is renewed while this process lives; if the process is killed, the server's
+    # repossessor frees the slot once the lease (DERMFLOW_GPU_LEASE_SECONDS) expires.
+    with concurrency(gpu_limit, occupy=1, lease_duration=settings().gpu_lease_seconds):
         return train_architecture(split_key, run_id, config)

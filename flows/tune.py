@@ -50,6 +50,7 @@ from dermflow.config import (
     Weights,
     describe_parameters,
 )
+from tasks.common import settings
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
 WORKER_DEPLOYMENT = "derm-tune/worker"
@@ -75,7 +76,7 @@ def derm_tune_worker(
     gpu_limit: str = "gpu",
 ) -> int:
     """A keras-tuner worker of a distributed search; `payload` is the chief's search spec."""
-    with concurrency(gpu_limit, occupy=1):
+    with concurrency(gpu_limit, occupy=1, lease_duration=settings().gpu_lease_seconds):
         return run_tuning_worker(payload, oracle_host, oracle_port, tuner_id)
 
 

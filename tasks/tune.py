@@ -20,7 +20,7 @@ async def search_in_process(split_key: str, architecture: str, options: dict, gp
 
     logger = get_run_logger()
     logger.info("tuning %s on %s: %s", architecture, split_key, options)
-    async with concurrency(gpu_limit, occupy=1):
+    async with concurrency(gpu_limit, occupy=1, lease_duration=settings().gpu_lease_seconds):
         result = await asyncio.to_thread(
             tuning.tune_architecture, object_store(), split_key, architecture, settings=settings(), **options
         )

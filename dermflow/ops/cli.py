@@ -34,9 +34,18 @@ class CommandError(DermflowError, RuntimeError):
 
 def _stack_env(settings: Settings) -> dict[str, str]:
     """Environment for workers and `prefect deploy`: this shell's, plus where the API and the
-    project are. `.env` is not copied in: every flow run reads it afresh (Settings), so an edit
-    to `.env` counts from the next run on, without restarting the workers."""
-    return {**os.environ, "DERMFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "PREFECT_API_URL": settings.prefect_api_url}
+    project are, and the API's auth. `.env` is not copied in: every flow run reads it afresh
+    (Settings), so an edit to `.env` counts from the next run on, without restarting the workers."""
+    env = {**os.environ, "DERMFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "PREFECT_API_URL": settings.prefect_api_url}
+    if _auth_string(settings):
+        env["PREFECT_API_AUTH_STRING"] = _auth_string(settings)
+    return env
+
+
+def _auth_string(settings: Settings) -> str | None:
+    """The Prefect API's basic auth "user:password" (PREFECT_API_AUTH_STRING), if any."""
+    secret = settings.prefect_api_auth_string
+    return secret.get_secret_value() if secret else None
 
 
 def _embedded_s3(settings: Settings) -> bool:
@@ -65,7 +74,8 @@ def _prefect_server(settings: Settings):
 
     if not is_local_url(settings.prefect_api_url):
         return None
-    return PrefectServer(settings.data_dir, url_port(settings.prefect_api_url, settings.prefect_port))
+    return PrefectServer(settings.data_dir, url_port(settings.prefect_api_url, settings.prefect_port),
+                         auth_string=_auth_string(settings))
 
 
 def gpu_slots(settings: Settings) -> int:
@@ -170,8 +180,10 @@ def configure_alerts(settings: Settings) -> bool:
         if not settings.alert_webhook:
             return False
         deployment = client.read_deployment_by_name("derm/retrain")
+    # The URL (it may carry a token) lives only in the block's secret field; `url` names it.
     block = CustomWebhookNotificationBlock(
-        name=ALERT_BLOCK, url=settings.alert_webhook,
+        name=ALERT_BLOCK, url="{{webhook_url}}",
+        secrets={"webhook_url": settings.alert_webhook.get_secret_value()},
         json_data={"subject": "{{subject}}", "body": "{{body}}"},
     )
     block_id = block.save(ALERT_BLOCK, overwrite=True)
@@ -195,14 +207,21 @@ def configure_alerts(settings: Settings) -> bool:
     return True
 
 
-def set_prefect_profile(api_url: str) -> None:
+def set_prefect_profile(api_url: str, auth_string: str | None) -> None:
     """A `dermflow` Prefect profile, made active, so `prefect deployment run` in any new shell
-    reaches this server rather than a throwaway ephemeral one."""
+    reaches this server (with its auth) rather than a throwaway ephemeral one. The profiles
+    file then holds the auth string, so it is made owner-only, like `.env`."""
+    from prefect.settings import PREFECT_PROFILES_PATH
+
     prefect = [sys.executable, "-m", "prefect"]
     subprocess.run(prefect + ["profile", "create", PROFILE], capture_output=True, text=True)
-    subprocess.run(prefect + ["--profile", PROFILE, "config", "set", f"PREFECT_API_URL={api_url}"],
+    values = [f"PREFECT_API_URL={api_url}"] + ([f"PREFECT_API_AUTH_STRING={auth_string}"] if auth_string else [])
+    subprocess.run(prefect + ["--profile", PROFILE, "config", "set", *values],
                    capture_output=True, text=True, check=True)
     subprocess.run(prefect + ["profile", "use", PROFILE], capture_output=True, text=True, check=True)
+    profiles = Path(PREFECT_PROFILES_PATH.value())
+    if profiles.exists():
+        profiles.chmod(0o600)
 
 
 def _settings_with_env_file():
@@ -235,18 +254,21 @@ def _start_orchestration(settings: Settings) -> None:
     server = _prefect_server(settings)
     if server is not None:
         server.start()
-    print(f"Prefect API / UI    {settings.prefect_api_url}  /  {settings.prefect_api_url.removesuffix('/api')}")
-    set_prefect_profile(settings.prefect_api_url)
+    print(f"Prefect API / UI    {settings.prefect_api_url}  /  {settings.prefect_api_url.removesuffix('/api')}"
+          + ("  (log in with PREFECT_API_AUTH_STRING of .env)" if _auth_string(settings) else ""))
+    set_prefect_profile(settings.prefect_api_url, _auth_string(settings))
     configure_prefect(settings)
     print(f"work pool           {settings.work_pool} (process); gpu limit: {gpu_slots(settings)} slot(s)")
     for worker in _workers(settings):
-        started = worker.start(settings.prefect_api_url, PROJECT_ROOT)
+        started = worker.start(settings.prefect_api_url, PROJECT_ROOT, _auth_string(settings))
         print(f"worker              {worker.name} ({'started' if started else 'running'})")
 
 
 def cmd_up(args) -> int:
     settings = _settings_with_env_file()
     os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+    if _auth_string(settings):
+        os.environ["PREFECT_API_AUTH_STRING"] = _auth_string(settings)
     _start_storage(settings)
     _start_orchestration(settings)
     if not args.no_deploy:
@@ -254,7 +276,8 @@ def cmd_up(args) -> int:
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
               "derm-tune/worker")
         if configure_alerts(settings):
-            print(f"alerts              failed derm/retrain runs are posted to {settings.alert_webhook}")
+            print("alerts              failed derm/retrain runs are posted to DERMFLOW_ALERT_WEBHOOK "
+                  f"(kept in the secret block {ALERT_BLOCK})")
     return 0
 
 

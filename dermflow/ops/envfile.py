@@ -44,6 +44,8 @@ def default_env_values(s3_port: int = 8333, prefect_port: int = 4200) -> dict[st
         "AWS_DEFAULT_REGION": "us-east-1",
         "DERMFLOW_BUCKET": "dermflow",
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        # The embedded Prefect server's basic auth (user "dermflow"), used by every client.
+        "PREFECT_API_AUTH_STRING": "dermflow:" + secrets.token_urlsafe(24),
         "DERMFLOW_ALLOWED_HOSTS": "",
     }
 

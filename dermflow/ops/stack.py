@@ -369,15 +369,41 @@ def url_port(url: str, default: int) -> int:
     return urlparse(url).port or default
 
 
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 @dataclass
 class PrefectServer:
     """`prefect server start` on 127.0.0.1 with its SQLite database under `data_dir`.
 
     A `PREFECT_API_DATABASE_CONNECTION_URL` in the environment (Postgres) is used instead.
+    Hardened (`security_env`): basic auth with `auth_string` when given, CSRF protection on,
+    CORS only for the UI's own origin, and concurrency leases kept on disk (under the server's
+    PREFECT_HOME, `data_dir/prefect`) so a restart does not forget who holds a `gpu` slot.
     """
 
     data_dir: Path
     port: int = 4200
+    auth_string: str | None = None
+
+    @property
+    def ui_origins(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}"]
+
+    @property
+    def home(self) -> Path:
+        """The server's PREFECT_HOME: where the filesystem lease storage writes its leases."""
+        return self.data_dir / "prefect"
+
+    def security_env(self) -> dict[str, str]:
+        env = {
+            "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(self.ui_origins),
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        }
+        if self.auth_string:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_string
+        return env
 
     @property
     def api_url(self) -> str:
@@ -409,6 +435,8 @@ class PrefectServer:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_UI_API_URL": self.api_url,
                 "PREFECT_API_URL": "",
+                "PREFECT_HOME": str(self.home),
+                **self.security_env(),
             }
             if not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
                 env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
@@ -437,8 +465,9 @@ class Worker:
     def process(self) -> ManagedProcess:
         return ManagedProcess(f"worker-{self.name}", self.state_dir)
 
-    def start(self, api_url: str, cwd: Path) -> bool:
-        """Start unless already running; True when started now."""
+    def start(self, api_url: str, cwd: Path, auth_string: str | None = None) -> bool:
+        """Start unless already running; True when started now. `auth_string`: the server's
+        basic auth, which the worker and the flow runs it starts use."""
         if self.process.pid() is not None:
             return False
         argv = [venv_bin("prefect"), "worker", "start", "--pool", self.pool, "--name", self.name,
@@ -447,7 +476,10 @@ class Worker:
             argv += ["--work-queue", queue]
         if self.limit:
             argv += ["--limit", str(self.limit)]
-        self.process.start(argv, env={**self.env, "PREFECT_API_URL": api_url}, cwd=cwd)
+        env = {**self.env, "PREFECT_API_URL": api_url}
+        if auth_string:
+            env["PREFECT_API_AUTH_STRING"] = auth_string
+        self.process.start(argv, env=env, cwd=cwd)
         return True
 
     def stop(self) -> bool:

@@ -36,6 +36,12 @@ class Stack:
     def prefect(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "prefect", *args, **kwargs)
 
+    def prefect_client(self):
+        """An async PrefectClient of the stack's API, with its auth string."""
+        from prefect.client.orchestration import PrefectClient
+
+        return PrefectClient(self.env["PREFECT_API_URL"], auth_string=self.env["PREFECT_API_AUTH_STRING"])
+
     def store(self):
         from dermflow.settings import Settings
         from dermflow.storage import ObjectStore
@@ -62,6 +68,7 @@ def start_stack(data_dir: Path, gpu_slots: int = 1, extra_env: dict[str, str] | 
         "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
         "AWS_DEFAULT_REGION": "us-east-1",
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_API_AUTH_STRING": "e2e:" + secrets.token_urlsafe(16),  # the server's basic auth
         "PREFECT_HOME": str(data_dir / "prefect-home"),  # profiles of the test, not the user's
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers pick runs up within 2 s (default 10)

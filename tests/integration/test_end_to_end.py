@@ -110,11 +110,10 @@ def _flow_runs(stack, flow_name: str) -> list:
     """Flow runs of one flow, through the stack's Prefect API."""
     import asyncio
 
-    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     async def read():
-        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+        async with stack.prefect_client() as client:
             return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
 
     return asyncio.run(read())
@@ -172,11 +171,10 @@ def _train_intervals(stack, run_ids: list[str]) -> list[tuple]:
     that holds the `gpu` slot."""
     import asyncio
 
-    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterName
 
     async def read():
-        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+        async with stack.prefect_client() as client:
             intervals = []
             for flow_run_id in run_ids:
                 tasks = await client.read_task_runs(
@@ -200,7 +198,6 @@ def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_ru
     workers exist): with a `gpu` limit of 1 they run one after the other, with 2 at once."""
     import asyncio
 
-    from prefect.client.orchestration import PrefectClient
     from prefect.deployments import run_deployment
 
     store = full_run["store"]
@@ -208,7 +205,7 @@ def test_training_subflows_overlap_only_when_the_gpu_limit_allows(stack, full_ru
     _set_gpu_limit(stack, slots)
     try:
         async def launch():
-            async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            async with stack.prefect_client() as client:
                 runs = await asyncio.gather(*(
                     run_deployment("derm-train/default", client=client, timeout=600, poll_interval=2, as_subflow=False,
                                    parameters={"architecture": arch, "split_key": split_key,
@@ -265,10 +262,9 @@ def _deployment(stack, name: str, action: str | None = None):
     """Read a deployment (after pausing or resuming it, as the UI's toggle does)."""
     import asyncio
 
-    from prefect.client.orchestration import PrefectClient
 
     async def go():
-        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+        async with stack.prefect_client() as client:
             deployment = await client.read_deployment_by_name(name)
             if action == "pause":
                 await client.pause_deployment(deployment.id)
