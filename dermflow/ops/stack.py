@@ -89,13 +89,27 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
+SERVICE_COMMANDS = ("weed", "prefect")
+
+
+def _runs_a_service_command(pid: int) -> bool:
+    """Whether the process's command line runs `weed` or `prefect` (a script's path counts)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name in SERVICE_COMMANDS for arg in argv[:3] if arg)
+
+
 @dataclass
 class ManagedProcess:
     """A detached service process tracked through a pid file of `PID START_TIME`.
 
     A pid file is trusted only while its pid's start time still matches: a stale file whose pid
     now belongs to an unrelated process (after a reboot, or a crash and pid reuse) is ignored,
-    never signalled. A file with no start time (written by an older dermflow) is not trusted.
+    never signalled. A file with no start time (written by an older dermflow) is trusted only
+    when its process runs one of dermflow's service commands (`weed`, `prefect`), so that `down`
+    still stops a stack started before the upgrade.
     """
 
     name: str
@@ -113,12 +127,14 @@ class ManagedProcess:
         """The pid of the process this file recorded, while that very process is alive."""
         try:
             fields = self.pid_file.read_text().split()
-            pid, started = int(fields[0]), fields[1]
+            pid = int(fields[0])
         except (OSError, ValueError, IndexError):
             return None
-        if not _pid_alive(pid) or process_start_time(pid) != started:
+        if not _pid_alive(pid):
             return None
-        return pid
+        if len(fields) == 1:
+            return pid if _runs_a_service_command(pid) else None
+        return pid if process_start_time(pid) == fields[1] else None
 
     def start(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)

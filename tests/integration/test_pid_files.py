@@ -64,3 +64,16 @@ def test_a_managed_process_is_stopped_by_its_own_pid_file(tmp_path):
     assert ManagedProcess("sleeper", tmp_path).stop(timeout=10)
     assert process.pid() is None and not process.pid_file.exists()
     process._popen.wait(timeout=10)
+
+
+def test_a_pid_only_file_of_an_older_dermflow_still_stops_its_service(tmp_path):
+    """A pid file without a start time is trusted when its process runs `prefect` or `weed`."""
+    service = subprocess.Popen(["bash", "-c", "exec -a prefect sleep 300"], start_new_session=True)
+    try:
+        (tmp_path / "prefect-server.pid").write_text(f"{service.pid}\n")
+        time.sleep(0.3)  # the exec has happened
+        assert ManagedProcess("prefect-server", tmp_path).stop(timeout=10)
+        assert service.wait(timeout=10) is not None
+    finally:
+        service.kill()
+        service.wait()
