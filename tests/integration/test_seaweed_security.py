@@ -1,10 +1,11 @@
 """The embedded SeaweedFS serves data only through S3 with keys (issue 14, finding 1).
 
 Against the real server of the `seaweed` fixture: anonymous reads, writes and deletes on the
-filer, master and volume HTTP ports get nothing and change nothing, while S3 with the keys still
-puts, gets, lists and deletes.
+filer, master and volume HTTP ports, and an outside gRPC client, get nothing and change nothing,
+while S3 with the keys still puts, gets, lists and deletes.
 """
 
+import subprocess
 import uuid
 
 import httpx
@@ -90,8 +91,28 @@ def test_s3_with_keys_still_puts_gets_lists_and_deletes(seaweed, secret_object):
     assert _refused(anonymous, secret)
 
 
+def test_grpc_ports_refuse_a_client_without_the_certificate(seaweed, secret_object, tmp_path):
+    """`weed shell` from a folder with no security.toml: an outside gRPC client cannot reach the
+    filer or master, so it can neither read nor delete (before: `fs.rm` deleted the object)."""
+    from dermflow.ops.stack import venv_bin
+
+    client, bucket, key, secret = secret_object
+    commands = f"fs.cat /buckets/{bucket}/{key}\nfs.rm /buckets/{bucket}/{key}\nexit\n"
+    try:
+        shell = subprocess.run(
+            [venv_bin("weed"), "shell", f"-master=127.0.0.1:{seaweed.s3_port + 1}",
+             f"-filer=127.0.0.1:{seaweed.s3_port + 3}"],
+            input=commands, capture_output=True, text=True, cwd=tmp_path, timeout=20)
+        output = shell.stdout + shell.stderr
+    except subprocess.TimeoutExpired:  # it keeps retrying the TLS handshake
+        output = ""
+    assert secret.decode() not in output
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == secret
+
+
 def test_security_config_is_private_and_telemetry_off(seaweed):
     path = seaweed.security_dir / "security.toml"
-    assert path.stat().st_mode & 0o077 == 0
+    for private in (path, seaweed.security_dir / "seaweedfs.key"):
+        assert private.stat().st_mode & 0o077 == 0
     assert "[jwt.signing]" in path.read_text()
     assert "-master.telemetry=false" in seaweed.argv()
