@@ -9,6 +9,7 @@ model sees images prepared the same way in both. Models take float images 0-255 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dermflow.ingestion.ingest import fitzpatrick_range
 from dermflow.layout import image_key
 from dermflow.metrics import classification_metrics
 from dermflow.registry.runs import resolve_model
+from dermflow.runs import check_run_id
 from dermflow.storage import ObjectStore, StorageError
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ ProgressCallback = Callable[[int, int], None]  # (done, total)
 MAX_DOWNLOAD_BYTES = 30 * 1024 * 1024
 REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
+ARCH_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class EvaluationError(DermflowError, ValueError):
@@ -98,6 +101,9 @@ def load_model_bundle(
     """Resolve a model (see `registry.resolve_model`), download its model.keras into
     `cache_dir/<run_id>/<arch>/` once, and load it."""
     run_id, arch, key, params = resolve_model(store, run, arch)
+    check_run_id(run_id)  # both become local directories below
+    if not ARCH_NAME_PATTERN.fullmatch(arch):
+        raise EvaluationError(f"invalid architecture name {arch[:64]!r}: letters, digits, '_' and '-' only")
     if cache_dir is None:
         from dermflow.settings import get_settings
 

@@ -303,10 +303,12 @@ def cmd_status(args) -> int:
 def _model_bundle(args):
     """The model `--model`/`--arch` name (default: the champion), cached locally once."""
     from dermflow.evaluation.predict import load_model_bundle
+    from dermflow.runs import check_run_reference
     from dermflow.storage import ObjectStore
 
+    run = check_run_reference(args.model) if args.model is not None else None
     settings = get_settings()
-    return load_model_bundle(ObjectStore.from_settings(settings), args.model, args.arch,
+    return load_model_bundle(ObjectStore.from_settings(settings), run, args.arch,
                              settings.local_cache_dir / "models")
 
 
@@ -374,10 +376,12 @@ def _print_run_metrics(metrics: dict) -> None:
 def cmd_report(args) -> int:
     from dermflow.layout import report_key, run_metrics_key
     from dermflow.registry.runs import list_runs, resolve_run_id
+    from dermflow.runs import check_run_reference
     from dermflow.storage import ObjectStore, StorageError
 
+    run = check_run_reference(args.run_id)  # before it reaches the store: `../x` is no run
     store = ObjectStore.from_settings(get_settings())
-    run_id = resolve_run_id(store, args.run_id)
+    run_id = resolve_run_id(store, run)
     key = report_key(run_id)
     try:
         if args.output:
