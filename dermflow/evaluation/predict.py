@@ -277,23 +277,25 @@ def _score_rows(
     batch_size: int,
     tta: bool,
     progress: ProgressCallback | None,
-) -> tuple[list[int], np.ndarray, list[int]]:
-    """Decode and predict rows 0..n_rows-1 in batches -> (scored row indices, probs, unreadable)."""
+) -> tuple[list[int], np.ndarray, dict[int, str]]:
+    """Decode and predict rows 0..n_rows-1 in batches -> (scored row indices, probs,
+    {unreadable row index: why}). One bad image (undecodable, over the pixel cap) is skipped,
+    never the batch."""
     scored: list[int] = []
-    unreadable: list[int] = []
+    unreadable: dict[int, str] = {}
     probs: list[np.ndarray] = []
 
     def decode(i: int) -> tuple[int, np.ndarray | None]:
         try:
             return i, load_image_array(read_bytes(i), bundle.image_size)
-        except (OSError, ValueError, StorageError):
+        except (OSError, ValueError, StorageError) as error:
+            unreadable[i] = str(error)
             return i, None
 
     done = 0
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         for chunk in _batched(list(range(n_rows)), batch_size):
             decoded = list(pool.map(decode, chunk))
-            unreadable += [i for i, array in decoded if array is None]
             good = [(i, array) for i, array in decoded if array is not None]
             if good:
                 probs.append(predict_arrays(bundle, np.stack([a for _, a in good]), tta=tta))
@@ -369,7 +371,8 @@ def evaluate_dataset(
     example md5hashes), never silently dropped. Returns `classification_metrics` keys at top
     level (accuracy, weighted_f1, macro_f1, top3_accuracy, top5_accuracy, per_class,
     per_range, range_gap_weighted_f1, n) plus `model`, `rows`, `evaluated`, `skipped`,
-    `skipped_examples`, `unknown_labels`, `tta`.
+    `skipped_examples`, `unreadable_errors` ({md5hash: why}, the first examples),
+    `unknown_labels`, `tta`.
     """
     csv_path = Path(csv_path)
     frame = read_labelled_csv(csv_path)
@@ -379,7 +382,7 @@ def evaluate_dataset(
         bundle, lambda i: usable[i][3].read_bytes(), len(usable),
         batch_size=batch_size, tta=tta, progress=progress,
     )
-    rows.skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
+    rows.skipped["unreadable_image"] = [usable[i][0] for i in sorted(unreadable)]
     counts = {reason: len(hashes) for reason, hashes in rows.skipped.items()}
     if not scored:
         raise EvaluationError(
@@ -400,6 +403,7 @@ def evaluate_dataset(
         "evaluated": len(scored),
         "skipped": counts,
         "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in rows.skipped.items()},
+        "unreadable_errors": {usable[i][0]: unreadable[i] for i in sorted(unreadable)[:max_examples]},
         "unknown_labels": dict(sorted(rows.unknown_labels.items(), key=lambda kv: -kv[1])),
         "tta": tta,
     }
