@@ -313,6 +313,8 @@ def _model_bundle(args):
 
 
 def cmd_predict(args) -> int:
+    """Exit 1 when any source could not be predicted (each one's error is printed; the others
+    are still predicted)."""
     from dermflow.evaluation.predict import predict_images
 
     bundle = _model_bundle(args)
@@ -321,6 +323,7 @@ def cmd_predict(args) -> int:
         from dermflow.evaluation.predict import explain_image
 
         explain_image(bundle, args.sources[0], Path(args.explain))
+    failed = [result for result in results if result["error"]]
     if args.json:
         print(json.dumps({"model": bundle.describe(), "predictions": results,
                           "note": NOT_FOR_CLINICAL_USE}, indent=2))
@@ -328,11 +331,16 @@ def cmd_predict(args) -> int:
         print(f"model: {bundle.describe()}")
         for result in results:
             print(result["source"])
+            if result["error"]:
+                print(f"  error: {result['error']}")
             for rank, item in enumerate(result["top"], start=1):
                 print(f"  {rank}. {item['label']:<45} {item['probability']:.3f}")
         if args.explain:
             print(f"saliency map written to {args.explain}")
         print(NOT_FOR_CLINICAL_USE)
+    if failed:
+        print(f"dermflow predict: {len(failed)} of {len(results)} source(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -353,6 +361,8 @@ def cmd_evaluate(args) -> int:
         return 0
     print(f"model: {bundle.describe()}")
     print(f"images scored {result['n']}  " + "  ".join(f"{k}={v}" for k, v in result.get("skipped", {}).items()))
+    for md5hash, why in result.get("unreadable_errors", {}).items():
+        print(f"  unreadable {md5hash}: {why}")
     for key in ("accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "top5_accuracy"):
         if key in result:
             print(f"{key:15} {result[key]:.4f}")
