@@ -308,13 +308,14 @@ def _score_rows(
 
 
 def read_labelled_csv(csv_path: Path) -> pd.DataFrame:
-    """A labelled set in the Fitzpatrick 17k schema, as strings; EvaluationError when it cannot
+    """A labelled set in the Fitzpatrick 17k schema, as strings, parsed as strictly as the
+    dataset CSV (`dermflow.ingestion.ingest.read_csv_source`); EvaluationError when it cannot
     be read or lacks a required column."""
-    import pandas as pd
+    from dermflow.ingestion.ingest import DatasetError, DatasetSourceError, read_csv_source
 
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        frame = read_csv_source(Path(csv_path))
+    except (DatasetError, DatasetSourceError) as error:
         raise EvaluationError(f"cannot read {csv_path}: {error}") from error
     missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
     if missing_columns:
