@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
-MAX_DOWNLOAD_BYTES = 30 * 1024 * 1024
 REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
 ARCH_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -160,9 +159,9 @@ def is_url(source: str) -> bool:
 def make_http_client():
     """A guarded URL reader (`dermflow.ingestion.http.URLReader`): the SSRF guard, timeouts,
     redirects checked hop by hop, a size cap, dermflow's User-Agent; one pool for many reads."""
-    from dermflow.ingestion.http import ReadPolicy, URLReader
+    from dermflow.ingestion.http import MAX_PREDICT_IMAGE_BYTES, ReadPolicy, URLReader
 
-    policy = ReadPolicy(max_bytes=MAX_DOWNLOAD_BYTES, connect_timeout=5.0, read_timeout=20.0, total_timeout=60.0)
+    policy = ReadPolicy(max_bytes=MAX_PREDICT_IMAGE_BYTES, connect_timeout=5.0, read_timeout=20.0, total_timeout=60.0)
     return URLReader(policy, accept="image/*,*/*;q=0.8")
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import redact_url
+from dermflow.ingestion.http import MAX_CSV_BYTES
 
 if TYPE_CHECKING:
     from dermflow.storage import ObjectStore
@@ -57,8 +58,6 @@ _RANGE_OF_SCALE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6:
 # How many offending rows an error message lists before "... and N more".
 _ROWS_SHOWN = 5
 HTTP_TIMEOUT_SECONDS = 30.0
-# The Fitzpatrick 17k CSV is about 4 MB; a source holding far more is not a dataset CSV.
-MAX_CSV_BYTES = 64 * 2**20
 # The longest field a dataset CSV may hold: URLs run to a few hundred characters, labels to ~40.
 MAX_FIELD_CHARS = 8192
 
@@ -102,7 +101,7 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
 
 def _too_large(source: str, size: int) -> DatasetSourceError:
     return DatasetSourceError(f"dataset CSV {source} has {size:,} bytes, over the cap of {MAX_CSV_BYTES:,} "
-                              "(dermflow.ingestion.ingest.MAX_CSV_BYTES)")
+                              "(dermflow.ingestion.http.MAX_CSV_BYTES)")
 
 
 def _read_local(path: Path) -> bytes:
@@ -152,7 +151,10 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
         if int(response.get("ContentLength") or 0) > MAX_CSV_BYTES:
             response["Body"].close()
             raise _too_large(uri, int(response["ContentLength"]))
-        return response["Body"].read(MAX_CSV_BYTES + 1)
+        data = response["Body"].read(MAX_CSV_BYTES + 1)
+        if len(data) > MAX_CSV_BYTES:
+            raise _too_large(uri, len(data))
+        return data
     except DatasetSourceError:
         raise
     except StorageError as error:  # what `get_bytes` raises for a missing object
