@@ -86,6 +86,18 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
+def redact_values(value):
+    """`value` (JSON-like: dicts, lists, strings) with every URL in every string redacted, for
+    run configurations and parameters written to reports, metrics and artifacts."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: redact_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(item) for item in value)
+    return value
+
+
 class RedactingFilter(logging.Filter):
     """Rewrites log records so URLs in them carry no credentials (installed on httpx's loggers)."""
 

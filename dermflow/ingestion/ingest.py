@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dermflow.errors import DermflowError
-from dermflow.ingestion.guard import redact_url
+from dermflow.ingestion.guard import redact_text, redact_url
 from dermflow.ingestion.http import MAX_CSV_BYTES
 
 if TYPE_CHECKING:
@@ -144,28 +144,30 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
 
     bucket, key = parse_s3_uri(uri)
     if not key:
-        raise DatasetSourceError(f"{uri} names a bucket but no object key")
+        raise DatasetSourceError(f"{redact_url(uri)} names a bucket but no object key")
     store = store or ObjectStore.from_settings()
     try:
         response = store.client.get_object(Bucket=bucket, Key=key)
         if int(response.get("ContentLength") or 0) > MAX_CSV_BYTES:
             response["Body"].close()
-            raise _too_large(uri, int(response["ContentLength"]))
+            raise _too_large(redact_url(uri), int(response["ContentLength"]))
         data = response["Body"].read(MAX_CSV_BYTES + 1)
         if len(data) > MAX_CSV_BYTES:
-            raise _too_large(uri, len(data))
+            raise _too_large(redact_url(uri), len(data))
         return data
     except DatasetSourceError:
         raise
     except StorageError as error:  # what `get_bytes` raises for a missing object
         transient = isinstance(error, DermflowError) and error.transient
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=transient) from error
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
+                                 transient=transient) from error
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}",
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
                                  transient=code not in _MISSING_S3_CODES) from error
     except Exception as error:  # noqa: BLE001 - botocore's connection errors have many types
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=True) from error
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
+                                 transient=True) from error
 
 
 def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:
