@@ -3,7 +3,6 @@ through the guarded reader (a blocked address is that source's error)."""
 
 from __future__ import annotations
 
-import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

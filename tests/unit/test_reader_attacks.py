@@ -85,8 +85,7 @@ def allow(monkeypatch):
 # --- redirects, checked at every hop ----------------------------------------------------------
 def test_a_redirect_to_a_loopback_address_not_allowed_is_refused(servers, allow):
     internal, internal_base = servers("127.0.0.1", {"/secret.csv": (200, {}, SECRET)})
-    _, public_base = servers("127.0.0.2", {})  # stands for an allowed host
-    public, _ = _, public_base
+    public, public_base = servers("127.0.0.2", {})  # stands for an allowed host
     public.routes.update({
         "/data.csv": (302, {"Location": f"{public_base}/hop"}, b""),
         "/hop": (302, {"Location": f"{internal_base}/secret.csv"}, b""),
