@@ -65,3 +65,17 @@ def test_derm_train_flow_refuses_a_bad_run_id_before_taking_a_slot(monkeypatch):
     monkeypatch.setattr(train_flow, "concurrency", no_slot)
     with pytest.raises(InvalidRunId):
         train_flow.derm_train.fn(architecture="baseline_cnn", split_key="manifests/split-x.csv", run_id="../../x")
+
+
+def test_fetch_and_tune_flows_refuse_a_bad_run_id():
+    import asyncio
+
+    from dermflow.runs import InvalidRunId
+    from flows.fetch import fetch_images
+    from flows.tune import tune_architecture
+
+    with pytest.raises(InvalidRunId):
+        fetch_images.fn("private/datasets/x.csv", "../../x")
+    with pytest.raises(InvalidRunId):
+        asyncio.run(tune_architecture.fn(architecture="baseline_cnn", split_key="manifests/split-x.csv",
+                                         run_id="../x"))
