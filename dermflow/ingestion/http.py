@@ -200,12 +200,11 @@ class _BoundedInflater:
             raise URLReadError("too_large", self.url, detail=f"body over {self.policy.max_bytes} bytes once decoded")
         return out
 
-    def finish(self) -> bytes:
-        if self.decoder is None:
-            return b""
-        if not self.decoder.eof:
+    def finish(self) -> None:
+        """Raise if a compressed body ended before its stream did. (Nothing is left to flush:
+        input held back by `max_length` only exists once the cap is already exceeded.)"""
+        if self.decoder is not None and not self.decoder.eof:
             raise URLReadError("truncated", self.url, transient=True, detail="compressed body ends early")
-        return self.feed(b"") if self.decoder.unconsumed_tail else b""
 
 
 def _in_memory(content: bytes):
@@ -244,7 +243,7 @@ async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy) -> 
         raise
     if expected is not None and on_wire != expected:  # Content-Length counts the bytes on the wire
         raise URLReadError("truncated", url, transient=True, detail=f"{on_wire} of {expected} bytes")
-    body += inflater.finish()
+    inflater.finish()
     return bytes(body)
 
 

@@ -169,3 +169,18 @@ def test_a_gzip_bomb_served_as_the_csv_is_refused_in_bounded_memory(servers):
     # At most the cap of decoded bytes is held (twice while the buffer grows), never the bomb:
     # measured 97 MiB here for a 512 MiB bomb, against 363 MiB before the bounded inflater.
     assert report["grown_kib"] * 1024 < 2 * MAX_CSV_BYTES + 16 * 2**20, report
+
+
+def test_a_cut_gzip_body_is_truncated_and_an_unknown_encoding_refused(servers, allow):
+    import gzip
+
+    whole = gzip.compress(b"a,b\n" * 1000)
+    _, base = servers("127.0.0.1", {"/cut": (200, {"Content-Encoding": "gzip"}, whole[: len(whole) // 2]),
+                                    "/br": (200, {"Content-Encoding": "br"}, b"\x00" * 10)})
+    allow("127.0.0.1")
+    with pytest.raises(URLReadError) as cut:
+        read_source(f"{base}/cut")
+    assert cut.value.reason == "truncated" and cut.value.transient
+    with pytest.raises(URLReadError) as brotli:
+        read_source(f"{base}/br")
+    assert not brotli.value.transient and "Content-Encoding 'br'" in str(brotli.value)
