@@ -174,8 +174,8 @@ def _redirect_or_refusal(response: httpx.Response, url: str, policy: ReadPolicy)
 
 
 class _BoundedInflater:
-    """Decodes a body's Content-Encoding chunk by chunk, never producing more than `limit` bytes
-    in all (zlib's `max_length`): a compression bomb costs at most `limit` bytes of memory."""
+    """Decodes a body's Content-Encoding chunk by chunk, never producing more than `max_bytes`
+    in all (zlib's `max_length`): a compression bomb costs at most that much memory."""
 
     def __init__(self, encoding: str, url: str, policy: ReadPolicy) -> None:
         self.url, self.policy, self.produced = url, policy, 0
