@@ -13,8 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dermflow.errors import DermflowError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,9 +147,19 @@ class Settings(BaseSettings):
         return f"http://127.0.0.1:{self.s3_port}"
 
 
+class SettingsError(DermflowError):
+    """A setting in the environment or `.env` is invalid (permanent: the user must fix it)."""
+
+
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, then `.env` (environment wins), then `overrides`."""
-    return Settings(_env_file=env_file_path(), **overrides)
+    """Settings from the environment, then `.env` (environment wins), then `overrides`.
+    An invalid value is a `SettingsError` naming the setting (its value is not echoed)."""
+    try:
+        return Settings(_env_file=env_file_path(), **overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                             for e in error.errors(include_input=False))
+        raise SettingsError(f"invalid setting(s) in the environment or {env_file_path()}: {problems}") from None
 
 
 @lru_cache(maxsize=1)
