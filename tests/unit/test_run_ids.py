@@ -79,3 +79,13 @@ def test_fetch_and_tune_flows_refuse_a_bad_run_id():
     with pytest.raises(InvalidRunId):
         asyncio.run(tune_architecture.fn(architecture="baseline_cnn", split_key="manifests/split-x.csv",
                                          run_id="../x"))
+
+
+def test_a_tuning_id_cannot_leave_the_tuning_directory():
+    from dermflow.modeling.tuning import SearchSpec, TuningError
+
+    base = dict(architecture="baseline_cnn", num_classes=3, directory="/tmp/tuning")
+    for bad in ("../escape", "a/b", "/abs", ""):
+        with pytest.raises(TuningError, match="tuning_id"):
+            SearchSpec.from_dict({**base, "tuning_id": bad})
+    assert SearchSpec.from_dict({**base, "tuning_id": "baseline_cnn-random-0a1b2c3d4e5f"}).project_dir.parent.name == "tuning"
