@@ -6,7 +6,8 @@ bucket keys and are not spelled here.
 
 ```
 images/<md5hash>                          original image bytes (complete, decodable)
-manifests/datasets/<fingerprint12>.csv    ingested dataset rows
+private/datasets/<fingerprint12>.csv      ingested dataset rows, their URLs unredacted (refetch)
+private/runs/<run_id>/config.json         a run's configuration unredacted (replay), if it differs
 manifests/fetch.csv                       latest fetch manifest; manifests/fetch.json: its dataset
 manifests/fetch/<run_id>.csv              fetch manifest history
 manifests/split-<hash12>.csv | .json      split assignment and its summary
@@ -29,6 +30,9 @@ MANIFESTS_PREFIX = "manifests/"
 RUNS_PREFIX = "runs/"
 TUNING_PREFIX = "tuning/"
 REGISTRY_PREFIX = "registry/"
+# Objects that may hold credentials (URLs as the user gave them): only the pipeline reads them
+# back; they are never presigned, shown in a report, logged or published as an artifact.
+PRIVATE_PREFIX = "private/"
 REGISTERED_MODELS_PREFIX = REGISTRY_PREFIX + "models/"
 CHAMPIONS_PREFIX = REGISTRY_PREFIX + "champions/"
 TRAININGS_PREFIX = REGISTRY_PREFIX + "trainings/"
@@ -57,7 +61,14 @@ def md5_of_image_key(key: str) -> str | None:
 
 # --- manifests ------------------------------------------------------------------------------
 def dataset_key(fingerprint: str) -> str:
-    return f"{MANIFESTS_PREFIX}datasets/{fingerprint[:12]}.csv"
+    """The ingested dataset rows: a private object (its URLs are kept as given, for refetch)."""
+    return f"{PRIVATE_PREFIX}datasets/{fingerprint[:12]}.csv"
+
+
+def private_run_config_key(run_id: str) -> str:
+    """A run's configuration with its URLs as given (credentials included), for replaying the
+    run; `run_params_key` holds the redacted one that reports show."""
+    return f"{PRIVATE_PREFIX}runs/{run_id}/config.json"
 
 
 def fetch_manifest_history_key(run_id: str) -> str:

@@ -9,7 +9,42 @@ import json
 import re
 from datetime import datetime, timezone
 
+from dermflow.errors import DermflowError
+from dermflow.layout import RUNS_PREFIX
+
 RUN_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[a-z0-9][a-z0-9-]*$")
+# A Prefect flow run's name as a run id spells it (what `make_run_id` keeps of it).
+RUN_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# A run id becomes a bucket prefix and a local directory name: keep it short.
+MAX_RUN_ID_CHARS = 128
+
+
+class InvalidRunId(DermflowError, ValueError):
+    """A run id (or run reference) that is not one: it would not name a run, and may try to
+    leave the run's folder (`../x`). Permanent."""
+
+
+def check_run_id(run_id: object) -> str:
+    """`run_id` itself when it matches `RUN_ID_PATTERN` (`YYYYMMDD-HHMMSS-<name>`), else
+    `InvalidRunId`. Every entry point that takes a run id calls this before the id becomes a
+    key or a local path."""
+    if isinstance(run_id, str) and len(run_id) <= MAX_RUN_ID_CHARS and RUN_ID_PATTERN.fullmatch(run_id):
+        return run_id
+    raise InvalidRunId(f"invalid run id {str(run_id)[:MAX_RUN_ID_CHARS]!r}: expected YYYYMMDD-HHMMSS-<name> "
+                       "(digits, lower-case letters and '-'), e.g. 20261126-101500-brave-otter")
+
+
+def check_run_reference(reference: str) -> str:
+    """A run reference a user typed: a run id, a run's key prefix (`runs/<run_id>/`), or a flow
+    run's name (`brave-otter`); returned stripped, else `InvalidRunId`."""
+    text = reference.strip()
+    if text.startswith(RUNS_PREFIX):
+        text = text[len(RUNS_PREFIX):].rstrip("/")
+    if len(text) <= MAX_RUN_ID_CHARS and (RUN_ID_PATTERN.fullmatch(text) or RUN_NAME_PATTERN.fullmatch(text)):
+        return reference.strip()
+    raise InvalidRunId(f"invalid run {reference[:MAX_RUN_ID_CHARS]!r}: expected a run id "
+                       "(YYYYMMDD-HHMMSS-<name>, e.g. 20261126-101500-brave-otter) or a flow run's name "
+                       "(lower-case letters, digits and '-')")
 
 
 def make_run_id(flow_run_name: str, when: datetime | None = None) -> str:

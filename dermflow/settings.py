@@ -8,14 +8,54 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dermflow.errors import DermflowError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+AllowedNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+# Allowing a network wider than these (e.g. 0.0.0.0/0) is turning the SSRF guard off; it needs
+# DERMFLOW_ALLOW_ANY_HOST=true. 10.0.0.0/8 and fc00::/7, the widest private ranges, pass.
+_WIDEST_ALLOWED_PREFIX = {4: 8, 6: 7}
+
+
+def parse_allowed_host(entry: str) -> str | AllowedNetwork:
+    """One `DERMFLOW_ALLOWED_HOSTS` entry -> a lower-case host name, or an IP network (an address
+    is a /32 or /128). Raises ValueError naming the entry: wildcards, spaces, a mistyped
+    address (`127.0.0.l`) and a CIDR with host bits set (`10.0.0.5/8`) are refused, not guessed at."""
+    text = entry.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as error:
+        if "/" in text:
+            if "host bits set" in str(error):
+                network = ipaddress.ip_network(text, strict=False)
+                address = text.split("/", 1)[0]
+                raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {text!r} has host bits set; write {network} for the "
+                                 f"network or {address}/{network.max_prefixlen} for one address") from None
+            raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {text!r} is not a valid CIDR (nor a host name, "
+                             "which has no '/')") from None
+    name = text.lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {text!r} is not a host name, an IP address or a CIDR "
+                         "(entries are comma-separated; wildcards are not supported)")
+    if len(labels) > 1 and all(label.isdigit() for label in labels[:-1]):
+        raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {text!r} looks like a mistyped IP address")
+    return name
+
+
+def allowed_host_entries(value: str) -> list[str]:
+    """The comma-separated entries of a `DERMFLOW_ALLOWED_HOSTS` value, stripped, blanks dropped."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def env_file_path() -> Path:
@@ -75,6 +115,9 @@ class Settings(BaseSettings):
     # --- fetching ---
     # Hosts or CIDRs that may resolve to private/loopback addresses (SSRF guard exemptions).
     allowed_hosts: str = ""
+    # Lets `allowed_hosts` hold a network wider than /8 (IPv4) or /7 (IPv6), e.g. 0.0.0.0/0:
+    # that turns the SSRF guard off, so it must be asked for by name.
+    allow_any_host: bool = False
     user_agent: str = "dermflow/0.1 (+https://github.com/dermflow/dermflow; research dataset fetcher)"
 
     # --- local caches and retention ---
@@ -85,17 +128,25 @@ class Settings(BaseSettings):
     @field_validator("allowed_hosts")
     @classmethod
     def _check_allowed_hosts(cls, value: str) -> str:
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            if "/" in item:
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError as error:
-                    raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {item!r} is not a valid CIDR") from error
+        for entry in allowed_host_entries(value):
+            parse_allowed_host(entry)
         return value
+
+    @model_validator(mode="after")
+    def _check_allowed_width(self) -> Settings:
+        if self.allow_any_host:
+            return self
+        for entry in allowed_host_entries(self.allowed_hosts):
+            parsed = parse_allowed_host(entry)
+            if not isinstance(parsed, str) and parsed.prefixlen < _WIDEST_ALLOWED_PREFIX[parsed.version]:
+                raise ValueError(f"DERMFLOW_ALLOWED_HOSTS: {entry!r} allows {parsed.num_addresses} addresses, "
+                                 "which turns the SSRF guard off; allow the hosts you trust, or set "
+                                 "DERMFLOW_ALLOW_ANY_HOST=true if that is really meant")
+        return self
 
     @property
     def allowed_host_list(self) -> list[str]:
-        return [part.strip() for part in self.allowed_hosts.split(",") if part.strip()]
+        return allowed_host_entries(self.allowed_hosts)
 
     @property
     def local_cache_dir(self) -> Path:
@@ -106,9 +157,19 @@ class Settings(BaseSettings):
         return f"http://127.0.0.1:{self.s3_port}"
 
 
+class SettingsError(DermflowError):
+    """A setting in the environment or `.env` is invalid (permanent: the user must fix it)."""
+
+
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, then `.env` (environment wins), then `overrides`."""
-    return Settings(_env_file=env_file_path(), **overrides)
+    """Settings from the environment, then `.env` (environment wins), then `overrides`.
+    An invalid value is a `SettingsError` naming the setting (its value is not echoed)."""
+    try:
+        return Settings(_env_file=env_file_path(), **overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                             for e in error.errors(include_input=False))
+        raise SettingsError(f"invalid setting(s) in the environment or {env_file_path()}: {problems}") from None
 
 
 @lru_cache(maxsize=1)

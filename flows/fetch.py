@@ -13,6 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from dermflow.config import RUN_DEFAULTS, RunConfig, HostConcurrency, HostRateLimit, ShardSize, describe_parameters
+from dermflow.runs import check_run_id
 from tasks.data import fetch_shard, plan_fetch, write_fetch_manifest
 
 # Shards fetched at once by the default thread runner (each shard is itself concurrent).
@@ -39,6 +40,7 @@ def fetch_images(
     """Fetch every image of the dataset not yet in the bucket (or only the failed rows), one
     task run per shard, and write the fetch manifest. `host_concurrency` and `host_rate_limit`
     are per host for the whole fetch: each of the shards running at once gets its share."""
+    check_run_id(run_id)  # an API caller's id becomes the manifest history's key
     logger = get_run_logger()
     shards = plan_fetch(dataset_key, shard_size, only_failed=only_failed)
     total = sum(len(shard) for shard in shards)

@@ -20,6 +20,7 @@ from dermflow.config import (
     Weights,
     describe_parameters,
 )
+from dermflow.runs import check_run_id
 from tasks.common import settings
 from tasks.train import train_architecture
 
@@ -48,6 +49,7 @@ def derm_train(
     gpu_limit: str = "gpu",
 ) -> dict:
     """Train, evaluate and store one architecture's model."""
+    check_run_id(run_id)  # before the slot is taken: an API caller's id becomes a local path
     config = {
         "architecture": architecture,
         "image_size": image_size,

@@ -50,6 +50,7 @@ from dermflow.config import (
     Weights,
     describe_parameters,
 )
+from dermflow.runs import check_run_id
 from tasks.common import settings
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
@@ -173,6 +174,7 @@ async def tune_architecture(
 
     Returns `{"tuning_id", "trials", "best"}` (`best`: TrainConfig override or None).
     """
+    check_run_id(run_id)  # an API caller's id names the workers' runs
     logger = get_run_logger()
     train_params = {"image_size": image_size, "epochs": epochs, "batch_size": batch_size, "weights": weights,
                     "seed": seed}

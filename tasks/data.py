@@ -13,6 +13,7 @@ from dermflow import layout
 from dermflow.dataset import split
 from dermflow.ingestion import fetch, ingest
 from dermflow.ingestion import manifest as fetch_manifest
+from dermflow.ingestion.guard import redact_url
 from dermflow.runs import content_hash
 from tasks.common import object_store, retry_unless_permanent, settings
 
@@ -27,7 +28,7 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
     store.put_dataframe_csv(key, dataset)
     get_run_logger().info(
         "ingested %d rows, %d labels, %d without URL from %s",
-        len(dataset), dataset["label"].nunique(), int(dataset["no_url"].sum()), csv,
+        len(dataset), dataset["label"].nunique(), int(dataset["no_url"].sum()), redact_url(csv),
     )
     return {"dataset_key": key, "rows": len(dataset), "labels": int(dataset["label"].nunique()),
             "fingerprint": fingerprint}

@@ -76,11 +76,15 @@ def build_and_store_report(
     tuning_trials: list[dict] | None = None,
     retrain_decision: dict | None = None,
 ) -> dict:
-    """Report HTML, figures and metrics.json under `runs/<run_id>/`; Prefect artifacts."""
+    """Report HTML, figures and metrics.json under `runs/<run_id>/`; Prefect artifacts. Every
+    URL in the parameters, the data summary and the outcomes is redacted first (all of them end
+    up in the page, metrics.json and the artifacts)."""
     from dermflow.evaluation.report import ReportInputs, build_report, write_report
+    from dermflow.ingestion.guard import redact_values
 
     store = object_store()
     report_key = layout.report_key(run_id)
+    params, data_summary, outcomes = redact_values(params), redact_values(data_summary), redact_values(outcomes)
     inputs = ReportInputs(
         run_id=run_id,
         params=params,

@@ -10,7 +10,10 @@ from tasks.common import object_store
 
 @task(name="record-params")
 def record_params(run_id: str, params: dict) -> str:
-    return object_store().put_json(run_params_key(run_id), params)
+    """`params` at the run's params key, every URL's credentials redacted."""
+    from dermflow.ingestion.guard import redact_values
+
+    return object_store().put_json(run_params_key(run_id), redact_values(params))
 
 
 @task(name="collect-training-outcome")
@@ -43,8 +46,15 @@ def data_summary(dataset: dict | None, fetched: dict, split: dict) -> dict:
 @task(name="record-run-config")
 def record_run_config(run_id: str, config: dict, resolved: dict) -> str:
     """The run's resolved configuration (`RunConfig.model_dump()`) and what was derived from it
-    (final epochs, deadline), at the run's params key."""
+    (final epochs, deadline), at the run's params key, with every URL's credentials redacted.
+    When redaction changed anything, the configuration as given goes to the private object
+    `layout.private_run_config_key(run_id)` (never shown) so the run can be replayed."""
     from dermflow import layout
+    from dermflow.ingestion.guard import redact_values
 
-    return object_store().put_json(layout.run_params_key(run_id),
-                                   {"run_id": run_id, "config": config, "resolved": resolved})
+    store = object_store()
+    stored = {"run_id": run_id, "config": config, "resolved": resolved}
+    redacted = redact_values(stored)
+    if redacted != stored:
+        store.put_json(layout.private_run_config_key(run_id), stored)
+    return store.put_json(layout.run_params_key(run_id), redacted)

@@ -459,9 +459,9 @@ def thumbnail_gallery(rows: Sequence[tuple[str, Sequence[Thumbnail]]], *, title:
 
 def decode_thumbnail(data: bytes, size: int = 256) -> np.ndarray:
     """Image bytes -> RGB uint8 array at most `size` pixels on its long side (JPEG decoded at reduced scale)."""
-    from PIL import Image
+    from dermflow.ingestion.images import open_image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:  # the pixel cap, before anything is decoded
         image.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale, much faster
         image = image.convert("RGB")
         image.thumbnail((size, size))

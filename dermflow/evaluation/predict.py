@@ -9,6 +9,7 @@ model sees images prepared the same way in both. Models take float images 0-255 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dermflow.ingestion.ingest import fitzpatrick_range
 from dermflow.layout import image_key
 from dermflow.metrics import classification_metrics
 from dermflow.registry.runs import resolve_model
+from dermflow.runs import check_run_id
 from dermflow.storage import ObjectStore, StorageError
 
 if TYPE_CHECKING:
@@ -30,9 +32,9 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
-MAX_DOWNLOAD_BYTES = 30 * 1024 * 1024
 REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
+ARCH_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class EvaluationError(DermflowError, ValueError):
@@ -98,6 +100,9 @@ def load_model_bundle(
     """Resolve a model (see `registry.resolve_model`), download its model.keras into
     `cache_dir/<run_id>/<arch>/` once, and load it."""
     run_id, arch, key, params = resolve_model(store, run, arch)
+    check_run_id(run_id)  # both become local directories below
+    if not ARCH_NAME_PATTERN.fullmatch(arch):
+        raise EvaluationError(f"invalid architecture name {arch[:64]!r}: letters, digits, '_' and '-' only")
     if cache_dir is None:
         from dermflow.settings import get_settings
 
@@ -154,9 +159,9 @@ def is_url(source: str) -> bool:
 def make_http_client():
     """A guarded URL reader (`dermflow.ingestion.http.URLReader`): the SSRF guard, timeouts,
     redirects checked hop by hop, a size cap, dermflow's User-Agent; one pool for many reads."""
-    from dermflow.ingestion.http import ReadPolicy, URLReader
+    from dermflow.ingestion.http import MAX_PREDICT_IMAGE_BYTES, ReadPolicy, URLReader
 
-    policy = ReadPolicy(max_bytes=MAX_DOWNLOAD_BYTES, connect_timeout=5.0, read_timeout=20.0, total_timeout=60.0)
+    policy = ReadPolicy(max_bytes=MAX_PREDICT_IMAGE_BYTES, connect_timeout=5.0, read_timeout=20.0, total_timeout=60.0)
     return URLReader(policy, accept="image/*,*/*;q=0.8")
 
 
@@ -271,23 +276,25 @@ def _score_rows(
     batch_size: int,
     tta: bool,
     progress: ProgressCallback | None,
-) -> tuple[list[int], np.ndarray, list[int]]:
-    """Decode and predict rows 0..n_rows-1 in batches -> (scored row indices, probs, unreadable)."""
+) -> tuple[list[int], np.ndarray, dict[int, str]]:
+    """Decode and predict rows 0..n_rows-1 in batches -> (scored row indices, probs,
+    {unreadable row index: why}). One bad image (undecodable, over the pixel cap) is skipped,
+    never the batch."""
     scored: list[int] = []
-    unreadable: list[int] = []
+    unreadable: dict[int, str] = {}
     probs: list[np.ndarray] = []
 
     def decode(i: int) -> tuple[int, np.ndarray | None]:
         try:
             return i, load_image_array(read_bytes(i), bundle.image_size)
-        except (OSError, ValueError, StorageError):
+        except (OSError, ValueError, StorageError) as error:
+            unreadable[i] = str(error)
             return i, None
 
     done = 0
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         for chunk in _batched(list(range(n_rows)), batch_size):
             decoded = list(pool.map(decode, chunk))
-            unreadable += [i for i, array in decoded if array is None]
             good = [(i, array) for i, array in decoded if array is not None]
             if good:
                 probs.append(predict_arrays(bundle, np.stack([a for _, a in good]), tta=tta))
@@ -300,13 +307,14 @@ def _score_rows(
 
 
 def read_labelled_csv(csv_path: Path) -> pd.DataFrame:
-    """A labelled set in the Fitzpatrick 17k schema, as strings; EvaluationError when it cannot
+    """A labelled set in the Fitzpatrick 17k schema, as strings, parsed as strictly as the
+    dataset CSV (`dermflow.ingestion.ingest.read_csv_source`); EvaluationError when it cannot
     be read or lacks a required column."""
-    import pandas as pd
+    from dermflow.ingestion.ingest import DatasetError, DatasetSourceError, read_csv_source
 
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        frame = read_csv_source(Path(csv_path))
+    except (DatasetError, DatasetSourceError) as error:
         raise EvaluationError(f"cannot read {csv_path}: {error}") from error
     missing_columns = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
     if missing_columns:
@@ -363,7 +371,8 @@ def evaluate_dataset(
     example md5hashes), never silently dropped. Returns `classification_metrics` keys at top
     level (accuracy, weighted_f1, macro_f1, top3_accuracy, top5_accuracy, per_class,
     per_range, range_gap_weighted_f1, n) plus `model`, `rows`, `evaluated`, `skipped`,
-    `skipped_examples`, `unknown_labels`, `tta`.
+    `skipped_examples`, `unreadable_errors` ({md5hash: why}, the first examples),
+    `unknown_labels`, `tta`.
     """
     csv_path = Path(csv_path)
     frame = read_labelled_csv(csv_path)
@@ -373,7 +382,7 @@ def evaluate_dataset(
         bundle, lambda i: usable[i][3].read_bytes(), len(usable),
         batch_size=batch_size, tta=tta, progress=progress,
     )
-    rows.skipped["unreadable_image"] = [usable[i][0] for i in unreadable]
+    rows.skipped["unreadable_image"] = [usable[i][0] for i in sorted(unreadable)]
     counts = {reason: len(hashes) for reason, hashes in rows.skipped.items()}
     if not scored:
         raise EvaluationError(
@@ -394,6 +403,7 @@ def evaluate_dataset(
         "evaluated": len(scored),
         "skipped": counts,
         "skipped_examples": {reason: hashes[:max_examples] for reason, hashes in rows.skipped.items()},
+        "unreadable_errors": {usable[i][0]: unreadable[i] for i in sorted(unreadable)[:max_examples]},
         "unknown_labels": dict(sorted(rows.unknown_labels.items(), key=lambda kv: -kv[1])),
         "tta": tta,
     }

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from dermflow import layout
 from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
-from dermflow.ingestion.http import ReadPolicy, URLReadError, make_async_client, read_async
+from dermflow.ingestion.http import MAX_FETCHED_IMAGE_BYTES, ReadPolicy, URLReadError, make_async_client, read_async
 from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
 from dermflow.ingestion.manifest import ManifestError, manifest_row, ok_row
 
@@ -66,7 +66,7 @@ class FetchOptions:
     read_timeout: float = 30.0  # between two reads of the body
     total_timeout: float = 120.0  # one request, headers to last byte
     row_timeout: float = 600.0  # one row, all attempts and waits together
-    max_bytes: int = 50 * 2**20
+    max_bytes: int = MAX_FETCHED_IMAGE_BYTES
     max_redirects: int = 5
     user_agent: str = DEFAULT_USER_AGENT
     allowed_hosts: tuple[str, ...] = ()  # hosts/IPs/CIDRs exempt from the internal-address rule

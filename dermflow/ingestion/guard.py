@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from dermflow.errors import DermflowError
+from dermflow.settings import parse_allowed_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -85,6 +86,18 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
+def redact_values(value):
+    """`value` (JSON-like: dicts, lists, strings) with every URL in every string redacted, for
+    run configurations and parameters written to reports, metrics and artifacts."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: redact_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(item) for item in value)
+    return value
+
+
 class RedactingFilter(logging.Filter):
     """Rewrites log records so URLs in them carry no credentials (installed on httpx's loggers)."""
 
@@ -110,9 +123,18 @@ def install_log_redaction(logger_names: Iterable[str] = ("httpx", "httpcore", "d
             logger.addFilter(_FILTER)
 
 
+# IPv6 ranges that are not private by Python's tables but reach, or once reached, internal
+# networks: 6to4 (2002::/16 embeds an IPv4 address, e.g. 2002:7f00:1:: is 127.0.0.1) and the
+# deprecated site-local fec0::/10.
+_BLOCKED_V6 = (ipaddress.ip_network("2002::/16"), ipaddress.ip_network("fec0::/10"))
+
+
 def _is_internal(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif any(address in network for network in _BLOCKED_V6):
+            return True
     return (
         address.is_private
         or address.is_loopback
@@ -144,13 +166,13 @@ class HostGuard:
         self.allowed_names: set[str] = set()
         self.allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for item in allowed:
-            item = item.strip()
-            if not item:
+            if not item.strip():
                 continue
-            try:
-                self.allowed_networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                self.allowed_names.add(item.lower().rstrip("."))
+            parsed = parse_allowed_host(item)  # the settings' parser: a bad entry is an error, not a name
+            if isinstance(parsed, str):
+                self.allowed_names.add(parsed)
+            else:
+                self.allowed_networks.append(parsed)
         self.resolver = resolver or system_resolver
         self._verdicts: dict[tuple[str, int], BlockedURL | None] = {}
 

@@ -5,8 +5,12 @@ Every request goes through the SSRF guard (`dermflow.ingestion.guard`): http(s) 
 hop's host is checked before its request, and the connection itself goes only to addresses
 the guard has just resolved and checked (pinned, so DNS rebinding cannot reach an internal
 address). Redirects are followed here, not by httpx, at most `max_redirects`, each hop checked
-again. The body is streamed and refused past `max_bytes`; a Content-Length that disagrees
-with the body received is a truncation.
+again. The body is streamed and refused past `max_bytes`, counted both on the wire and after
+decoding: a gzip or deflate Content-Encoding (sent although only `identity` is asked for) is
+inflated here with a bounded output, so a compression bomb is refused after at most
+`max_bytes` of output, never held whole. A Content-Length that disagrees with the bytes on the
+wire is a truncation. Each use has its own cap: `MAX_CSV_BYTES`, `MAX_FETCHED_IMAGE_BYTES`,
+`MAX_PREDICT_IMAGE_BYTES`.
 
 Failures are `URLReadError`s with a short `reason` (the fetch manifest's vocabulary:
 `timeout`, `connect_error`, `truncated`, `http_<status>`, `too_large`, `bad_scheme`,
@@ -28,6 +32,7 @@ import email.utils
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -49,7 +54,13 @@ if TYPE_CHECKING:  # httpx is imported when a request is made, not at import tim
     import httpx
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-DEFAULT_MAX_BYTES = 50 * 2**20
+# Size caps per use, in bytes, on the wire and after decoding alike.
+MAX_CSV_BYTES = 64 * 2**20  # the dataset CSV (the Fitzpatrick 17k CSV is about 4 MB)
+MAX_FETCHED_IMAGE_BYTES = 50 * 2**20  # one dataset image (they are well under 1 MB)
+MAX_PREDICT_IMAGE_BYTES = 30 * 2**20  # one image given to `dermflow predict`
+DEFAULT_MAX_BYTES = MAX_FETCHED_IMAGE_BYTES
+# Content-Encodings inflated here (zlib wbits: 16+ = gzip container, 0+ = zlib container).
+_INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # A Hop gate wraps each request (e.g. a per-host semaphore and rate limit); given the hop's URL.
 HopGate = Callable[[str], AbstractAsyncContextManager]
 
@@ -162,8 +173,49 @@ def _redirect_or_refusal(response: httpx.Response, url: str, policy: ReadPolicy)
     return None
 
 
+class _BoundedInflater:
+    """Decodes a body's Content-Encoding chunk by chunk, never producing more than `max_bytes`
+    in all (zlib's `max_length`): a compression bomb costs at most that much memory."""
+
+    def __init__(self, encoding: str, url: str, policy: ReadPolicy) -> None:
+        self.url, self.policy, self.produced = url, policy, 0
+        if encoding in ("", "identity"):
+            self.decoder = None
+        elif encoding in _INFLATE_WBITS:
+            self.decoder = zlib.decompressobj(_INFLATE_WBITS[encoding])
+        else:
+            raise URLReadError(policy.refused_content_reason, url, detail=f"Content-Encoding {encoding[:40]!r}")
+
+    def feed(self, chunk: bytes) -> bytes:
+        budget = self.policy.max_bytes - self.produced
+        if self.decoder is None:
+            out = chunk
+        else:
+            try:
+                out = self.decoder.decompress(chunk, budget + 1)
+            except zlib.error:
+                raise URLReadError(self.policy.refused_content_reason, self.url, detail="undecodable body") from None
+        self.produced += len(out)
+        if self.produced > self.policy.max_bytes:
+            raise URLReadError("too_large", self.url, detail=f"body over {self.policy.max_bytes} bytes once decoded")
+        return out
+
+    def finish(self) -> None:
+        """Raise if a compressed body ended before its stream did. (Nothing is left to flush:
+        input held back by `max_length` only exists once the cap is already exceeded.)"""
+        if self.decoder is not None and not self.decoder.eof:
+            raise URLReadError("truncated", self.url, transient=True, detail="compressed body ends early")
+
+
+def _in_memory(content: bytes):
+    async def chunks():
+        yield content
+    return chunks
+
+
 async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy) -> bytes:
-    """The body, streamed under `max_bytes` and checked against its Content-Length."""
+    """The body, streamed under `max_bytes` (on the wire and decoded) and checked against its
+    Content-Length."""
     import httpx
 
     try:
@@ -172,25 +224,27 @@ async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy) -> 
         expected = None
     if expected is not None and expected > policy.max_bytes:
         raise URLReadError("too_large", url, detail=f"Content-Length over {policy.max_bytes} bytes")
-    chunks: list[bytes] = []
-    received = 0
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    raw_chunks = response.aiter_raw
+    if response.is_stream_consumed:  # built in memory (a test's MockTransport): httpx has decoded it
+        encoding, raw_chunks = "identity", _in_memory(response.content)
+    inflater = _BoundedInflater(encoding, url, policy)
+    body = bytearray()
+    on_wire = 0
     try:
-        async for chunk in response.aiter_bytes():
-            received += len(chunk)
-            if received > policy.max_bytes:
+        async for chunk in raw_chunks():
+            on_wire += len(chunk)
+            if on_wire > policy.max_bytes:
                 raise URLReadError("too_large", url, detail=f"body over {policy.max_bytes} bytes")
-            chunks.append(chunk)
+            body += inflater.feed(chunk)
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError):
-        if received:  # the body had started: it was cut short
+        if on_wire:  # the body had started: it was cut short
             raise URLReadError("truncated", url, transient=True) from None
         raise
-    if expected is not None:
-        # Content-Length counts the bytes on the wire (before any content decoding).
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        on_wire = received if encoding in ("", "identity") else response.num_bytes_downloaded
-        if on_wire != expected:
-            raise URLReadError("truncated", url, transient=True, detail=f"{on_wire} of {expected} bytes")
-    return b"".join(chunks)
+    if expected is not None and on_wire != expected:  # Content-Length counts the bytes on the wire
+        raise URLReadError("truncated", url, transient=True, detail=f"{on_wire} of {expected} bytes")
+    inflater.finish()
+    return bytes(body)
 
 
 def _error_of(error: Exception, url: str, policy: ReadPolicy) -> URLReadError:

@@ -6,12 +6,19 @@
 - `perceptual_hash` (with `draft_for_hash` and `phash_of_image`), the one hashing recipe:
   the fetcher stores it in the manifest and `dermflow.dataset.dedup` groups by it.
 - `verify_image`: a fetched body is stored only if it decodes to the end.
+
+Every decode opens the image through `open_image`, which refuses more than `MAX_IMAGE_PIXELS`
+pixels from the header, before any pixel is decoded: a small PNG can declare 12000x12000
+pixels and cost gigabytes once loaded (a pixel bomb). Pillow's own limit (about 179 Mpx before
+an error) is far above it and only warns below that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +26,40 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dermflow.errors import DermflowError
 
+# The most pixels any image may have to be decoded: fetch and import verification, the
+# training cache, predict, evaluate and saliency. Fitzpatrick 17k images are well under 1 Mpx;
+# 40 Mpx (e.g. 7300x5475, a large camera's photo) is ~120 MB as RGB once decoded.
+MAX_IMAGE_PIXELS = 40_000_000
+
 
 class ImageDecodeError(DermflowError, ValueError):
     """Bytes that are not a decodable image (permanent)."""
+
+
+class NotAnImageError(DermflowError, ValueError):
+    """The bytes do not decode as an image (permanent)."""
+
+
+class ImageTooLargeError(NotAnImageError, ImageDecodeError):
+    """The image declares more pixels than `MAX_IMAGE_PIXELS` (or Pillow's decompression-bomb
+    limit); refused before it is decoded."""
+
+
+@contextmanager
+def open_image(data: bytes) -> Iterator[Image.Image]:
+    """The Pillow image of `data`, opened (header read, nothing decoded) and checked against
+    `MAX_IMAGE_PIXELS`. Raises `ImageTooLargeError`; Pillow's errors for undecodable bytes pass."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageTooLargeError(
+                    f"image of {width}x{height} = {width * height:,} pixels is over the cap of "
+                    f"{MAX_IMAGE_PIXELS:,} pixels (dermflow.ingestion.images.MAX_IMAGE_PIXELS); not decoded")
+            yield image
+    # Image.open itself raises past ~179 Mpx (and warns past ~89 Mpx: an error where warnings are)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLargeError(f"image too large to decode: {error}") from None
 
 
 def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
@@ -34,13 +72,15 @@ def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     try:
-        with Image.open(io.BytesIO(image_bytes)) as opened:
+        with open_image(image_bytes) as opened:
             # JPEG draft mode decodes at a reduced scale (still >= 2x the target on the short
             # side): several times faster for large photos, deterministic, quality kept by the
             # antialiased resize below.
             opened.draft("RGB", (image_size * 2, image_size * 2))
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except ImageTooLargeError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"not a decodable image ({len(image_bytes)} bytes): {error}") from error
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -66,14 +106,6 @@ PHASH_HEX_DIGITS = 16
 DRAFT_MIN_SIDE = 256
 
 
-class NotAnImageError(DermflowError, ValueError):
-    """The bytes do not decode as an image (permanent)."""
-
-
-class ImageTooLargeError(NotAnImageError):
-    """The image's pixel count exceeds Pillow's decompression-bomb limit."""
-
-
 def draft_for_hash(image) -> None:
     """Ask Pillow to decode a JPEG at reduced scale (DCT scaling), no smaller than
     `DRAFT_MIN_SIDE` on the short side: every MCU is still decoded, so truncation is caught."""
@@ -97,16 +129,16 @@ def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
     With `draft`, JPEGs are decoded at a reduced scale (`draft_for_hash`), which changes the
     hash by at most a couple of bits (tested on atlas20). The fetcher hashes the same way.
     Raises `NotAnImageError` when the bytes do not decode (`ImageTooLargeError` when the
-    image has more pixels than Pillow's decompression-bomb limit).
+    image has more than `MAX_IMAGE_PIXELS` pixels).
     """
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
+        with open_image(image_bytes) as image:
             if draft:
                 draft_for_hash(image)
             image.load()
             return phash_of_image(image)
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"image too large to decode ({len(image_bytes)} bytes): {error}") from error
+    except ImageTooLargeError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise NotAnImageError(f"cannot decode image ({len(image_bytes)} bytes): {error}") from error
 
@@ -141,11 +173,11 @@ def verify_image(body: bytes) -> ImageFacts:
     """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
 
     Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
-    included) and for decompression bombs (Pillow's pixel limit is kept).
+    included), and `too_large` for more than `MAX_IMAGE_PIXELS` pixels (checked before decoding).
     """
     md5 = hashlib.md5(body).hexdigest()
     try:
-        with Image.open(io.BytesIO(body)) as image:
+        with open_image(body) as image:
             width, height = image.size
             image_format = image.format or ""
             # The one hashing recipe (draft decode, then pHash), so the near-duplicate threshold
@@ -153,8 +185,8 @@ def verify_image(body: bytes) -> ImageFacts:
             draft_for_hash(image)
             image.load()
             phash = phash_of_image(image)
-    except Image.DecompressionBombError as error:
-        raise ImageRejected("too_large", str(error)) from error
+    except ImageTooLargeError as error:
+        raise ImageRejected("too_large", str(error)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         raise ImageRejected("not_an_image", str(error)) from error
     content_type = Image.MIME.get(image_format, "application/octet-stream")

@@ -7,10 +7,16 @@ checks it (`DatasetError` names the column and the rows of every problem found),
 
 Every column is kept as the CSV's text (`dtype=str`, blanks stay ""), so frames written back
 to CSV and read again compare equal.
+
+The CSV is parsed strictly (`parse_csv`): every row must have as many fields as the header (a
+file cut mid-line leaves a short last row), no field may exceed `MAX_FIELD_CHARS`, and the
+whole file `MAX_CSV_BYTES`. Errors name lines and columns, never the file's content: a CSV
+given as a URL is untrusted, and its text must not come back to whoever can read the error.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 from collections.abc import Sequence
@@ -20,7 +26,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dermflow.errors import DermflowError
-from dermflow.ingestion.guard import redact_url
+from dermflow.ingestion.guard import redact_text, redact_url
+from dermflow.ingestion.http import MAX_CSV_BYTES
 
 if TYPE_CHECKING:
     from dermflow.storage import ObjectStore
@@ -51,8 +58,8 @@ _RANGE_OF_SCALE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6:
 # How many offending rows an error message lists before "... and N more".
 _ROWS_SHOWN = 5
 HTTP_TIMEOUT_SECONDS = 30.0
-# The Fitzpatrick 17k CSV is about 4 MB; a URL serving far more is not a dataset CSV.
-MAX_CSV_BYTES = 256 * 2**20
+# The longest field a dataset CSV may hold: URLs run to a few hundred characters, labels to ~40.
+MAX_FIELD_CHARS = 8192
 
 
 class DatasetError(DermflowError, ValueError):
@@ -60,8 +67,8 @@ class DatasetError(DermflowError, ValueError):
 
     def __init__(self, problems: Sequence[str], source: str | None = None):
         self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
+        self.source = redact_url(source) if source else source
+        where = f" in {self.source}" if source else ""
         super().__init__(f"invalid dataset{where}: " + "; ".join(self.problems))
 
     def __reduce__(self):  # rebuilt from its fields, not its message (Prefect pickles failures)
@@ -92,8 +99,15 @@ def read_source_bytes(source: str | Path, store: ObjectStore | None = None) -> b
     return _read_local(Path(text).expanduser())
 
 
+def _too_large(source: str, size: int) -> DatasetSourceError:
+    return DatasetSourceError(f"dataset CSV {source} has {size:,} bytes, over the cap of {MAX_CSV_BYTES:,} "
+                              "(dermflow.ingestion.http.MAX_CSV_BYTES)")
+
+
 def _read_local(path: Path) -> bytes:
     try:
+        if path.stat().st_size > MAX_CSV_BYTES:
+            raise _too_large(str(path), path.stat().st_size)
         return path.read_bytes()
     except FileNotFoundError as error:
         raise DatasetSourceError(f"dataset CSV not found: {path}") from error
@@ -130,30 +144,79 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
 
     bucket, key = parse_s3_uri(uri)
     if not key:
-        raise DatasetSourceError(f"{uri} names a bucket but no object key")
+        raise DatasetSourceError(f"{redact_url(uri)} names a bucket but no object key")
     store = store or ObjectStore.from_settings()
     try:
-        if bucket == store.bucket:
-            return store.get_bytes(key)
-        return store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = store.client.get_object(Bucket=bucket, Key=key)
+        if int(response.get("ContentLength") or 0) > MAX_CSV_BYTES:
+            response["Body"].close()
+            raise _too_large(redact_url(uri), int(response["ContentLength"]))
+        data = response["Body"].read(MAX_CSV_BYTES + 1)
+        if len(data) > MAX_CSV_BYTES:
+            raise _too_large(redact_url(uri), len(data))
+        return data
+    except DatasetSourceError:
+        raise
     except StorageError as error:  # what `get_bytes` raises for a missing object
         transient = isinstance(error, DermflowError) and error.transient
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=transient) from error
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
+                                 transient=transient) from error
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}",
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
                                  transient=code not in _MISSING_S3_CODES) from error
     except Exception as error:  # noqa: BLE001 - botocore's connection errors have many types
-        raise DatasetSourceError(f"cannot read dataset CSV {uri}: {error}", transient=True) from error
+        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
+                                 transient=True) from error
 
 
 def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:
-    """The CSV at `source` as a frame of strings (blanks are "", never NaN). Not validated."""
-    data = read_source_bytes(source, store)
+    """The CSV at `source` as a frame of strings (blanks are "", never NaN), parsed strictly
+    (`parse_csv`). Not validated."""
+    return parse_csv(read_source_bytes(source, store), str(source))
+
+
+def parse_csv(data: bytes, source: str | None = None) -> pd.DataFrame:
+    """UTF-8 CSV bytes -> a frame of strings; `DatasetError` naming the lines of every row whose
+    field count differs from the header's (a file cut mid-line), of fields over
+    `MAX_FIELD_CHARS`, or where the CSV cannot be parsed. Blank lines are skipped."""
     try:
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DatasetError([f"not a readable CSV: {error}"], str(source)) from error
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError([f"not a readable CSV: not UTF-8 text (byte {error.start})"], source) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[list[str]] = []
+    wrong_count: list[int] = []
+    too_long: list[int] = []
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DatasetError(["not a readable CSV: no header line"], source)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                wrong_count.append(reader.line_num)
+            elif max(map(len, row)) > MAX_FIELD_CHARS:
+                too_long.append(reader.line_num)
+            else:
+                rows.append(row)
+    except csv.Error as error:  # an unterminated quote, a field over the csv module's own limit
+        raise DatasetError([f"not a readable CSV at line {reader.line_num}: {error}"], source) from None
+    problems = []
+    if max(map(len, header)) > MAX_FIELD_CHARS:
+        problems.append(f"the header line has a field over {MAX_FIELD_CHARS} characters")
+    elif len(set(header)) != len(header):
+        problems.append("the header line names a column more than once")
+    if wrong_count:
+        problems.append(f"{len(wrong_count)} row(s) do not have the header's {len(header)} fields (a file cut "
+                        f"short, or a stray separator) at line(s) {_line_list(wrong_count)}")
+    if too_long:
+        problems.append(f"{len(too_long)} row(s) have a field over {MAX_FIELD_CHARS} characters "
+                        f"at line(s) {_line_list(too_long)}")
+    if problems:
+        raise DatasetError(problems, source)
+    return pd.DataFrame(rows, columns=header, dtype=str)
 
 
 # --------------------------------------------------------------------------- validation
@@ -194,11 +257,10 @@ def _row_problems(frame: pd.DataFrame) -> list[str]:
     line_numbers = frame.index.to_numpy() + 2
     problems: list[str] = []
     malformed = ~frame["md5hash"].str.fullmatch(r"[0-9a-f]{32}")
-    if malformed.any():
-        examples = ", ".join(repr(value) for value in frame.loc[malformed, "md5hash"].head(3))
+    if malformed.any():  # values are not quoted: they may come from an untrusted URL
         problems.append(
             f"column md5hash: {int(malformed.sum())} value(s) are not 32 hex digits "
-            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])} (e.g. {examples})"
+            f"at line(s) {_line_list(line_numbers[malformed.to_numpy()])}"
         )
     duplicated = frame["md5hash"].duplicated(keep=False) & ~malformed
     if duplicated.any():
@@ -230,7 +292,9 @@ def validate_dataset(frame: pd.DataFrame, source: str | None = None) -> pd.DataF
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
         raise DatasetError(
-            [f"missing required column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"],
+            # the header's own text is not quoted: it may come from an untrusted URL
+            [f"missing required column(s) {', '.join(missing)} (the header has {len(frame.columns)} "
+             f"column(s); the required ones are {', '.join(REQUIRED_COLUMNS)})"],
             source,
         )
     if len(frame) == 0:

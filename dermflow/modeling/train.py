@@ -47,6 +47,7 @@ from dermflow.modeling.recipe import (
     load_split_arrays,
     phases_for,
 )
+from dermflow.runs import check_run_id
 from dermflow.settings import Settings, get_settings
 
 log = logging.getLogger("dermflow.modeling.train")
@@ -334,6 +335,7 @@ def train_architecture(
     outputs, headline test/verified_test metrics, epochs run, best epoch, seconds.
     """
     started = time.time()
+    check_run_id(run_id)  # it becomes a local directory below: no `../` out of the cache
     settings = settings or get_settings()
     arch = config.architecture
     work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch  # local, not a bucket key

@@ -261,7 +261,8 @@ class SearchSpec(config.ModelInput, config.SearchOptions):
     trial_epochs: int = Field(5, ge=1, le=config.MAX_EPOCHS)
     seed: config.Seed = TRAIN_DEFAULTS.seed
     deadline: float | None = None
-    tuning_id: str = Field(min_length=1)
+    # It names a local directory and a bucket prefix: no separators, no `..`.
+    tuning_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     directory: str = Field(min_length=1, description="local parent of the keras-tuner project directory")
     patience: int = Field(TRIAL_PATIENCE, ge=1)
 

@@ -326,14 +326,18 @@ def cmd_status(args) -> int:
 def _model_bundle(args):
     """The model `--model`/`--arch` name (default: the champion), cached locally once."""
     from dermflow.evaluation.predict import load_model_bundle
+    from dermflow.runs import check_run_reference
     from dermflow.storage import ObjectStore
 
+    run = check_run_reference(args.model) if args.model is not None else None
     settings = get_settings()
-    return load_model_bundle(ObjectStore.from_settings(settings), args.model, args.arch,
+    return load_model_bundle(ObjectStore.from_settings(settings), run, args.arch,
                              settings.local_cache_dir / "models")
 
 
 def cmd_predict(args) -> int:
+    """Exit 1 when any source could not be predicted (each one's error is printed; the others
+    are still predicted)."""
     from dermflow.evaluation.predict import predict_images
 
     bundle = _model_bundle(args)
@@ -342,6 +346,7 @@ def cmd_predict(args) -> int:
         from dermflow.evaluation.predict import explain_image
 
         explain_image(bundle, args.sources[0], Path(args.explain))
+    failed = [result for result in results if result["error"]]
     if args.json:
         print(json.dumps({"model": bundle.describe(), "predictions": results,
                           "note": NOT_FOR_CLINICAL_USE}, indent=2))
@@ -349,11 +354,16 @@ def cmd_predict(args) -> int:
         print(f"model: {bundle.describe()}")
         for result in results:
             print(result["source"])
+            if result["error"]:
+                print(f"  error: {result['error']}")
             for rank, item in enumerate(result["top"], start=1):
                 print(f"  {rank}. {item['label']:<45} {item['probability']:.3f}")
         if args.explain:
             print(f"saliency map written to {args.explain}")
         print(NOT_FOR_CLINICAL_USE)
+    if failed:
+        print(f"dermflow predict: {len(failed)} of {len(results)} source(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -374,6 +384,8 @@ def cmd_evaluate(args) -> int:
         return 0
     print(f"model: {bundle.describe()}")
     print(f"images scored {result['n']}  " + "  ".join(f"{k}={v}" for k, v in result.get("skipped", {}).items()))
+    for md5hash, why in result.get("unreadable_errors", {}).items():
+        print(f"  unreadable {md5hash}: {why}")
     for key in ("accuracy", "weighted_f1", "macro_f1", "top3_accuracy", "top5_accuracy"):
         if key in result:
             print(f"{key:15} {result[key]:.4f}")
@@ -397,10 +409,12 @@ def _print_run_metrics(metrics: dict) -> None:
 def cmd_report(args) -> int:
     from dermflow.layout import report_key, run_metrics_key
     from dermflow.registry.runs import list_runs, resolve_run_id
+    from dermflow.runs import check_run_reference
     from dermflow.storage import ObjectStore, StorageError
 
+    run = check_run_reference(args.run_id)  # before it reaches the store: `../x` is no run
     store = ObjectStore.from_settings(get_settings())
-    run_id = resolve_run_id(store, args.run_id)
+    run_id = resolve_run_id(store, run)
     key = report_key(run_id)
     try:
         if args.output:

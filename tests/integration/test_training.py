@@ -124,16 +124,16 @@ def test_pretrained_architecture_warms_up_then_fine_tunes(store, settings):
     # a crash after the fine-tuning phase was set up but before its first epoch finished:
     # the rerun must set fine-tuning up again on the warm-up checkpoint
     with pytest.raises(Crash):
-        train_architecture(store, split_key, config, "r1", settings, crash_when_fine_tuning_starts)
-    assert store.get_json("runs/r1/checkpoints/resnet50v2/state.json")["phase"] == "finetune"
-    summary = train_architecture(store, split_key, config, "r1", settings)
+        train_architecture(store, split_key, config, "20260101-000000-r1", settings, crash_when_fine_tuning_starts)
+    assert store.get_json("runs/20260101-000000-r1/checkpoints/resnet50v2/state.json")["phase"] == "finetune"
+    summary = train_architecture(store, split_key, config, "20260101-000000-r1", settings)
     assert summary["resumed_from_epoch"] == 1
-    history = store.get_json("runs/r1/models/resnet50v2/history.json")
+    history = store.get_json("runs/20260101-000000-r1/models/resnet50v2/history.json")
     assert history["phase"] == ["warmup", "finetune"]
     assert history["learning_rate"][0] == pytest.approx(config.learning_rate)
     assert history["learning_rate"][1] == pytest.approx(config.fine_tune_learning_rate)
     assert summary["image_size"] == 32 and summary["verified_test"] is None
-    assert store.get_json("runs/r1/models/resnet50v2/metrics.json")["verified_test"] is None
+    assert store.get_json("runs/20260101-000000-r1/models/resnet50v2/metrics.json")["verified_test"] is None
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -151,7 +151,7 @@ KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # a hard crash right after a checkpoint
 
     config = TrainConfig(architecture="baseline_cnn", image_size=32, epochs=4, batch_size=8, weights="none", patience=10)
-    train_architecture(ObjectStore.from_settings(settings), split_key, config, "crash-run", settings, progress)
+    train_architecture(ObjectStore.from_settings(settings), split_key, config, "20260101-000000-crash-run", settings, progress)
     """
 )
 
@@ -167,10 +167,10 @@ def test_rerun_after_sigkill_resumes_at_the_next_epoch(store, settings, s3_env, 
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == -9, process.stderr[-2000:]
-    state = store.get_json("runs/crash-run/checkpoints/baseline_cnn/state.json")
+    state = store.get_json("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/state.json")
     assert state["epoch"] == 2 and state["status"] == "running"
-    assert store.exists("runs/crash-run/checkpoints/baseline_cnn/epoch-002.keras")
-    assert not store.exists("runs/crash-run/models/baseline_cnn/model.keras")
+    assert store.exists("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/epoch-002.keras")
+    assert not store.exists("runs/20260101-000000-crash-run/models/baseline_cnn/model.keras")
 
     # the rerun (a fresh local cache, as on another machine) starts at epoch 3
     events = []
@@ -178,14 +178,14 @@ def test_rerun_after_sigkill_resumes_at_the_next_epoch(store, settings, s3_env, 
     from dermflow.settings import load_settings
 
     rerun_settings = load_settings(cache_dir=tmp_path / "other-cache", keep_checkpoints=1)
-    summary = train_architecture(store, split_key, config, "crash-run", rerun_settings, events.append)
+    summary = train_architecture(store, split_key, config, "20260101-000000-crash-run", rerun_settings, events.append)
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [3, 4]
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 2 and summary["epochs_total"] == 4
-    history = store.get_json("runs/crash-run/models/baseline_cnn/history.json")
+    history = store.get_json("runs/20260101-000000-crash-run/models/baseline_cnn/history.json")
     assert history["epoch"] == [1, 2, 3, 4]
     # only the last checkpoint and the best are kept
-    kept = [k for k in store.list_keys("runs/crash-run/checkpoints/baseline_cnn/") if k.endswith(".keras")]
-    final = store.get_json("runs/crash-run/checkpoints/baseline_cnn/state.json")
+    kept = [k for k in store.list_keys("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/") if k.endswith(".keras")]
+    final = store.get_json("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/state.json")
     assert set(kept) == {final["checkpoints"][-1], final["best_key"]}
     assert final["checkpoints"][-1].endswith("epoch-004.keras")
 
@@ -195,7 +195,7 @@ def test_too_few_training_images_is_a_clear_error(store, settings):
 
     split_key = write_split(store, {"train": 1, "val": 1})
     with pytest.raises(TrainingError, match="training split has 3 images"):
-        train_architecture(store, split_key, TrainConfig(weights="none"), "r2", settings)
+        train_architecture(store, split_key, TrainConfig(weights="none"), "20260101-000000-r2", settings)
 
 
 def test_class_missing_from_training_split_is_a_clear_error(store, settings):
@@ -206,4 +206,4 @@ def test_class_missing_from_training_split_is_a_clear_error(store, settings):
     frame.loc[(frame["label"] == "eczema") & (frame["split"] == "train"), "split"] = "excluded"
     store.put_dataframe_csv(split_key, frame)
     with pytest.raises(TrainingError, match="missing from the training split: 'eczema'"):
-        train_architecture(store, split_key, TrainConfig(weights="none"), "r3", settings)
+        train_architecture(store, split_key, TrainConfig(weights="none"), "20260101-000000-r3", settings)

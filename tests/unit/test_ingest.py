@@ -58,7 +58,7 @@ def test_missing_columns_are_named(tmp_path):
     assert "label" in message and "url" in message and "missing required column" in message
 
 
-def test_malformed_md5_names_column_lines_and_values(tmp_path):
+def test_malformed_md5_names_column_and_lines(tmp_path):
     lines = [row(1), "not-a-hash" + row(2)[32:], row(3), "abc" + row(4)[32:]]
     with pytest.raises(DatasetError) as caught:
         load_dataset(write_csv(tmp_path, lines))
@@ -66,7 +66,7 @@ def test_malformed_md5_names_column_lines_and_values(tmp_path):
     # header is line 1: the bad rows are the 2nd and 4th data rows, lines 3 and 5
     assert "column md5hash" in message
     assert "line(s) 3, 5" in message
-    assert "'not-a-hash'" in message
+    assert "not-a-hash" not in message  # values are not echoed (a CSV from a URL is untrusted)
 
 
 def test_duplicate_md5_names_the_md5_and_its_lines(tmp_path):

@@ -62,8 +62,8 @@ def tiny_config(**overrides) -> TrainConfig:
 def test_train_architecture_wires_the_steps_and_writes_the_outputs(setup):
     store, settings = setup
     events = []
-    summary = train.train_architecture(store, SPLIT_KEY, tiny_config(), "run-a", settings, events.append)
-    expected = {name: layout.model_key("run-a", "baseline_cnn", file) for name, file in (
+    summary = train.train_architecture(store, SPLIT_KEY, tiny_config(), "20260101-000000-run-a", settings, events.append)
+    expected = {name: layout.model_key("20260101-000000-run-a", "baseline_cnn", file) for name, file in (
         ("model", "model.keras"), ("metrics", "metrics.json"), ("history", "history.json"),
         ("params", "params.json"), ("predictions", "predictions.npz"))}
     assert summary["keys"] == expected and all(store.exists(key) for key in expected.values())
@@ -74,7 +74,7 @@ def test_train_architecture_wires_the_steps_and_writes_the_outputs(setup):
     assert params["best_epoch"] == summary["best_epoch"] and params["accelerator"] is False
     # finished: a rerun returns the recorded summary without touching the data
     store.put_dataframe_csv(SPLIT_KEY, pd.DataFrame({"md5hash": []}))
-    assert train.train_architecture(store, SPLIT_KEY, tiny_config(), "run-a", settings) == summary
+    assert train.train_architecture(store, SPLIT_KEY, tiny_config(), "20260101-000000-run-a", settings) == summary
 
 
 def test_a_deadline_before_the_first_epoch_is_a_clear_error(setup):
