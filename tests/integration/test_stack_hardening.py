@@ -4,8 +4,8 @@ One real stack (`dermflow up` on free ports): its Prefect server refuses callers
 auth string, gives no CORS grant to other origins and wants a CSRF token for changes, while the
 CLI and workers work with the auth string; the alert webhook URL is kept secret; a `gpu` slot
 whose holder was SIGKILLed comes back across a server restart; and a training SIGKILLed after a
-checkpoint is recovered from it. Tests run in file order (the restart comes after the
-read-only checks) and each finds its own objects.
+checkpoint is recovered from it. Each test finds its own objects and leaves the stack up, so
+their order does not matter (a slot a killed holder kept is back within the lease, 60 s here).
 """
 
 from __future__ import annotations
