@@ -281,7 +281,9 @@ class TarSource(ImageSource):
 
     def read_members(self, names: Collection[str]) -> Iterator[tuple[str, bytes | MemberDamaged]]:
         wanted = set(names)
-        if not self.streamed and self._offsets:
+        if not self.streamed:
+            if not self._offsets:
+                self.names()  # the members' offsets, from the headers (seeked past the data)
             yield from self._read_seeked(wanted)
             return
         for archive, info in self._members():

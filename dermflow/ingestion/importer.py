@@ -113,8 +113,6 @@ def import_shard_from(rows: list[dict], spec: str, store: ObjectStore, options: 
                       spool_dir: Path | None = None) -> list[dict]:
     """`import_shard` with the source opened from its spec (what a task runs)."""
     with archive.open_source(spec, store, spool_dir) as source:
-        if isinstance(source, archive.TarSource) and not source.streamed:
-            source.names()  # the members' offsets, read from the headers
         return import_shard(rows, source, store, options)
 
 
@@ -134,3 +132,24 @@ def merge_fallback(import_results: list[dict], fetch_results: list[dict]) -> lis
         extra = {"archive_reason": reasons[row["md5hash"]]} if row["md5hash"] in reasons else {}
         rows.append({"source": "url", **row, **extra})
     return rows
+
+
+def import_dataset(store: ObjectStore, dataset: pd.DataFrame, spec: str, *, shard_size: int = 256,
+                   options: FetchOptions | None = None, progress=None) -> tuple[list[dict], dict]:
+    """Import every row `spec` holds, shard after shard in this process (the CLI's import,
+    without a flow run); (the manifest rows, the plan's summary). `progress(done, total)`."""
+    from dermflow.ingestion.manifest import stored_image_md5s
+    from dermflow.ingestion.spool import release_spool
+
+    try:
+        with archive.open_source(spec, store) as source:
+            plan = plan_import(dataset, source, stored_image_md5s(store), shard_size, stripes=1)
+            total = sum(len(shard) for shard in plan.shards)
+            results: list[dict] = []
+            for shard in plan.shards:
+                results.extend(import_shard(shard, source, store, options))
+                if progress is not None:
+                    progress(len(results), total)
+    finally:
+        release_spool(spec)
+    return results, plan.summary()
