@@ -254,3 +254,56 @@ def test_cli_import_works_without_a_flow_run(bucket, tmp_path, capsys):
     # a bad source: one line naming it, exit 1
     assert main(["import", "--csv", str(csv_path), "--images", str(tmp_path / "none.tgz")]) == 1
     assert "none.tgz: no such file or folder" in capsys.readouterr().err
+
+
+def test_at_most_twice_the_store_workers_members_are_held(monkeypatch):
+    """Reading runs ahead of verifying and storing by at most 2 x store_workers members."""
+    import threading
+
+    from dermflow.ingestion.fetch import FetchOptions
+
+    rows = [{"md5hash": f"{i:032x}", "member": f"{i:032x}.png", "url": ""} for i in range(40)]
+    release = threading.Event()
+    read = []
+
+    class Source(archive.ImageSource):
+        label = "fake"
+
+        def read_members(self, names):
+            for name in names:
+                read.append(name)
+                yield name, b"body"
+
+    def slow_import(store, row, body, options):
+        release.wait(5)
+        return {"md5hash": row["md5hash"], "status": "ok"}
+
+    monkeypatch.setattr(importer, "_import_one", slow_import)
+    worker = threading.Thread(target=importer.import_shard, args=(rows, Source(), memory_store(),
+                                                                  FetchOptions(store_workers=3)))
+    worker.start()
+    import time
+
+    time.sleep(0.5)
+    held = len(read)
+    release.set()
+    worker.join()
+    assert held == 2 * 3 + 1  # the reader is blocked on the 7th member until a slot frees
+    assert len(read) == 40
+
+
+def test_a_remote_archive_over_the_spool_limit_is_refused_before_download(tmp_path, monkeypatch):
+    from dermflow.ingestion import spool
+
+    class Client:
+        def head_object(self, Bucket, Key):  # noqa: N803
+            return {"ContentLength": 10 * 2**30}
+
+        def download_file(self, *args):
+            raise AssertionError("must not download")
+
+    monkeypatch.setattr(archive, "MAX_SPOOL_BYTES", 2**30)
+    store = ObjectStore("b", Client())
+    with pytest.raises(archive.ArchiveError, match="over the spool limit"):
+        spool.spool_remote("s3://other/images.zip", store, tmp_path)
+    assert list(tmp_path.iterdir()) == []
