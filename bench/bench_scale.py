@@ -10,7 +10,8 @@ SeaweedFS, Prefect server, workers, deployments) and
     prefect deployment run derm/full -p csv=... -p images=ARCHIVE -p architectures=["baseline_cnn"]
         -p weights=none -p image_size=32 -p epochs=1 --watch
 
-runs while every process of the stack is sampled (/proc, every 0.5 s). Printed (and written
+runs while every process of the stack (those with its DERMFLOW_DATA_DIR in their
+environment) is sampled every 0.5 s. Printed (and written
 to `--out`): wall time, import rows/s (first import-shard start to last import-shard end, from
 the Prefect API), import images per CPU-second (the flow-run process's CPU over that window,
 plus SeaweedFS's), peak RSS of the flow-run process and of the whole stack, flow-run and
@@ -68,9 +69,11 @@ class Sampler:
     """Samples RSS and CPU of every process every `interval` s: peak RSS per process, and
     (time, cpu seconds) of each process for windowed CPU totals."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, data_dir: Path, interval: float = 0.5) -> None:
         import psutil
 
+        self.data_dir = str(data_dir)
+        self.ours: dict[int, bool] = {}  # pid -> started by this stack (DERMFLOW_DATA_DIR in its env)
         self.psutil = psutil
         self.interval = interval
         self.peak: dict[int, tuple[int, str]] = {}
@@ -87,12 +90,14 @@ class Sampler:
             for process in self.psutil.process_iter(["pid", "cmdline"]):
                 try:
                     cmd = " ".join(process.info["cmdline"] or [])
-                    if "prefect" not in cmd and "weed" not in cmd and "dermflow" not in cmd:
+                    if process.pid not in self.ours:
+                        env = process.environ()
+                        self.ours[process.pid] = env.get("DERMFLOW_DATA_DIR") == self.data_dir
+                        self.flow_run_of[process.pid] = env.get("PREFECT__FLOW_RUN_ID", "")
+                    if not self.ours[process.pid]:
                         continue
                     rss = process.memory_info().rss
                     times = process.cpu_times()
-                    if process.pid not in self.flow_run_of:
-                        self.flow_run_of[process.pid] = process.environ().get("PREFECT__FLOW_RUN_ID", "")
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                     continue
                 total += rss
@@ -122,7 +127,12 @@ async def run_facts(api_url: str) -> dict:
 
     async with PrefectClient(api_url) as client:
         flow_runs = await client.read_flow_runs()
-        task_runs = await client.read_task_runs(limit=20000)
+        task_runs = []
+        while True:  # the API pages at 200
+            page = await client.read_task_runs(limit=200, offset=len(task_runs))
+            task_runs.extend(page)
+            if len(page) < 200:
+                break
         names = {run.id: (await client.read_flow(run.flow_id)).name for run in flow_runs}
     imports = [t for t in task_runs if t.name.startswith("import-shard") and t.start_time and t.end_time]
     window = (min(t.start_time for t in imports).timestamp(), max(t.end_time for t in imports).timestamp()) if imports else None
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         stack = start_stack(folder / "stack", extra_env={"DERMFLOW_ALLOWED_HOSTS": ""})
         try:
-            sampler = Sampler().start()
+            sampler = Sampler(stack.env["DERMFLOW_DATA_DIR"]).start()
             started = time.monotonic()
             result = stack.prefect(
                 "deployment", "run", f"derm/{args.mode}", "-p", f"csv={csv_path}", "-p", f"images={archive}",
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 "-p", "epochs=1", "--watch", timeout=4 * 3600, check=False)
             wall = time.monotonic() - started
             sampler.stop()
+            print(f"derm/{args.mode}: exit {result.returncode} after {wall:.0f}s", flush=True)
+            if result.returncode:
+                print(result.stdout[-5000:], result.stderr[-3000:], flush=True)
             facts = asyncio.run(run_facts(stack.env["PREFECT_API_URL"]))
             figures = summarize(args, rows, wall, result.returncode, sampler, facts, stack)
         finally:

@@ -36,6 +36,7 @@ import os
 import re
 import stat
 import tarfile
+import threading
 import zipfile
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ class DirSource(ImageSource):
 class ZipSource(ImageSource):
     def __init__(self, path: Path, label: str | None = None) -> None:
         self.label = label or str(path)
+        self._lock = threading.Lock()  # one member read at a time: shards of a process share it
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, EOFError) as error:
@@ -235,10 +237,11 @@ class ZipSource(ImageSource):
     def read_members(self, names: Collection[str]) -> Iterator[tuple[str, bytes | MemberDamaged]]:
         for name in names:
             try:
-                with self.zip.open(name) as handle:
-                    yield name, _read_capped(handle, name)
+                with self._lock, self.zip.open(name) as handle:
+                    body = _read_capped(handle, name)
             except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError) as error:
-                yield name, MemberDamaged("damaged_member", f"{name}: {error}")
+                body = MemberDamaged("damaged_member", f"{name}: {error}")
+            yield name, body
 
     def close(self) -> None:
         self.zip.close()
@@ -250,6 +253,7 @@ class TarSource(ImageSource):
         self.label = label or str(path)
         self.streamed = _is_compressed(path)
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
 
     def _members(self) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
         try:
@@ -282,8 +286,9 @@ class TarSource(ImageSource):
     def read_members(self, names: Collection[str]) -> Iterator[tuple[str, bytes | MemberDamaged]]:
         wanted = set(names)
         if not self.streamed:
-            if not self._offsets:
-                self.names()  # the members' offsets, from the headers (seeked past the data)
+            with self._lock:
+                if not self._offsets:
+                    self.names()  # the members' offsets, from the headers (seeked past the data)
             yield from self._read_seeked(wanted)
             return
         for archive, info in self._members():
@@ -392,3 +397,34 @@ def open_source(spec: str, store: ObjectStore | None = None, spool_dir: Path | N
 
         return open_local(spool_remote(spec, store, spool_dir), label=spec)
     return open_local(Path(spec).expanduser(), label=spec)
+
+
+_SHARED: dict[tuple, ImageSource] = {}
+_SHARED_LOCK = threading.Lock()
+SHARED_SOURCES = 4  # sources kept open per process
+
+
+def shared_source(spec: str, store: ObjectStore | None = None, spool_dir: Path | None = None) -> ImageSource:
+    """`open_source(spec)`, kept open for the process's next shards of the same archive file
+    (a zip's central directory, a tar's headers are read once per process, not once per
+    shard). Keyed by the file's path, size and mtime, so a changed archive is opened again.
+    The caller must not close it."""
+    remote = spec.startswith(("s3://", "https://", "http://"))
+    if remote and not is_archive_name(spec.split("?", 1)[0]):
+        return open_source(spec, store, spool_dir)  # an S3 prefix: nothing worth keeping open
+    if remote:
+        from dermflow.ingestion.spool import spool_remote
+
+        path = spool_remote(spec, store, spool_dir)
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        return open_source(spec, store, spool_dir)  # a folder (cheap to open), or the error
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            if len(_SHARED) >= SHARED_SOURCES:
+                _SHARED.pop(next(iter(_SHARED)))  # left to the garbage collector: a shard may still read it
+            _SHARED[key] = open_local(path, label=spec)
+        return _SHARED[key]

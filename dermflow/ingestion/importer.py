@@ -111,9 +111,9 @@ def import_shard(rows: list[dict], source: archive.ImageSource, store: ObjectSto
 
 def import_shard_from(rows: list[dict], spec: str, store: ObjectStore, options: FetchOptions | None = None,
                       spool_dir: Path | None = None) -> list[dict]:
-    """`import_shard` with the source opened from its spec (what a task runs)."""
-    with archive.open_source(spec, store, spool_dir) as source:
-        return import_shard(rows, source, store, options)
+    """`import_shard` with the source opened from its spec (what a task runs), shared with
+    the process's other shards of the same archive (`archive.shared_source`)."""
+    return import_shard(rows, archive.shared_source(spec, store, spool_dir), store, options)
 
 
 def archive_reasons(results: list[dict]) -> dict[str, str]:

@@ -197,3 +197,14 @@ def test_an_oversized_member_is_not_loaded(tmp_path, monkeypatch):
 def test_remote_archive_names_must_be_archives():
     with pytest.raises(ArchiveError, match="must name a .zip"):
         open_source("https://example.org/images/")
+
+
+def test_shards_of_one_process_share_an_open_archive_until_it_changes(tmp_path):
+    path = tmp_path / "a.zip"
+    _zip(path, MEMBERS)
+    first = archive.shared_source(str(path))
+    assert archive.shared_source(str(path)) is first
+    _zip(path, {**MEMBERS, f"{MD5_C}.jpg": b"third"})
+    os.utime(path, ns=(1, 1))  # a different archive at the same path
+    again = archive.shared_source(str(path))
+    assert again is not first and f"{MD5_C}.jpg" in again.names()
