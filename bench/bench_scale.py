@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import io
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -133,10 +134,11 @@ async def run_facts(api_url: str) -> dict:
             task_runs.extend(page)
             if len(page) < 200:
                 break
-        names = {run.id: (await client.read_flow(run.flow_id)).name for run in flow_runs}
+        names = {run.id: (await client.read_flow(run.flow_id)).name for run in flow_runs if run.start_time}
     imports = [t for t in task_runs if t.name.startswith("import-shard") and t.start_time and t.end_time]
     window = (min(t.start_time for t in imports).timestamp(), max(t.end_time for t in imports).timestamp()) if imports else None
-    return {"flow_runs": len(flow_runs), "task_runs": len(task_runs), "import_shards": len(imports),
+    started = [run for run in flow_runs if run.start_time]  # not the scheduler's upcoming derm/retrain runs
+    return {"flow_runs": len(started), "task_runs": len(task_runs), "import_shards": len(imports),
             "import_window": window, "derm_run_ids": [str(i) for i, name in names.items() if name == "derm"]}
 
 
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32, help="training input size")
     parser.add_argument("--mode", default="full", choices=["full", "fetch"], help="fetch: the import only")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--timeout", type=float, default=4 * 3600,
+                        help="stop watching the run after this many seconds (figures so far are still printed)")
     args = parser.parse_args(argv)
     if not FULL_CSV.exists():
         print(f"bench_scale: {FULL_CSV} is absent (../shared not laid beside the project); skipped")
@@ -169,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sampler = Sampler(stack.env["DERMFLOW_DATA_DIR"]).start()
             started = time.monotonic()
-            result = stack.prefect(
-                "deployment", "run", f"derm/{args.mode}", "-p", f"csv={csv_path}", "-p", f"images={archive}",
-                "-p", 'architectures=["baseline_cnn"]', "-p", "weights=none", "-p", f"image_size={args.image_size}",
-                "-p", "epochs=1", "--watch", timeout=4 * 3600, check=False)
+            try:
+                result = stack.prefect(
+                    "deployment", "run", f"derm/{args.mode}", "-p", f"csv={csv_path}", "-p", f"images={archive}",
+                    "-p", 'architectures=["baseline_cnn"]', "-p", "weights=none", "-p", f"image_size={args.image_size}",
+                    "-p", "epochs=1", "--watch", timeout=args.timeout, check=False)
+            except subprocess.TimeoutExpired:
+                result = subprocess.CompletedProcess([], returncode=124, stdout="", stderr="timed out")
             wall = time.monotonic() - started
             sampler.stop()
             print(f"derm/{args.mode}: exit {result.returncode} after {wall:.0f}s", flush=True)
