@@ -42,6 +42,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
+from zlib import error as ZlibError  # noqa: N812 - a damaged gzip stream raises it
 
 from dermflow.errors import DermflowError
 
@@ -262,7 +263,7 @@ class TarSource(ImageSource):
             with tarfile.open(self.path, mode="r|*" if self.streamed else "r:") as archive:
                 for info in archive:
                     yield archive, info
-        except (tarfile.TarError, OSError, EOFError, zlibError) as error:
+        except (tarfile.TarError, OSError, EOFError, ZlibError) as error:
             raise ArchiveError(f"image source {self.label}: not a readable tar (corrupt or truncated): "
                                f"{error or type(error).__name__}") from error
 
@@ -309,12 +310,6 @@ class TarSource(ImageSource):
                 handle.seek(offset)
                 body = handle.read(size)
                 yield name, body if len(body) == size else MemberDamaged("damaged_member", f"{name}: cut short")
-
-
-try:  # zlib errors surface from a damaged gzip stream
-    from zlib import error as zlibError  # noqa: N812
-except ImportError:  # pragma: no cover
-    zlibError = OSError  # noqa: N816
 
 
 def _is_compressed(path: Path) -> bool:
