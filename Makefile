@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment clean
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ test-integration: venv
 
 bench-fetch: venv
 	$(BIN)/python bench/bench_fetch.py
+
+bench-scale: venv
+	$(BIN)/python bench/bench_scale.py $(ARGS)
 
 bench-train: venv
 	$(BIN)/python bench/bench_train.py

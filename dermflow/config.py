@@ -59,6 +59,11 @@ DEFAULT_TUNING_SHARE = 0.35  # of the time left when tuning starts; the final tr
 Csv = Annotated[str, Field(description=(
     "The dataset CSV in the Fitzpatrick 17k schema: an https URL, a local path on the worker, "
     "or an s3://bucket/key URI."))]
+Images = Annotated[str | None, Field(description=(
+    "The dataset's images as you have them (the dataset's maintainers send an archive): a "
+    ".zip, .tar, .tar.gz or .tgz (a local path, s3:// or https:// URI), a local folder, or an "
+    "s3://bucket/prefix/. Files named <md5hash>.<image extension>, in any folder. Rows found "
+    "there are imported; only the rest are fetched by URL. Empty: fetch every row by URL."))]
 LimitPerLabel = Annotated[int | None, Field(ge=1, description=(
     "Keep at most this many rows per label (a seeded sample); empty: every row."))]
 Seed = Annotated[int, Field(description="Seed of the row sample, the split and training.")]
@@ -84,6 +89,9 @@ DupThreshold = Annotated[int, Field(ge=0, le=64, description=(
     "stay in one split."))]
 ExcludeWronglyLabelled = Annotated[bool, Field(description=(
     "Leave out rows whose qc column says '3 Wrongly labelled'."))]
+DropSmallLabels = Annotated[bool, Field(description=(
+    "Leave out labels with too few images to split (listed in the split summary) instead of "
+    "ending the run."))]
 ImageSize = Annotated[int, Field(ge=32, le=1024, description=(
     "Square input size in pixels (some architectures raise it to their minimum)."))]
 BatchSize = Annotated[int, Field(ge=1, le=1024, description="Training batch size.")]
@@ -115,6 +123,7 @@ class DataConfig(_Section):
 
     csv: Csv = DEFAULT_CSV_URL
     limit_per_label: LimitPerLabel = None
+    images: Images = None
 
 
 class FetchConfig(_Section):
@@ -132,6 +141,7 @@ class SplitConfig(_Section):
 
     dup_threshold: DupThreshold = DEFAULT_DUP_THRESHOLD
     exclude_wrongly_labelled: ExcludeWronglyLabelled = True
+    drop_small_labels: DropSmallLabels = False
 
 
 class ModelInput(_Section):

@@ -25,11 +25,13 @@ from dermflow.config import (
     BudgetMinutes,
     Csv,
     DaskAddress,
+    DropSmallLabels,
     DupThreshold,
     Epochs,
     ExcludeWronglyLabelled,
     HostConcurrency,
     HostRateLimit,
+    Images,
     ImageSize,
     LimitPerLabel,
     MaxTrials,
@@ -69,6 +71,7 @@ async def derm(
     mode: ModeParam = D["mode"],
     csv: Csv = D["csv"],
     limit_per_label: LimitPerLabel = D["limit_per_label"],
+    images: Images = D["images"],
     image_size: ImageSize = D["image_size"],
     epochs: Epochs = D["epochs"],
     batch_size: BatchSize = D["batch_size"],
@@ -85,17 +88,19 @@ async def derm(
     shard_size: ShardSize = D["shard_size"],
     dup_threshold: DupThreshold = D["dup_threshold"],
     exclude_wrongly_labelled: ExcludeWronglyLabelled = D["exclude_wrongly_labelled"],
+    drop_small_labels: DropSmallLabels = D["drop_small_labels"],
     task_runner: TaskRunner = D["task_runner"],
     dask_address: DaskAddress = D["dask_address"],
 ) -> dict:
     """Ingest the CSV, fetch every image into the bucket, split, (tune,) train each
     architecture as a concurrent subflow, register and promote, and report."""
     config = RunConfig.from_parameters(
-        mode=mode, csv=csv, limit_per_label=limit_per_label, image_size=image_size, epochs=epochs,
+        mode=mode, csv=csv, limit_per_label=limit_per_label, images=images, image_size=image_size, epochs=epochs,
         batch_size=batch_size, architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
         tune=tune, tuner=tuner, max_trials=max_trials, tune_workers=tune_workers, budget_minutes=budget_minutes,
         host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, shard_size=shard_size,
-        dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled, task_runner=task_runner,
+        dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled,
+        drop_small_labels=drop_small_labels, task_runner=task_runner,
         dask_address=dask_address,
     )
     return await run_pipeline(config, started=time.time())
@@ -155,7 +160,7 @@ def ingest_and_fetch(config: RunConfig, run_id: str) -> tuple[dict | None, dict]
         fetched = fetch(latest_dataset_key(), run_id, only_failed=True, **options)
     else:
         dataset = ingest_dataset(config.data.csv, config.data.limit_per_label, config.seed)
-        fetched = fetch(dataset["dataset_key"], run_id, **options)
+        fetched = fetch(dataset["dataset_key"], run_id, images=config.data.images, **options)
     counts = fetched["summary"]
     get_run_logger().info("fetched %s of %s images; failures by reason: %s",
                           counts["ok"], counts["rows"], counts["by_reason"])
@@ -169,13 +174,15 @@ def split_fetched(config: RunConfig, fetched: dict) -> dict:
     counts = fetched["summary"]
     try:
         return split_dataset(fetched["manifest_key"], config.seed, config.split.dup_threshold,
-                             config.split.exclude_wrongly_labelled)
+                             config.split.exclude_wrongly_labelled, config.split.drop_small_labels)
     except SplitError as error:
         raise PipelineError(
             f"fetched {counts['ok']} of {counts['rows']} images "
             f"(failures by reason: {counts['by_reason']}); too few to split: {error}. "
-            "Check that the image hosts are reachable (DERMFLOW_ALLOWED_HOSTS for local servers), "
-            "then run derm/refetch."
+            "To go on: run again with -p drop_small_labels=true to leave those labels out; or give "
+            "the dataset's images archive with -p images=PATH (most image URLs are dead); or check "
+            "that the image hosts are reachable (DERMFLOW_ALLOWED_HOSTS for local servers), then "
+            "run derm/refetch."
         ) from error
 
 

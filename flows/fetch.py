@@ -1,4 +1,5 @@
-"""Flow `derm-fetch`: fetch every missing image, one task run per shard.
+"""Flow `derm-fetch`: import what an image source holds, then fetch every missing image by
+URL, one task run per shard (both on the same task runner).
 
 A subflow of `derm`, so the task runner can be chosen per run: threads (default), or a Dask
 cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a local cluster).
@@ -9,12 +10,28 @@ from __future__ import annotations
 import math
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from dermflow.config import RUN_DEFAULTS, RunConfig, HostConcurrency, HostRateLimit, ShardSize, describe_parameters
+from dermflow.config import (
+    RUN_DEFAULTS,
+    HostConcurrency,
+    HostRateLimit,
+    Images,
+    RunConfig,
+    ShardSize,
+    describe_parameters,
+)
+from dermflow.ingestion.importer import merge_fallback
 from dermflow.runs import check_run_id
-from tasks.data import fetch_shard, plan_fetch, write_fetch_manifest
+from tasks.data import (
+    fetch_shard,
+    import_shard,
+    plan_fetch,
+    plan_import,
+    release_import_source,
+    write_fetch_manifest,
+)
 
 # Shards fetched at once by the default thread runner (each shard is itself concurrent).
 SHARD_PARALLELISM = 4
@@ -36,12 +53,15 @@ def fetch_images(
     host_rate_limit: HostRateLimit = RUN_DEFAULTS["host_rate_limit"],
     only_failed: bool = False,
     shard_parallelism: int = SHARD_PARALLELISM,
+    images: Images = RUN_DEFAULTS["images"],
 ) -> dict:
-    """Fetch every image of the dataset not yet in the bucket (or only the failed rows), one
-    task run per shard, and write the fetch manifest. `host_concurrency` and `host_rate_limit`
-    are per host for the whole fetch: each of the shards running at once gets its share."""
+    """Import the dataset's images that `images` holds, then fetch every image not yet in the
+    bucket (or only the failed rows) by URL, one task run per shard, and write the fetch
+    manifest. `host_concurrency` and `host_rate_limit` are per host for the whole fetch: each
+    of the shards running at once gets its share."""
     check_run_id(run_id)  # an API caller's id becomes the manifest history's key
     logger = get_run_logger()
+    imported, import_summary = import_images(dataset_key, images, shard_size, shard_parallelism) if images else ([], None)
     shards = plan_fetch(dataset_key, shard_size, only_failed=only_failed)
     total = sum(len(shard) for shard in shards)
     progress_id = create_progress_artifact(
@@ -63,7 +83,56 @@ def fetch_images(
     if crashed:
         logger.warning("%d shard(s) failed after retries; their rows stay unfetched: %s",
                        len(crashed), crashed[:3])
-    return write_fetch_manifest(dataset_key, results, run_id)
+    fetched = write_fetch_manifest(dataset_key, merge_fallback(imported, results), run_id)
+    if import_summary is not None:
+        fetched["summary"]["import"] = import_summary
+    report_failures(fetched["summary"], images)
+    return fetched
+
+
+def import_images(dataset_key: str, images: str, shard_size: int, parallelism: int) -> tuple[list[dict], dict]:
+    """Import the rows `images` holds, one task run per shard; (their manifest rows, the
+    import's summary). A crashed shard's rows are left to the URL fetch."""
+    logger = get_run_logger()
+    plan = plan_import(dataset_key, images, shard_size, parallelism)
+    futures = [import_shard.submit(shard, images) for shard in plan["shards"]]
+    rows: list[dict] = []
+    for future in as_completed(futures):
+        try:
+            rows.extend(future.result())
+        except Exception as error:  # noqa: BLE001 - its rows fall back to their URLs
+            logger.warning("an import shard failed after retries (%r); its rows are fetched by URL", error)
+    release_import_source(images)
+    ok = sum(row["status"] == "ok" for row in rows)
+    logger.info("imported %d image(s) from %s; %d member(s) unusable, fetched by URL instead", ok, images,
+                len(rows) - ok)
+    return rows, plan["summary"]
+
+
+def failure_report(summary: dict, images: str | None) -> str | None:
+    """Markdown of the failed rows by reason (None when none failed); it points to the
+    archive route when most rows failed without one."""
+    if not summary["failed"]:
+        return None
+    lines = [f"# Fetch: {summary['failed']} of {summary['rows']} rows failed", "", "| reason | rows |", "|---|---|"]
+    lines += [f"| {reason} | {count} |" for reason, count in sorted(summary["by_reason"].items(), key=lambda kv: -kv[1])]
+    if summary["failed"] * 2 > summary["rows"] and not images:
+        lines += ["", "Most image URLs of the dataset are dead. Ask the dataset's maintainers for the images "
+                  "archive (the form linked from github.com/mattgroh/fitzpatrick17k), then run with "
+                  "`-p images=/path/to/archive.zip` (`make run ARGS=\"-p images=...\"`)."]
+    return "\n".join(lines)
+
+
+def report_failures(summary: dict, images: str | None) -> None:
+    """The failed rows by reason in the log and as the `derm-fetch-failures` artifact."""
+    report = failure_report(summary, images)
+    if report is None:
+        return
+    if summary["failed"] * 2 > summary["rows"]:
+        get_run_logger().warning(report)
+    else:
+        get_run_logger().info(report)
+    create_markdown_artifact(report, key="derm-fetch-failures", description="failed rows by reason")
 
 
 def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8):

@@ -89,11 +89,14 @@ def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> 
 
 
 @task(name="split", retries=1, retry_condition_fn=retry_unless_permanent)
-def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wrongly_labelled: bool) -> dict:
+def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wrongly_labelled: bool,
+                  drop_small_labels: bool = False) -> dict:
     """70/15/15 split, stored as `manifests/split-<hash>.csv` and reused when unchanged."""
     store = object_store()
     manifest = store.get_dataframe_csv(manifest_key)
     params = {"seed": seed, "dup_threshold": dup_threshold, "exclude_wrongly_labelled": exclude_wrongly_labelled}
+    if drop_small_labels:  # only when set, so the fingerprints of existing splits are unchanged
+        params["drop_small_labels"] = True
     fingerprint = split.split_fingerprint(manifest, params)[:12]
     key = layout.split_manifest_key(fingerprint)
     summary_key = layout.split_summary_key(fingerprint)
@@ -102,9 +105,51 @@ def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wron
         logger.info("split unchanged: reusing %s", store.uri(key))
         return {"split_key": key, "summary": store.get_json(summary_key), "reused": True, "hash": fingerprint}
     frame, summary = split.split_dataset(
-        manifest, seed=seed, dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled
+        manifest, seed=seed, dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled,
+        drop_small_labels=drop_small_labels,
     )
     store.put_dataframe_csv(key, frame)
     store.put_json(summary_key, summary)
     logger.info("split %s: %s", store.uri(key), summary.get("sizes"))
     return {"split_key": key, "summary": summary, "reused": False, "hash": fingerprint}
+
+
+# --------------------------------------------------------------------------------------------
+# importing from an image source (archive, folder, S3 prefix): before the URL fetch
+
+
+@task(name="plan-import", retries=1, retry_condition_fn=retry_unless_permanent)
+def plan_import(dataset_key: str, images: str, shard_size: int, stripes: int) -> dict:
+    """Match the source's members to the dataset's rows: shards of rows to import (rows already
+    stored are left out) and what the source holds that is not used."""
+    from dermflow.ingestion import archive, importer
+
+    store = object_store()
+    rows = store.get_dataframe_csv(dataset_key)
+    stored = fetch_manifest.stored_image_md5s(store)
+    with archive.open_source(images, store) as source:
+        plan = importer.plan_import(rows, source, stored, shard_size, stripes)
+    summary = plan.summary()
+    get_run_logger().info(
+        "image source %s: %d member(s), %d match CSV rows (%d already stored), %d to import in %d shard(s); "
+        "not used: %s", images, plan.members, plan.matched, plan.already_stored, summary["to_import"],
+        len(plan.shards), plan.unused["counts"])
+    return {"shards": plan.shards, "summary": summary}
+
+
+@task(name="import-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
+def import_shard(rows: list[dict], images: str) -> list[dict]:
+    """Verify and store one shard's members (the fetcher's checks); a damaged member's row
+    comes back failed, with `archive_reason`, to be fetched by URL."""
+    from dermflow.ingestion import importer
+
+    options = fetch.FetchOptions.from_settings(settings())
+    return importer.import_shard_from(rows, images, object_store(), options)
+
+
+@task(name="release-import-source")
+def release_import_source(images: str) -> None:
+    """Delete the local spool of a remote archive (a local source is never touched)."""
+    from dermflow.ingestion.spool import release_spool
+
+    release_spool(images)

@@ -63,6 +63,8 @@ DEFAULT_MAX_BYTES = MAX_FETCHED_IMAGE_BYTES
 _INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # A Hop gate wraps each request (e.g. a per-host semaphore and rate limit); given the hop's URL.
 HopGate = Callable[[str], AbstractAsyncContextManager]
+# A Sink receives a body's chunks in order (instead of the body being kept in memory).
+Sink = Callable[[bytes], None]
 
 
 class URLReadError(DermflowError, OSError):
@@ -213,9 +215,9 @@ def _in_memory(content: bytes):
     return chunks
 
 
-async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy) -> bytes:
+async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy, sink: Sink | None = None) -> bytes:
     """The body, streamed under `max_bytes` (on the wire and decoded) and checked against its
-    Content-Length."""
+    Content-Length; with `sink`, each decoded chunk goes to it instead (b"" is returned)."""
     import httpx
 
     try:
@@ -236,7 +238,11 @@ async def _read_body(response: httpx.Response, url: str, policy: ReadPolicy) -> 
             on_wire += len(chunk)
             if on_wire > policy.max_bytes:
                 raise URLReadError("too_large", url, detail=f"body over {policy.max_bytes} bytes")
-            body += inflater.feed(chunk)
+            decoded = inflater.feed(chunk)
+            if sink is None:
+                body += decoded
+            else:
+                sink(decoded)
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError):
         if on_wire:  # the body had started: it was cut short
             raise URLReadError("truncated", url, transient=True) from None
@@ -261,7 +267,8 @@ def _error_of(error: Exception, url: str, policy: ReadPolicy) -> URLReadError:
     return URLReadError("connect_error", url, transient=True, detail=name)
 
 
-async def _request_once(client: httpx.AsyncClient, url: str, policy: ReadPolicy) -> bytes | _Redirect:
+async def _request_once(client: httpx.AsyncClient, url: str, policy: ReadPolicy,
+                        sink: Sink | None = None) -> bytes | _Redirect:
     """One GET of `url`: its body, or the redirect to follow. Raises `URLReadError`."""
     import httpx
 
@@ -270,16 +277,17 @@ async def _request_once(client: httpx.AsyncClient, url: str, policy: ReadPolicy)
             redirect = _redirect_or_refusal(response, url, policy)
             if redirect is not None:
                 return redirect
-            return await _read_body(response, url, policy)
+            return await _read_body(response, url, policy, sink)
     except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise _error_of(error, url, policy) from None
 
 
-async def _guarded_request(client: httpx.AsyncClient, url: str, policy: ReadPolicy) -> bytes | _Redirect:
+async def _guarded_request(client: httpx.AsyncClient, url: str, policy: ReadPolicy,
+                           sink: Sink | None = None) -> bytes | _Redirect:
     """`_request_once` within `total_timeout`, with a refusal at connect time as a `URLReadError`."""
     try:
         async with asyncio.timeout(policy.total_timeout):
-            return await _request_once(client, url, policy)
+            return await _request_once(client, url, policy, sink)
     except BlockedURL as error:  # refused at connect time (the host re-resolved to an internal address)
         raise URLReadError(error.reason, url, detail=error.detail) from None
     except TimeoutError:
@@ -291,9 +299,10 @@ async def _guarded_request(client: httpx.AsyncClient, url: str, policy: ReadPoli
 
 
 async def read_async(client: httpx.AsyncClient, guard: HostGuard, url: str, policy: ReadPolicy,
-                     *, hop_gate: HopGate | None = None) -> bytes:
+                     *, hop_gate: HopGate | None = None, sink: Sink | None = None) -> bytes:
     """The body at `url`, following at most `policy.max_redirects` redirects, each hop checked
-    by `guard` first. `hop_gate(hop_url)` wraps each request (per-host politeness)."""
+    by `guard` first. `hop_gate(hop_url)` wraps each request (per-host politeness); `sink`
+    receives the body's chunks instead of it being returned (a large download to a file)."""
     current = url
     for _hop in range(policy.max_redirects + 1):
         try:
@@ -301,7 +310,7 @@ async def read_async(client: httpx.AsyncClient, guard: HostGuard, url: str, poli
         except BlockedURL as error:
             raise URLReadError(error.reason, current, detail=error.detail) from None
         async with (hop_gate(current) if hop_gate is not None else contextlib.nullcontext()):
-            outcome = await _guarded_request(client, current, policy)
+            outcome = await _guarded_request(client, current, policy, sink)
         if not isinstance(outcome, _Redirect):
             return outcome
         current = outcome.location
@@ -373,10 +382,11 @@ class URLReader:
                 self._loop = loop
             return self._loop
 
-    def read(self, url: str) -> bytes:
-        """The body at `url`; raises `URLReadError`."""
+    def read(self, url: str, sink: Sink | None = None) -> bytes:
+        """The body at `url` (or b"", its chunks given to `sink`); raises `URLReadError`."""
         loop = self._running_loop()
-        return asyncio.run_coroutine_threadsafe(read_async(self._client, self.guard, url, self.policy), loop).result()
+        reading = read_async(self._client, self.guard, url, self.policy, sink=sink)
+        return asyncio.run_coroutine_threadsafe(reading, loop).result()
 
     def close(self) -> None:
         with self._lock:

@@ -33,7 +33,8 @@ logger = logging.getLogger("dermflow.ingestion.manifest")
 
 MANIFEST_COLUMNS = [
     "md5hash", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc", "url", "status", "reason",
-    "md5_mismatch", "content_md5", "attempts", "bytes", "width", "height", "phash", "key",
+    "md5_mismatch", "content_md5", "attempts", "bytes", "width", "height", "phash", "key", "source",
+    "archive_reason",
 ]
 # Row fields a shard carries (whatever of these the dataset has).
 SHARD_FIELDS = ("md5hash", "url", "label", "fitzpatrick_scale", "fitzpatrick_range", "qc")
@@ -139,6 +140,8 @@ def manifest_row(row: dict, **outcome: Any) -> dict:
         "height": 0,
         "phash": "",
         "key": "",
+        "source": "url",  # archive | url | already stored
+        "archive_reason": "",  # why the image source's member was not used (the row fell back to its URL)
     }
     result.update(outcome)
     return result
@@ -176,7 +179,7 @@ def _normalized(row: dict) -> dict:
     for column in ("attempts", "bytes", "width", "height"):
         result[column] = _as_int(result[column])
     for column in ("md5hash", "label", "fitzpatrick_range", "qc", "url", "status", "reason", "content_md5", "phash",
-                   "key"):
+                   "key", "source", "archive_reason"):
         result[column] = "" if result[column] is None else str(result[column])
     return result
 
@@ -191,7 +194,7 @@ def _verify_stored(store: ObjectStore, row: dict) -> dict:
         logger.warning("%s in the bucket is not a valid image (%s): deleted", key, error.reason)
         store.delete_prefix(key)  # keys are images/<32 hex>: this prefix is exactly one object
         return manifest_row(row, reason=error.reason, bytes=len(body))
-    return ok_row(row, facts, len(body), attempts=0)
+    return ok_row(row, facts, len(body), attempts=0) | {"source": "already stored"}
 
 
 def _rows_by_md5(previous: pd.DataFrame | None, new_rows: Iterable[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -214,7 +217,7 @@ def _most_trusted_row(record: dict, new: dict | None, old: dict | None, stored: 
     if new is not None and new["status"] == "ok":  # this run put it
         return new
     if old is not None and old["status"] == "ok" and md5hash in stored:
-        return old
+        return {**old, "source": "already stored"}
     if md5hash in stored:
         return None
     if new is not None:
@@ -299,6 +302,8 @@ def summarize_manifest(manifest: pd.DataFrame) -> dict:
         "failed": int(len(failed)),
         "by_status": {str(k): int(v) for k, v in statuses.value_counts().sort_index().items()},
         "by_reason": {str(k): int(v) for k, v in failed["reason"].astype(str).value_counts().sort_index().items()},
+        "by_source": ({str(k): int(v) for k, v in manifest["source"].astype(str).value_counts().sort_index().items()}
+                      if "source" in manifest.columns else {}),
         "md5_mismatch": int(manifest["md5_mismatch"].map(_as_bool).sum()) if len(manifest) else 0,
         "bytes": int(manifest["bytes"].map(_as_int).sum()) if len(manifest) else 0,
     }

@@ -442,6 +442,39 @@ def cmd_mirror(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """Import the CSV's images from an archive, folder or S3 prefix into the bucket, then write
+    the fetch manifest (rows the source lacks stay `not_fetched` until a derm run fetches them)."""
+    from dermflow import layout
+    from dermflow.ingestion import importer, ingest
+    from dermflow.ingestion.manifest import reconcile_manifest, summarize_manifest
+    from dermflow.runs import make_run_id
+    from dermflow.storage import ObjectStore
+
+    store = ObjectStore.from_settings(get_settings(), max_pool_connections=64)
+    store.ensure_bucket()
+    dataset = ingest.load_dataset(args.csv, store=store)
+    dataset_key = layout.dataset_key(ingest.dataset_fingerprint(dataset))
+    store.put_dataframe_csv(dataset_key, dataset)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rimported {done} / {total}", end="", file=sys.stderr, flush=True)
+
+    results, plan = importer.import_dataset(store, dataset, args.images, shard_size=args.shard_size,
+                                            progress=progress)
+    print(file=sys.stderr)
+    previous = store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY) if store.exists(layout.FETCH_MANIFEST_KEY) else None
+    manifest = reconcile_manifest(dataset, store, previous, results)
+    run_id = make_run_id("import")
+    history_key = layout.fetch_manifest_history_key(run_id)
+    store.put_dataframe_csv(history_key, manifest)
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
+    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    summary = {**summarize_manifest(manifest), "import": plan, "manifest": store.uri(history_key)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -478,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", help="download report.html here")
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)
+
+    importer = sub.add_parser("import", help="import the dataset's images from an archive, folder or S3 prefix")
+    importer.add_argument("--csv", required=True, help="the dataset CSV (path, https URL or s3:// URI)")
+    importer.add_argument("--images", required=True,
+                          help="a .zip/.tar/.tar.gz/.tgz (path, s3:// or https:// URI), a folder, or s3://bucket/prefix/")
+    importer.add_argument("--shard-size", type=int, default=256, help="members read per batch")
+    importer.set_defaults(func=cmd_import)
 
     mirror = sub.add_parser("mirror", help="serve a folder of dataset images locally, for runs without internet")
     mirror.add_argument("atlas_dir", type=Path, help="a folder with images/<md5hash>.jpg and rows.csv")
