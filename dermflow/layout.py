@@ -16,7 +16,7 @@ runs/<run_id>/checkpoints/<arch>/epoch-<NNN>.keras | state.json
 runs/<run_id>/active.json                 marker while the run is in progress (retention skips it)
 tuning/<tuning_id>/...                    keras-tuner project directory
 registry/models/<run_id>/<arch>.json      registered model
-registry/champions/<label_set>.json       champion pointer, a copy for readers (+ legacy .history.jsonl)
+registry/champions/<label_set>.json       copy of the champion for readers, may lag (+ legacy .history.jsonl)
 registry/promotions/<label_set>/<seq>.json promotion records: created once each, the last is the champion
 registry/trainings/<key>.json             outcome of a training, for retrain reuse
 ```
