@@ -3,8 +3,9 @@ history, and the identities they carry (label sets, code and library versions, s
 
 One entry per trained model (`layout.registered_model_key`); per label set, one record per
 promotion (`layout.promotion_record_key`), created once each: the last is the champion, all of
-them the history (a copy of the champion at `layout.champion_key`). A label set is the set of class names a model predicts;
-models are only comparable within one, so there is one champion per label set. Deciding a
+them the history (a copy of the champion at `layout.champion_key`). A label set is the set of
+class names a model predicts; models are only comparable within one, so there is one champion
+per label set. Deciding a
 promotion is not done here (`dermflow.evaluation.promotion`): this module is storage only.
 Light module: no TensorFlow import.
 """
