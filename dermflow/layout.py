@@ -14,9 +14,11 @@ manifests/split-<hash12>.csv | .json      split assignment and its summary
 runs/<run_id>/params.json | metrics.json | report.html | figures/<name>.png
 runs/<run_id>/models/<arch>/model.keras | metrics.json | history.json | params.json | predictions.npz
 runs/<run_id>/checkpoints/<arch>/epoch-<NNN>.keras | state.json
+runs/<run_id>/active.json                 marker while the run is in progress (retention skips it)
 tuning/<tuning_id>/...                    keras-tuner project directory
 registry/models/<run_id>/<arch>.json      registered model
-registry/champions/<label_set>.json       champion pointer (+ .history.jsonl)
+registry/champions/<label_set>.json       copy of the champion for readers, may lag (+ legacy .history.jsonl)
+registry/promotions/<label_set>/<seq>.json promotion records: created once each, the last is the champion
 registry/trainings/<key>.json             outcome of a training, for retrain reuse
 ```
 """
@@ -36,6 +38,7 @@ PRIVATE_PREFIX = "private/"
 REGISTERED_MODELS_PREFIX = REGISTRY_PREFIX + "models/"
 CHAMPIONS_PREFIX = REGISTRY_PREFIX + "champions/"
 TRAININGS_PREFIX = REGISTRY_PREFIX + "trainings/"
+PROMOTIONS_PREFIX = REGISTRY_PREFIX + "promotions/"
 
 FETCH_MANIFEST_KEY = MANIFESTS_PREFIX + "fetch.csv"
 # Which dataset the latest manifest describes: refetch needs its real (unredacted) URLs.
@@ -106,6 +109,11 @@ def report_key(run_id: str) -> str:
 
 def figure_key(run_id: str, name: str) -> str:
     return run_key(run_id, "figures", f"{name}.png")
+
+
+def run_active_key(run_id: str) -> str:
+    """Written when a run starts and deleted when it ends: retention never deletes such a run."""
+    return run_key(run_id, "active.json")
 
 
 def run_id_of_key(key: str) -> str | None:
@@ -181,3 +189,12 @@ def is_champion_key(key: str) -> bool:
 
 def training_record_key(training_key: str) -> str:
     return f"{TRAININGS_PREFIX}{training_key}.json"
+
+
+def promotions_prefix(label_set: str) -> str:
+    return f"{PROMOTIONS_PREFIX}{label_set}/"
+
+
+def promotion_record_key(label_set: str, sequence: int) -> str:
+    """The `sequence`-th promotion of a label set (zero-padded, so keys sort in order)."""
+    return f"{promotions_prefix(label_set)}{sequence:08d}.json"

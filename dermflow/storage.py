@@ -95,6 +95,21 @@ class ObjectStore:
         self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
         return self.uri(self.key_of(key))
 
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Write `obj` at `key` only if no object is there (S3 `If-None-Match: *`): False when
+        one already is. The check and the write are one atomic step on the server, so of
+        concurrent creators exactly one wins."""
+        body = json.dumps(obj, indent=2, default=str).encode()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=body,
+                                   ContentType="application/json", IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.key_of(key))["Body"].read()

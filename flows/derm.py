@@ -50,7 +50,13 @@ from dermflow.errors import DermflowError
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
 from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
-from tasks.registry import apply_retention, promote_if_better, reusable_training
+from tasks.registry import (
+    apply_retention,
+    mark_run_active,
+    mark_run_finished,
+    promote_if_better,
+    reusable_training,
+)
 from tasks.report import build_and_store_report
 from tasks.runs import data_summary, record_run_config, training_outcome
 
@@ -107,10 +113,19 @@ async def derm(
 
 
 async def run_pipeline(config: RunConfig, started: float) -> dict:
-    """The stages of a `derm` run, in order."""
-    logger = get_run_logger()
+    """A `derm` run: its stages, marked in progress while they run (ended or failed)."""
     run_id = make_run_id(current_flow_run.name or "local")
     train_params = training_parameters(config, started)
+    mark_run_active(run_id)  # retention of concurrent runs leaves this one alone until it ends
+    try:
+        return await run_stages(config, run_id, train_params)
+    finally:
+        mark_run_finished(run_id)
+
+
+async def run_stages(config: RunConfig, run_id: str, train_params: dict) -> dict:
+    """The stages of a `derm` run, in order."""
+    logger = get_run_logger()
     record_run_config(run_id, config.model_dump(mode="json"), resolved=train_params)
     logger.info("run %s: mode=%s", run_id, config.mode)
 

@@ -37,11 +37,12 @@ def ingest_dataset(csv: str, limit_per_label: int | None, seed: int) -> dict:
 def latest_dataset_key() -> str:
     """The dataset of the latest fetch manifest (for `derm/refetch`)."""
     store = object_store()
-    if not store.exists(layout.FETCH_STATE_KEY):
+    latest = fetch_manifest.read_latest_fetch(store)
+    if latest is None:
         raise fetch_manifest.ManifestError(
             f"no fetch manifest in {store.uri(layout.MANIFESTS_PREFIX)}: run derm/fetch or derm/full first"
         )
-    return store.get_json(layout.FETCH_STATE_KEY)["dataset_key"]
+    return latest[0]["dataset_key"]
 
 
 @task(name="plan-fetch")
@@ -51,7 +52,7 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
-        rows = fetch_manifest.failed_rows(store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY), rows)
+        rows = fetch_manifest.failed_rows(_latest_manifest_of(store, dataset_key), rows)
     stored = fetch_manifest.stored_image_md5s(store)
     shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size)
     get_run_logger().info(
@@ -59,6 +60,16 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
         len(rows), len(stored & set(rows["md5hash"])), len(shards),
     )
     return shards
+
+
+def _latest_manifest_of(store, dataset_key: str):
+    """The latest fetch's manifest, which must be of `dataset_key` (what a refetch retries)."""
+    latest = fetch_manifest.read_latest_fetch(store)
+    if latest is None or latest[0]["dataset_key"] != dataset_key:
+        raise fetch_manifest.ManifestError(
+            f"the latest fetch manifest is not of dataset {dataset_key}: run derm/fetch on it first"
+        )
+    return latest[1]
 
 
 @task(name="fetch-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
@@ -72,14 +83,18 @@ def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float 
 
 @task(name="write-fetch-manifest", retries=1, retry_condition_fn=retry_unless_permanent)
 def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
-    """The complete manifest (one row per dataset row), latest and history copies."""
+    """The complete manifest (one row per dataset row), history and latest copies, then the
+    pointer to it (`layout.FETCH_STATE_KEY`), last: readers follow the pointer, so a run killed
+    between these writes leaves the previous fetch's manifest and dataset, consistent."""
     store = object_store()
-    previous = store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY) if store.exists(layout.FETCH_MANIFEST_KEY) else None
+    latest = fetch_manifest.read_latest_fetch(store)
+    previous = latest[1] if latest else None
     dataset = store.get_dataframe_csv(dataset_key)
     manifest = fetch_manifest.reconcile_manifest(dataset, store, previous, results)
     history_key = layout.fetch_manifest_history_key(run_id)
     store.put_dataframe_csv(history_key, manifest)
     store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
+    # the last write: the pointer makes this manifest the latest
     store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
     summary = fetch_manifest.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)

@@ -91,11 +91,26 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
     return decision
 
 
+@task(name="mark-run-active", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+def mark_run_active(run_id: str) -> None:
+    """Retention leaves this run alone until `mark_run_finished` (or the marker is stale)."""
+    retention.mark_run_active(object_store(), run_id)
+
+
+@task(name="mark-run-finished", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+def mark_run_finished(run_id: str) -> None:
+    """The run ended, completed or failed: retention may delete it by the usual rules."""
+    retention.mark_run_finished(object_store(), run_id)
+
+
 @task(name="apply-retention", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def apply_retention() -> dict:
-    """Delete runs beyond `DERMFLOW_KEEP_RUNS` and old checkpoints; champions' runs are kept."""
+    """Delete runs beyond `DERMFLOW_KEEP_RUNS` runs with models, and old checkpoints; champions'
+    runs and runs in progress are kept."""
     current = settings()
     result = retention.apply_retention(object_store(), current.keep_runs, current.keep_checkpoints)
-    get_run_logger().info("retention: %d run(s) deleted, %d checkpoint(s) deleted, %d protected",
-                          len(result["deleted_runs"]), len(result["deleted_checkpoints"]), len(result["protected_runs"]))
+    get_run_logger().info(
+        "retention: %d run(s) deleted, %d checkpoint(s) deleted, %d protected, %d in progress, %d ignored",
+        len(result["deleted_runs"]), len(result["deleted_checkpoints"]), len(result["protected_runs"]),
+        len(result["active_runs"]), len(result["ignored_prefixes"]))
     return {k: v for k, v in result.items() if k != "kept_runs"}

@@ -1,5 +1,13 @@
 """Shared fixtures: a real SeaweedFS server for the session, a fresh bucket per test, and paths
-to the shared real data (skipped cleanly where `../shared` is absent)."""
+to the shared real data (skipped cleanly where `../shared` is absent).
+
+Test order: pytest-randomly (dev extra) shuffles the modules and the tests within each module
+(it prints its seed; `--randomly-seed=N` replays an order, `-p no:randomly` turns it off). A module whose tests must run in the order they are written
+(they share an expensive module fixture, such as a running stack, and build on each other's
+results) says so in its docstring and marks itself `pytest.mark.in_order`: its tests keep their
+written order wherever the shuffle puts the module. Every test still finds its own objects by
+its own id, never by being the latest.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,28 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 FULL_CSV = SHARED_DATA / "fitzpatrick17k.csv"
 ATLAS_DIR = SHARED_DATA / "atlas20"
+
+_COLLECTED_AT = pytest.StashKey[int]()
+_collected = iter(range(10**9))
+
+
+def pytest_itemcollected(item):
+    """Remember the written order (collection order), before any plugin reorders."""
+    item.stash[_COLLECTED_AT] = next(_collected)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the tests of each `in_order` module back in their written order, in the slots the
+    shuffle gave that module (pytest-randomly reorders in a wrapper, before this runs)."""
+    slots: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        if item.get_closest_marker("in_order"):
+            slots.setdefault(str(item.path), []).append(index)
+    for indices in slots.values():
+        written = sorted((items[index] for index in indices), key=lambda item: item.stash[_COLLECTED_AT])
+        for index, item in zip(indices, written):
+            items[index] = item
+
 
 # Tests never read the developer's `.env` nor talk to the developer's stack.
 os.environ["DERMFLOW_ENV_FILE"] = str(PROJECT_ROOT / "tests" / ".env.does-not-exist")

@@ -5,6 +5,11 @@ The one promotion path is `evaluate_challenger` (used by `derm/full` and `derm/r
 same test split: when the champion was scored on another split, its model is re-scored on the
 challenger's test split first (`rescore_champion`, which needs inference, so promotion lives
 here in evaluation and the registry stays plain storage).
+
+Concurrent promotions of one label set are serialized by the registry's create-only promotion
+records (`entries.record_champion`): a promotion decided against a champion that has since been
+replaced is decided again against the new one, so the better model ends as champion and every
+promotion that reports "promoted" is in the history.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dermflow.evaluation.predict import evaluate_split, load_model_bundle
 from dermflow.layout import registered_model_key
 from dermflow.registry.entries import (
     PROMOTION_METRIC,
+    ChampionChanged,
     RegistryError,
     get_champion,
     now_iso,
@@ -28,6 +34,8 @@ from dermflow.storage import ObjectStore
 
 # float noise (0.52 - 0.50 = 0.020000000000000018) must decide nothing
 _SCORE_TOLERANCE = 1e-9
+# how often a promotion decides again after losing a race to a concurrent one
+_PROMOTION_ATTEMPTS = 8
 
 
 def decide_promotion(
@@ -80,14 +88,17 @@ def rescore_champion(
 
 
 def promote(
-    store: ObjectStore, entry: Mapping[str, Any], reason: str, scores: Mapping[str, Any]
+    store: ObjectStore, entry: Mapping[str, Any], reason: str, scores: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
 ) -> dict:
-    """Make a registered model the champion of its label set; record the promotion.
+    """Make a registered model the champion of its label set in place of `previous` (the
+    champion the decision was made against, as `get_champion` returned it); record the
+    promotion.
 
     `scores` documents the decision, e.g. `{"challenger": 0.61, "champion": 0.55,
-    "split_hash": "..."}`. Returns the new pointer.
+    "split_hash": "..."}`. Returns the new pointer. Raises ChampionChanged when another
+    promotion was recorded since `previous` was read (decide again).
     """
-    previous = get_champion(store, entry["label_set_id"])
     pointer = {
         "label_set_id": entry["label_set_id"],
         "run_id": entry["run_id"],
@@ -106,7 +117,7 @@ def promote(
             else None
         ),
     }
-    return record_champion(store, pointer)
+    return record_champion(store, pointer, replaces=previous)
 
 
 def _champion_score_for(
@@ -158,15 +169,37 @@ def evaluate_challenger(
     The champion's registered score is used when it was scored on `split_hash` (default: the
     challenger's registered split); otherwise the champion model is re-scored on the test rows
     of `split_key` (the challenger's split manifest); without `split_key` that raises
-    RegistryError, since scores on different test sets cannot be compared. Returns
-    `{"promoted", "reason", "challenger_run", "challenger_arch", "challenger_score",
-    "champion_run", "champion_arch", "champion_score", "champion_rescored", "champion"}`: the
-    champion fields describe the champion compared with, `champion` is the pointer after.
+    RegistryError, since scores on different test sets cannot be compared. When another
+    promotion is recorded between the decision and its record, the decision is made again
+    against the new champion. Returns `{"promoted", "reason", "challenger_run",
+    "challenger_arch", "challenger_score", "champion_run", "champion_arch", "champion_score",
+    "champion_rescored", "champion"}`: the champion fields describe the champion compared
+    with, `champion` is the pointer after.
     """
     entry = require_registered_model(store, challenger_run, challenger_arch)
     if challenger_score is None:
         challenger_score = (entry.get("score") or {}).get("value")
     split_hash = split_hash if split_hash is not None else entry.get("split_hash")
+    for _ in range(_PROMOTION_ATTEMPTS):
+        try:
+            return _decide_and_promote(store, entry, challenger_score, split_hash, split_key,
+                                       min_improvement, cache_dir)
+        except ChampionChanged:
+            continue  # another promotion won the race: decide again against its champion
+    raise ChampionChanged(
+        f"{challenger_run}/{challenger_arch}: the champion of {entry['label_set_id']} changed "
+        f"{_PROMOTION_ATTEMPTS} times while this promotion was decided; run it again"
+    )
+
+
+def _decide_and_promote(
+    store: ObjectStore, entry: Mapping[str, Any], challenger_score: float | None,
+    split_hash: str | None, split_key: str | None, min_improvement: float,
+    cache_dir: str | os.PathLike | None,
+) -> dict:
+    """One decision against the champion as read now, recorded if it promotes (ChampionChanged
+    when another promotion was recorded meanwhile)."""
+    challenger_run, challenger_arch = entry["run_id"], entry["arch"]
     champion = get_champion(store, entry["label_set_id"])
     result = {
         "challenger_run": challenger_run,
@@ -182,9 +215,10 @@ def evaluate_challenger(
     promoted, reason = decide_promotion(champion_score, challenger_score, min_improvement)
     if rescored:
         reason += f" (champion re-scored on split {split_hash})"
+    after = champion
     if promoted:
         scores = _decision_scores(challenger_score, champion_score, champion, rescored, split_hash,
                                   min_improvement)
-        champion = promote(store, entry, reason, scores)
+        after = promote(store, entry, reason, scores, previous=champion)
     return {**result, "champion_score": champion_score, "champion_rescored": rescored,
-            "promoted": promoted, "reason": reason, "champion": champion}
+            "promoted": promoted, "reason": reason, "champion": after}

@@ -5,7 +5,8 @@
 docs/DESIGN.md "Fetch manifest"); `reconcile_manifest` builds the complete manifest from this
 run's rows, the previous manifest, and objects found in the bucket but in no manifest (verified
 by reading them back), so a run killed at any point ends consistent after a rerun;
-`summarize_manifest` and `failed_rows` read a manifest back.
+`summarize_manifest` and `failed_rows` read a manifest back; `read_latest_fetch` finds the
+latest fetch's dataset and manifest through its pointer.
 """
 
 from __future__ import annotations
@@ -328,3 +329,20 @@ def failed_rows(manifest: pd.DataFrame, dataset: pd.DataFrame | None = None, *, 
     return dataset[dataset["md5hash"].astype(str).str.lower().isin(wanted)].reset_index(drop=True)
 
 
+
+
+def read_latest_fetch(store: ObjectStore) -> tuple[dict, pd.DataFrame] | None:
+    """The latest fetch's pointer (`layout.FETCH_STATE_KEY`: `dataset_key`, `manifest_key`,
+    `run_id`) and the manifest it names; None before the first fetch.
+
+    A fetch writes its manifest (its history copy, then the `layout.FETCH_MANIFEST_KEY` copy)
+    and the pointer last, so the pointer always names a complete manifest of its own dataset:
+    a fetch killed between the writes leaves the previous fetch's pair, still consistent. The
+    latest copy is therefore never read here (it may be newer than the pointer); only a
+    pointer from before pointers named their manifest falls back to it.
+    """
+    if not store.exists(layout.FETCH_STATE_KEY):
+        return None
+    state = store.get_json(layout.FETCH_STATE_KEY)
+    manifest_key = state.get("manifest_key") or layout.FETCH_MANIFEST_KEY
+    return state, store.get_dataframe_csv(manifest_key)

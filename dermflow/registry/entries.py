@@ -1,10 +1,11 @@
 """The registry's entries in the bucket: registered models, champion pointers and their
 history, and the identities they carry (label sets, code and library versions, scores).
 
-One entry per trained model (`layout.registered_model_key`), one champion pointer per label
-set (`layout.champion_key`) and its promotion history, oldest first
-(`layout.champion_history_key`). A label set is the set of class names a model predicts;
-models are only comparable within one, so there is one champion per label set. Deciding a
+One entry per trained model (`layout.registered_model_key`); per label set, one record per
+promotion (`layout.promotion_record_key`), created once each: the last is the champion, all of
+them the history (a copy of the champion at `layout.champion_key`). A label set is the set of
+class names a model predicts; models are only comparable within one, so there is one champion
+per label set. Deciding a
 promotion is not done here (`dermflow.evaluation.promotion`): this module is storage only.
 Light module: no TensorFlow import.
 """
@@ -23,12 +24,16 @@ from typing import Any
 
 from dermflow.errors import DermflowError
 from dermflow.layout import (
+    CHAMPION_SUFFIX,
     CHAMPIONS_PREFIX,
+    PROMOTIONS_PREFIX,
     REGISTERED_MODELS_PREFIX,
     champion_history_key,
     champion_key,
     is_champion_key,
     model_key,
+    promotion_record_key,
+    promotions_prefix,
     registered_model_key,
     registered_run_prefix,
 )
@@ -178,36 +183,75 @@ def list_registered_models(store: ObjectStore, run_id: str | None = None) -> lis
 
 
 # --- champions -------------------------------------------------------------------------------
-def get_champion(store: ObjectStore, label_set: str) -> dict | None:
-    """The champion pointer of a label set id, or None when it has none yet."""
+# A promotion is a record created once at `layout.promotion_record_key(label_set, n)` with S3's
+# create-only write (`ObjectStore.create_json`): of two promotions that read the same champion
+# (record n-1), exactly one creates record n; the other gets ChampionChanged and decides again
+# against the new champion. The last record is the champion; the records are the history, so
+# nothing is read-modified-written. (`If-Match` on the pointer would also serialize on AWS S3,
+# but the embedded SeaweedFS lets two such writes through; its create-only check holds.)
+# The pointer at `layout.champion_key` is a copy for readers, written after the record; buckets
+# written before the records existed keep their pointer and `.history.jsonl` as the start.
+class ChampionChanged(DermflowError):
+    """Another promotion of the label set was recorded since its champion was read: decide
+    again against the new champion."""
+
+    transient = True
+
+
+def _promotion_keys(store: ObjectStore, label_set: str) -> list[str]:
+    prefix = promotions_prefix(label_set)
+    return sorted(key for key in store.iter_keys(prefix) if key.endswith(".json"))
+
+
+def _legacy_champion(store: ObjectStore, label_set: str) -> dict | None:
     key = champion_key(label_set)
     return store.get_json(key) if store.exists(key) else None
 
 
+def get_champion(store: ObjectStore, label_set: str) -> dict | None:
+    """The champion pointer of a label set id (its last promotion record, with its
+    `sequence`), or None when it has none yet."""
+    keys = _promotion_keys(store, label_set)
+    if keys:
+        return store.get_json(keys[-1])
+    legacy = _legacy_champion(store, label_set)
+    return {**legacy, "sequence": 0} if legacy else None
+
+
+def _label_sets(store: ObjectStore) -> set[str]:
+    """Label sets with a champion: from the promotion records and the (legacy) pointers."""
+    names = {key[len(PROMOTIONS_PREFIX):].split("/", 1)[0] for key in store.iter_keys(PROMOTIONS_PREFIX)}
+    names |= {key[len(CHAMPIONS_PREFIX):-len(CHAMPION_SUFFIX)]
+              for key in store.iter_keys(CHAMPIONS_PREFIX) if is_champion_key(key)}
+    return {name for name in names if name}
+
+
 def list_champions(store: ObjectStore) -> list[dict]:
     """All champion pointers, the most recently promoted first."""
-    pointers = [store.get_json(key) for key in store.iter_keys(CHAMPIONS_PREFIX) if is_champion_key(key)]
-    return sorted(pointers, key=lambda p: p.get("promoted_at", ""), reverse=True)
+    pointers = [get_champion(store, label_set) for label_set in _label_sets(store)]
+    return sorted((p for p in pointers if p), key=lambda p: p.get("promoted_at", ""), reverse=True)
 
 
 def get_champion_history(store: ObjectStore, label_set: str) -> list[dict]:
+    """Every promotion of a label set, oldest first."""
     key = champion_history_key(label_set)
-    if not store.exists(key):
-        return []
-    text = store.get_bytes(key).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    legacy = store.get_bytes(key).decode("utf-8") if store.exists(key) else ""
+    history = [json.loads(line) for line in legacy.splitlines() if line.strip()]
+    return history + [store.get_json(key) for key in _promotion_keys(store, label_set)]
 
 
-def record_champion(store: ObjectStore, pointer: Mapping[str, Any]) -> dict:
-    """Store `pointer` as the champion of its label set and append it to the history."""
+def record_champion(store: ObjectStore, pointer: Mapping[str, Any], replaces: Mapping[str, Any] | None) -> dict:
+    """Record `pointer` as the champion of its label set, replacing `replaces` (the champion
+    the decision was made against, as `get_champion` returned it; None for the first).
+
+    Raises ChampionChanged when another promotion was recorded since `replaces` was read."""
     label_set = pointer["label_set_id"]
-    # S3 has no append: read, add a line, write back. Promotions are rare and serialized by
-    # the flow, so the read-modify-write race does not arise in practice.
-    history_key = champion_history_key(label_set)
-    history = store.get_bytes(history_key).decode("utf-8") if store.exists(history_key) else ""
-    if history and not history.endswith("\n"):
-        history += "\n"
-    history += json.dumps(pointer, default=str) + "\n"
-    store.put_bytes(history_key, history.encode("utf-8"), "application/x-ndjson")
-    store.put_json(champion_key(label_set), pointer)
-    return dict(pointer)
+    sequence = (replaces or {}).get("sequence", 0) + 1
+    record = {**pointer, "sequence": sequence}
+    if not store.create_json(promotion_record_key(label_set, sequence), record):
+        raise ChampionChanged(
+            f"label set {label_set}: another model was promoted while this promotion was decided "
+            f"(record {sequence} exists)"
+        )
+    store.put_json(champion_key(label_set), record)
+    return record

@@ -1,22 +1,38 @@
 """derm/full end to end on the real stack: `dermflow up` (SeaweedFS, Prefect server, workers,
 deployments), images served by a local HTTP server, `prefect deployment run derm/full --watch`,
 then the bucket is checked for everything the run promises. Real atlas20 images when
-`../shared` is there, synthetic ones otherwise."""
+`../shared` is there, synthetic ones otherwise.
+
+The tests run in their written order (`pytest.mark.in_order`; pytest-randomly shuffles only
+where the modules run): they share one stack and the `full_run` fixture, the retrain tests build
+on the champion the full run made, and cancelling runs last because it leaves a cancelled run
+behind. Each test still finds its own runs by the flow run name or id its deployment run
+printed, never as the latest run in the bucket (other tests' runs, such as the `20990101-...`
+trainings of the gpu-limit test, sort later)."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
 import pytest
 
+from dermflow import layout
 from tests.integration.stack import WebhookReceiver, start_stack
 from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.in_order]
 
 ATLAS = __import__("tests.conftest", fromlist=["ATLAS_DIR"]).ATLAS_DIR
+
+
+def _own_run_id(store, result) -> str:
+    """The run id of the `derm` run that `prefect deployment run` started: run ids end with the
+    flow run's name, which the command printed."""
+    from dermflow.registry.runs import resolve_run_id
+
+    name = re.search(r"Created flow run '([^']+)'", result.stdout).group(1)
+    return resolve_run_id(store, name)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +72,7 @@ def full_run(stack, image_source, tmp_path_factory):
         )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     store = stack.store()
-    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/")})
-    assert len(runs) == 1, runs
-    return {"store": store, "run_id": runs[0], "csv": csv_path, "output": result.stdout}
+    return {"store": store, "run_id": _own_run_id(store, result), "csv": csv_path, "output": result.stdout}
 
 
 def test_full_run_leaves_everything_in_the_bucket(full_run):
@@ -68,7 +82,7 @@ def test_full_run_leaves_everything_in_the_bucket(full_run):
     rows = pd.read_csv(full_run["csv"])
     images = store.list_keys("images/")
     assert len(images) == len(rows)
-    manifest = store.get_dataframe_csv("manifests/fetch.csv")
+    manifest = store.get_dataframe_csv(layout.fetch_manifest_history_key(run_id))
     assert len(manifest) == len(rows) and set(manifest["status"]) == {"ok"}
     assert any(key.startswith("manifests/split-") and key.endswith(".csv") for key in store.iter_keys("manifests/"))
     for name in ("report.html", "metrics.json", "params.json", "models/baseline_cnn/model.keras",
@@ -134,35 +148,35 @@ def test_retrain_on_unchanged_data_fetches_and_trains_nothing(stack, full_run, i
     images, rows = image_source
     with serve_atlas(images, rows) as server:
         csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("retrain.csv"), limit_per_label=8)
-        stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
-                      "-p", "image_size=64", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
-                      "--watch", timeout=900)
+        result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+                               "-p", "image_size=64", "-p", "epochs=1", "-p", 'architectures=["baseline_cnn"]',
+                               "--watch", timeout=900)
         assert sum(server.hits.values()) == 0
     assert len(_flow_runs(stack, "derm-train")) == trainings_before
     champion_after = _champion(store)
     assert (champion_after["run_id"], champion_after["arch"]) == (champion_before["run_id"], champion_before["arch"])
-    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/metrics.json")})
-    decision = store.get_json(f"runs/{runs[-1]}/metrics.json")["retrain_decision"]
+    decision = store.get_json(layout.run_metrics_key(_own_run_id(store, result)))["retrain_decision"]
     assert decision["promoted"] is False and decision["reason"]
 
 
 def test_retrain_promotes_a_challenger_that_beats_the_champion(stack, full_run, image_source):
     store = full_run["store"]
     champion = _champion(store)
-    # A champion that scores 0 on this split: any real challenger beats it.
-    pointer_key = f"registry/champions/{champion['label_set_id']}.json"
-    store.put_json(pointer_key, {**store.get_json(pointer_key), "score": 0.0})
+    # A champion that scores 0 on this split: any real challenger beats it. (The champion is
+    # the last promotion record; the pointer is only a copy.)
+    record_key = layout.promotion_record_key(champion["label_set_id"], champion["sequence"])
+    store.put_json(record_key, {**store.get_json(record_key), "score": 0.0})
     images, rows = image_source
     with serve_atlas(images, rows) as server:
         csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("retrain2.csv"), limit_per_label=8)
-        stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
-                      "-p", "image_size=64", "-p", "epochs=2", "-p", 'architectures=["baseline_cnn"]',
-                      "--watch", timeout=900)
+        result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+                               "-p", "image_size=64", "-p", "epochs=2", "-p", 'architectures=["baseline_cnn"]',
+                               "--watch", timeout=900)
+    run_id = _own_run_id(store, result)
     new = _champion(store)
     assert new["run_id"] != champion["run_id"]
-    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/metrics.json")})
-    assert new["run_id"] == runs[-1]
-    decision = store.get_json(f"runs/{runs[-1]}/metrics.json")["retrain_decision"]
+    assert new["run_id"] == run_id
+    decision = store.get_json(layout.run_metrics_key(run_id))["retrain_decision"]
     assert decision["promoted"] is True and "beats" in decision["reason"]
 
 
@@ -292,14 +306,14 @@ def test_refetch_retries_only_the_failed_rows(stack, tmp_path):
     root = synthetic_atlas(tmp_path / "later", n_labels=2, per_label=5, size=48, seed=4321)
     port = free_port_block(1)
     csv_path = rewrite_csv_host(root / "rows.csv", f"http://127.0.0.1:{port}", tmp_path / "later.csv")
-    stack.prefect("deployment", "run", "derm/fetch", "-p", f"csv={csv_path}", "--watch", timeout=600)
+    fetched = stack.prefect("deployment", "run", "derm/fetch", "-p", f"csv={csv_path}", "--watch", timeout=600)
     store = stack.store()
-    manifest = store.get_dataframe_csv("manifests/fetch.csv")
+    manifest = store.get_dataframe_csv(layout.fetch_manifest_history_key(_own_run_id(store, fetched)))
     assert set(manifest["status"]) == {"failed"} and set(manifest["reason"]) == {"connect_error"}
     with serve_atlas(root / "images", root / "rows.csv", port=port) as server:
-        stack.prefect("deployment", "run", "derm/refetch", "--watch", timeout=600)
+        refetched = stack.prefect("deployment", "run", "derm/refetch", "--watch", timeout=600)
         assert sum(server.hits.values()) == len(manifest) == 10
-    manifest = store.get_dataframe_csv("manifests/fetch.csv")
+    manifest = store.get_dataframe_csv(layout.fetch_manifest_history_key(_own_run_id(store, refetched)))
     assert len(manifest) == 10 and set(manifest["status"]) == {"ok"}
     assert all(store.exists(f"images/{md5}") for md5 in manifest["md5hash"])
 
@@ -340,6 +354,8 @@ def test_distributed_tuning_runs_its_workers_as_deployment_runs(stack, full_run,
     the final training uses the best one."""
     images, rows = image_source
     before = {run.id for run in _flow_runs(stack, "derm-tune")}
+    store = stack.store()
+    trials_before = {key for key in store.iter_keys("tuning/") if key.endswith("/trial.json")}
     with serve_atlas(images, rows) as server:
         csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("tune.csv"), limit_per_label=8)
         result = stack.prefect(
@@ -353,13 +369,13 @@ def test_distributed_tuning_runs_its_workers_as_deployment_runs(stack, full_run,
     assert all(run.state.is_completed() and run.parent_task_run_id is not None for run in workers)
     assert {run.work_queue_name for run in workers} == {"gpu"}
 
-    store = stack.store()
-    trials = [store.get_json(key) for key in store.iter_keys("tuning/") if key.endswith("/trial.json")]
+    trials = [store.get_json(key) for key in store.iter_keys("tuning/")
+              if key.endswith("/trial.json") and key not in trials_before]
     scored = [t for t in trials if t.get("status") == "COMPLETED" and t.get("score") is not None]
     assert len(scored) == 2, [t.get("status") for t in trials]
     best = max(scored, key=lambda t: t["score"])["hyperparameters"]["values"]
-    runs = sorted({key.split("/")[1] for key in store.iter_keys("runs/") if key.endswith("/models/baseline_cnn/params.json")})
-    params = store.get_json(f"runs/{runs[-1]}/models/baseline_cnn/params.json")
+    # this run's own model (the latest run in the bucket may be another test's)
+    params = store.get_json(layout.model_key(_own_run_id(store, result), "baseline_cnn", "params.json"))
     assert (params["optimizer"], params["learning_rate"], params["lr_schedule"]) == (
         best["optimizer"], best["learning_rate"], best["lr_schedule"]), (params, best)
 

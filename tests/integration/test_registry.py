@@ -111,7 +111,7 @@ def test_resolve_by_run_id_flow_run_name_and_champion(store):
     put_run_model(store, "20261126-101500-brave-otter", "efficientnetb0", 0.51)
     champion_entry = put_run_model(store, "20261126-120000-bold-elk", "resnet50", 0.44)
     put_run_model(store, "20261126-120000-bold-elk", "cnn", 0.49)
-    promote(store, champion_entry, "test", {"challenger": 0.44})
+    promote(store, champion_entry, "test", {"challenger": 0.44}, get_champion(store, champion_entry["label_set_id"]))
 
     # run id: the best architecture by test weighted F1
     run_id, arch, key, params = resolve_model(store, "20261126-101500-brave-otter")
@@ -131,8 +131,8 @@ def test_resolve_by_run_id_flow_run_name_and_champion(store):
 def test_default_is_the_newest_champion_across_label_sets(store):
     older = put_run_model(store, "20261126-100000-calm-fox", "cnn", 0.40)
     newer = put_run_model(store, "20261126-110000-shy-owl", "cnn", 0.20, classes=["a", "b"])
-    promote(store, older, "first", {})
-    promote(store, newer, "first", {})
+    promote(store, older, "first", {}, get_champion(store, older["label_set_id"]))
+    promote(store, newer, "first", {}, get_champion(store, newer["label_set_id"]))
     assert resolve_model(store)[0] == "20261126-110000-shy-owl"
 
 
@@ -154,8 +154,8 @@ def test_retention_keeps_newest_runs_champions_and_recent_checkpoints(store):
             store.put_bytes(f"runs/{run}/checkpoints/cnn/epoch-{epoch:03d}.keras", b"ckpt")
         store.put_json(f"runs/{run}/checkpoints/cnn/state.json", {"epoch": 4})
     # runs[0] was champion once (history only), runs[1] is the champion now
-    promote(store, entries[runs[0]], "first", {})
-    promote(store, entries[runs[1]], "better", {})
+    promote(store, entries[runs[0]], "first", {}, get_champion(store, entries[runs[0]]["label_set_id"]))
+    promote(store, entries[runs[1]], "better", {}, get_champion(store, entries[runs[1]]["label_set_id"]))
 
     result = apply_retention(store, keep_runs=2, keep_checkpoints=2)
 
@@ -175,3 +175,32 @@ def test_retention_keeps_newest_runs_champions_and_recent_checkpoints(store):
     # idempotent
     again = apply_retention(store, keep_runs=2, keep_checkpoints=2)
     assert again["deleted_runs"] == [] and again["deleted_checkpoints"] == []
+
+
+@pytest.mark.parametrize("first_writer", [0.70, 0.60])
+def test_concurrent_promotions_on_seaweedfs_keep_the_better_one_and_the_whole_history(store, monkeypatch,
+                                                                                      first_writer):
+    """Finding 11 of issue 14 on the real server: SeaweedFS's create-only write lets exactly
+    one of two racing promotions record; the other decides again."""
+    from tests.support.promotion_race import assert_no_promotion_lost, race_two_challengers
+
+    assert_no_promotion_lost(race_two_challengers(store, monkeypatch, first_writer), first_writer)
+
+
+def test_seaweedfs_lets_exactly_one_of_many_concurrent_creators_win(store):
+    """`ObjectStore.create_json` (S3 If-None-Match: *) is what serializes promotions: of eight
+    writers released at once, exactly one creates the object, every time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermflow.layout import promotion_record_key
+
+    for attempt in range(10):
+        release = threading.Barrier(8, timeout=20)
+
+        def create(writer: int, key=promotion_record_key("race", attempt)) -> bool:
+            release.wait()
+            return store.create_json(key, {"writer": writer})
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(create, range(8))) == 1

@@ -46,8 +46,11 @@ class MemoryS3Client:
     def create_bucket(self, Bucket: str) -> dict:  # noqa: N803
         return {}
 
-    def put_object(self, Bucket: str, Key: str, Body: bytes, **_: object) -> dict:  # noqa: N803
-        with self._lock:
+    def put_object(self, Bucket: str, Key: str, Body: bytes, IfNoneMatch: str | None = None,  # noqa: N803
+                   **_: object) -> dict:
+        with self._lock:  # like S3: the If-None-Match check and the write are one step
+            if IfNoneMatch == "*" and Key in self.objects:
+                raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "exists"}}, "PutObject")
             self.objects[Key] = bytes(Body)
         return {}
 

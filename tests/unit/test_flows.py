@@ -68,6 +68,26 @@ def test_fetch_mode_records_the_config_and_writes_the_manifest(harness, bucket, 
     assert bucket.exists(layout.FETCH_MANIFEST_KEY)
 
 
+def test_a_run_is_marked_in_progress_while_its_stages_run_and_unmarked_when_it_fails(harness, bucket, tmp_path,
+                                                                                   monkeypatch):
+    """Retention skips a run while its `layout.run_active_key` marker exists (issue 14, #12)."""
+    import flows.derm as derm_module
+
+    seen: dict[str, bool] = {}
+    real_ingest_and_fetch = derm_module.ingest_and_fetch
+
+    def ingest_and_fetch(config, run_id):
+        seen[run_id] = bucket.exists(layout.run_active_key(run_id))
+        return real_ingest_and_fetch(config, run_id)
+
+    monkeypatch.setattr(derm_module, "ingest_and_fetch", ingest_and_fetch)
+    with pytest.raises(derm_module.PipelineError):
+        asyncio.run(derm_module.derm(mode="full", csv=str(_csv_without_urls(tmp_path / "rows.csv"))))
+    [(run_id, marked)] = seen.items()
+    assert marked and not bucket.exists(layout.run_active_key(run_id))
+    assert bucket.exists(layout.run_params_key(run_id))
+
+
 def test_full_mode_with_nothing_fetched_stops_with_what_to_do(harness, bucket, tmp_path):
     from flows.derm import PipelineError, derm
 

@@ -133,3 +133,55 @@ def test_every_data_task_with_retries_retries_only_transient_errors():
     for task in with_retries:
         assert task.retry_condition_fn is retry_unless_permanent, task.name
     assert issubclass(ManifestError, DermflowError)
+
+
+class KilledBetweenWrites(Exception):
+    """Stands for the process dying between two writes of the fetch manifest."""
+
+
+@pytest.mark.parametrize("killed_at", [layout.FETCH_MANIFEST_KEY, layout.FETCH_STATE_KEY])
+def test_a_fetch_killed_between_manifest_writes_leaves_the_previous_fetch_consistent(store, tmp_path, monkeypatch,
+                                                                                      killed_at):
+    """Issue 14, finding 14: the latest manifest copy and its pointer are two objects. A
+    refetch after a kill between them must still retry the failed rows of one fetch, of the
+    dataset that fetch was of, and the next fetch must complete normally."""
+    first = load_dataset(write_dataset_csv(tmp_path, rows=4))
+    store.put_dataframe_csv("inputs/first.csv", first)
+    failed_first = [{"md5hash": md5_of(1), "status": "failed", "reason": "http_503", "url": "https://example.org/1.jpg"}]
+    data_tasks.write_fetch_manifest.fn("inputs/first.csv", failed_first, run_id="20261126-100000-first")
+
+    second = first.assign(md5hash=[md5_of(i) for i in range(10, 14)])  # another dataset, other images
+    store.put_dataframe_csv("inputs/second.csv", second)
+    real_put_bytes = store.put_bytes
+
+    def put_bytes_then_die(key, data, content_type=None):
+        if key == killed_at:
+            raise KilledBetweenWrites(key)
+        return real_put_bytes(key, data, content_type)
+
+    monkeypatch.setattr(store, "put_bytes", put_bytes_then_die)
+    failed_second = [{"md5hash": md5_of(12), "status": "failed", "reason": "http_503",
+                      "url": "https://example.org/12.jpg"}]
+    with pytest.raises(KilledBetweenWrites):
+        data_tasks.write_fetch_manifest.fn("inputs/second.csv", failed_second, run_id="20261126-110000-second")
+    monkeypatch.setattr(store, "put_bytes", real_put_bytes)
+
+    # a refetch now retries the first fetch's failures (every row: none was stored), of the
+    # first dataset
+    assert data_tasks.latest_dataset_key() == "inputs/first.csv"
+    shards = data_tasks.plan_fetch.fn(data_tasks.latest_dataset_key(), shard_size=10, only_failed=True)
+    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(4))
+    # the killed fetch, run again, completes and becomes the latest
+    data_tasks.write_fetch_manifest.fn("inputs/second.csv", failed_second, run_id="20261126-120000-second")
+    assert data_tasks.latest_dataset_key() == "inputs/second.csv"
+    shards = data_tasks.plan_fetch.fn("inputs/second.csv", shard_size=10, only_failed=True)
+    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(10, 14))
+
+
+def test_a_refetch_of_a_dataset_the_latest_fetch_is_not_of_is_refused(store, tmp_path):
+    dataset = load_dataset(write_dataset_csv(tmp_path, rows=4))
+    store.put_dataframe_csv("inputs/first.csv", dataset)
+    store.put_dataframe_csv("inputs/other.csv", dataset)
+    data_tasks.write_fetch_manifest.fn("inputs/first.csv", [], run_id="20261126-100000-first")
+    with pytest.raises(ManifestError, match="not of dataset inputs/other.csv"):
+        data_tasks.plan_fetch.fn("inputs/other.csv", shard_size=10, only_failed=True)

@@ -1,7 +1,7 @@
 """The registry's Prefect tasks without a stack: `.fn()` over the in-memory S3 store.
 
 Covers the training reuse key, reuse of a previous training while its model exists, the
-promotion decision of `promote_if_better` (champion pointer and history at the layout's keys),
+promotion decision of `promote_if_better` (champion pointer at the layout's key, and history),
 and retention through its task.
 """
 
@@ -16,14 +16,13 @@ from prefect.logging import disable_run_logger
 import tasks.registry as registry_tasks
 from dermflow.evaluation import promotion
 from dermflow.layout import (
-    champion_history_key,
     champion_key,
     checkpoint_key,
     model_key,
     registered_model_key,
     training_record_key,
 )
-from dermflow.registry.entries import label_set_id
+from dermflow.registry.entries import get_champion_history, label_set_id
 from tasks.registry import promote_if_better, reusable_training, training_key
 from tests.support.memory_s3 import memory_store
 
@@ -108,8 +107,7 @@ def test_first_model_of_a_label_set_is_promoted_and_written_at_the_layout_keys(s
     assert "first model" in decision["reason"]
     pointer = store.get_json(champion_key(labels))
     assert (pointer["run_id"], pointer["arch"], pointer["score"]) == ("20261126-100000-calm-fox", "cnn", 0.40)
-    history = store.get_bytes(champion_history_key(labels)).decode().splitlines()
-    assert [json.loads(line)["run_id"] for line in history] == ["20261126-100000-calm-fox"]
+    assert [h["run_id"] for h in get_champion_history(store, labels)] == ["20261126-100000-calm-fox"]
     assert store.exists(registered_model_key("20261126-100000-calm-fox", "cnn"))
     assert "Promoted" in store.artifacts[-1]
 
@@ -124,7 +122,7 @@ def test_the_best_model_of_a_run_challenges_and_a_weaker_one_keeps_the_champion(
     assert not decision["promoted"] and "does not beat" in decision["reason"]
     assert (decision["challenger_arch"], decision["champion_score"]) == ("resnet50", 0.40)
     assert store.get_json(champion_key(labels))["run_id"] == "20261126-100000-calm-fox"
-    assert len(store.get_bytes(champion_history_key(labels)).decode().splitlines()) == 1
+    assert len(get_champion_history(store, labels)) == 1
     assert "Kept champion" in store.artifacts[-1]
     # every trained model is registered, the failed one is not
     assert store.exists(registered_model_key("20261126-110000-shy-owl", "cnn"))
@@ -139,7 +137,7 @@ def test_a_better_challenger_replaces_the_champion_and_extends_the_history(store
     pointer = store.get_json(champion_key(labels))
     assert pointer["run_id"] == "20261126-120000-bold-elk"
     assert pointer["previous"]["run_id"] == "20261126-100000-calm-fox"
-    history = [json.loads(line) for line in store.get_bytes(champion_history_key(labels)).decode().splitlines()]
+    history = get_champion_history(store, labels)
     assert [h["run_id"] for h in history] == ["20261126-100000-calm-fox", "20261126-120000-bold-elk"]
 
 
