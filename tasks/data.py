@@ -87,15 +87,8 @@ def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> 
     pointer to it (`layout.FETCH_STATE_KEY`), last: readers follow the pointer, so a run killed
     between these writes leaves the previous fetch's manifest and dataset, consistent."""
     store = object_store()
-    latest = fetch_manifest.read_latest_fetch(store)
-    previous = latest[1] if latest else None
-    dataset = store.get_dataframe_csv(dataset_key)
-    manifest = fetch_manifest.reconcile_manifest(dataset, store, previous, results)
-    history_key = layout.fetch_manifest_history_key(run_id)
-    store.put_dataframe_csv(history_key, manifest)
-    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
-    # the last write: the pointer makes this manifest the latest
-    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    history_key, manifest = fetch_manifest.write_latest_fetch(
+        store, store.get_dataframe_csv(dataset_key), dataset_key, results, run_id)
     summary = fetch_manifest.summarize_manifest(manifest)
     get_run_logger().info("fetch manifest: %s", summary)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(

@@ -346,3 +346,17 @@ def read_latest_fetch(store: ObjectStore) -> tuple[dict, pd.DataFrame] | None:
     state = store.get_json(layout.FETCH_STATE_KEY)
     manifest_key = state.get("manifest_key") or layout.FETCH_MANIFEST_KEY
     return state, store.get_dataframe_csv(manifest_key)
+
+
+def write_latest_fetch(store: ObjectStore, dataset: pd.DataFrame, dataset_key: str, results: Iterable[dict],
+                       run_id: str) -> tuple[str, pd.DataFrame]:
+    """Reconcile this fetch's (or import's) `results` with the previous manifest and the bucket,
+    and make it the latest: its history copy, the latest copy, then the pointer, last (see
+    `read_latest_fetch`). Returns the history key and the manifest."""
+    latest = read_latest_fetch(store)
+    manifest = reconcile_manifest(dataset, store, latest[1] if latest else None, list(results))
+    history_key = layout.fetch_manifest_history_key(run_id)
+    store.put_dataframe_csv(history_key, manifest)
+    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
+    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    return history_key, manifest

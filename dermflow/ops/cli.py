@@ -144,7 +144,7 @@ def cmd_import(args) -> int:
     the fetch manifest (rows the source lacks stay `not_fetched` until a derm run fetches them)."""
     from dermflow import layout
     from dermflow.ingestion import importer, ingest
-    from dermflow.ingestion.manifest import reconcile_manifest, summarize_manifest
+    from dermflow.ingestion.manifest import summarize_manifest, write_latest_fetch
     from dermflow.runs import make_run_id
     from dermflow.storage import ObjectStore
 
@@ -160,13 +160,7 @@ def cmd_import(args) -> int:
     results, plan = importer.import_dataset(store, dataset, args.images, shard_size=args.shard_size,
                                             progress=progress)
     print(file=sys.stderr)
-    previous = store.get_dataframe_csv(layout.FETCH_MANIFEST_KEY) if store.exists(layout.FETCH_MANIFEST_KEY) else None
-    manifest = reconcile_manifest(dataset, store, previous, results)
-    run_id = make_run_id("import")
-    history_key = layout.fetch_manifest_history_key(run_id)
-    store.put_dataframe_csv(history_key, manifest)
-    store.put_dataframe_csv(layout.FETCH_MANIFEST_KEY, manifest)
-    store.put_json(layout.FETCH_STATE_KEY, {"dataset_key": dataset_key, "manifest_key": history_key, "run_id": run_id})
+    history_key, manifest = write_latest_fetch(store, dataset, dataset_key, results, make_run_id("import"))
     summary = {**summarize_manifest(manifest), "import": plan, "manifest": store.uri(history_key)}
     print(json.dumps(summary, indent=2))
     return 0
