@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 
 import pytest
-from pydantic import ValidationError
+from dermflow.settings import SettingsError
 
 from dermflow.ingestion.guard import BlockedURL, HostGuard
 from dermflow.settings import load_settings
@@ -24,14 +24,14 @@ pytestmark = pytest.mark.unit
     ("https://example.org", "is not a valid CIDR (nor a host name"),
 ])
 def test_invalid_entries_are_rejected_naming_the_entry(entry, says):
-    with pytest.raises(ValidationError, match="DERMFLOW_ALLOWED_HOSTS") as caught:
+    with pytest.raises(SettingsError, match="DERMFLOW_ALLOWED_HOSTS") as caught:
         load_settings(allowed_hosts=f"example.org, {entry}")
     assert says in str(caught.value)
 
 
 @pytest.mark.parametrize("entry", ["0.0.0.0/0", "::/0", "0.0.0.0/1"])
 def test_a_network_that_turns_the_guard_off_needs_the_override(entry):
-    with pytest.raises(ValidationError, match="DERMFLOW_ALLOW_ANY_HOST"):
+    with pytest.raises(SettingsError, match="DERMFLOW_ALLOW_ANY_HOST"):
         load_settings(allowed_hosts=entry)
     assert load_settings(allowed_hosts=entry, allow_any_host=True).allowed_host_list == [entry]
 

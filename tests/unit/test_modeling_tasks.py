@@ -93,7 +93,7 @@ def test_tune_search_task_passes_its_options_through(store, monkeypatch):
         return {"tuning_id": "t1", "trials": [], "best": None}
 
     @contextlib.asynccontextmanager
-    async def no_slot(name, occupy):
+    async def no_slot(name, occupy, **options):  # options: lease_duration
         seen["slot"] = (name, occupy)
         yield
 
