@@ -36,6 +36,19 @@ class TransientError(DermflowError):
     transient = True
 
 
+class RejectedError(DermflowError):
+    """A permanent refusal with a one-word `reason` (a manifest reason, e.g. `blocked_address`,
+    `not_an_image`) and a `detail` for people."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # rebuilt from its fields, not its message (crosses process pools)
+        return (type(self), (self.reason, self.detail))
+
+
 def is_transient(error: BaseException) -> bool:
     """True when retrying the call that raised `error` may help."""
     if isinstance(error, DermflowError):

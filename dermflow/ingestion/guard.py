@@ -21,7 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from dermflow.errors import DermflowError
+from dermflow.errors import RejectedError
 from dermflow.settings import parse_allowed_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,17 +42,10 @@ SECRET_QUERY_KEYS = frozenset(
 )
 
 
-class BlockedURL(DermflowError):
+class BlockedURL(RejectedError):
     """A URL the guard refuses (permanent); `reason` is the manifest reason (`bad_scheme`,
     `blocked_address`)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):  # rebuilt from its fields, not its message
-        return (type(self), (self.reason, self.detail))
 
 
 def redact_url(url: str) -> str:

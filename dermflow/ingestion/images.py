@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dermflow.errors import DermflowError
+from dermflow.errors import DermflowError, RejectedError
 
 # The most pixels any image may have to be decoded: fetch and import verification, the
 # training cache, predict, evaluate and saliency. Fitzpatrick 17k images are well under 1 Mpx;
@@ -156,17 +156,10 @@ class ImageFacts:
     content_type: str
 
 
-class ImageRejected(DermflowError):
+class ImageRejected(RejectedError):
     """Bytes that are not a complete, decodable image (permanent); `reason` is `not_an_image`
     or `too_large`."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):  # rebuilt from its fields, not its message
-        return (type(self), (self.reason, self.detail))
 
 
 def verify_image(body: bytes) -> ImageFacts:
