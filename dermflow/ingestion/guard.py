@@ -47,7 +47,6 @@ class BlockedURL(RejectedError):
     `blocked_address`)."""
 
 
-
 def redact_url(url: str) -> str:
     """The URL without userinfo and with credential-like query values replaced by REDACTED."""
     if not url:
