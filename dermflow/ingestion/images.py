@@ -161,7 +161,6 @@ class ImageRejected(RejectedError):
     or `too_large`."""
 
 
-
 def verify_image(body: bytes) -> ImageFacts:
     """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
 
