@@ -95,10 +95,14 @@ def s3_env(seaweed, monkeypatch):
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     from dermflow.settings import get_settings
+    from tasks.common import object_store
 
+    # Both caches: a task's object store built for an earlier test's bucket must not be reused.
     get_settings.cache_clear()
+    object_store.cache_clear()
     yield values
     get_settings.cache_clear()
+    object_store.cache_clear()
 
 
 @pytest.fixture
