@@ -112,3 +112,26 @@ def store(s3_env):
     from dermflow.storage import ObjectStore
 
     return ObjectStore.from_settings(load_settings())
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """Every task's object store is one in-memory bucket (stack-free tests of tasks and flows)."""
+    import tasks.common
+    from dermflow.storage import ObjectStore
+    from tests.support.memory_s3 import memory_store
+
+    store = memory_store()
+    monkeypatch.setattr(ObjectStore, "from_settings", classmethod(lambda cls, *args, **kwargs: store))
+    tasks.common.object_store.cache_clear()
+    yield store
+    tasks.common.object_store.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A temporary Prefect server for whole flow runs in process (no workers, no stack)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

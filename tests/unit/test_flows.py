@@ -13,25 +13,12 @@ from prefect.logging import disable_run_logger
 
 from dermflow import layout
 from dermflow.config import DEFAULT_EPOCHS, RunConfig
-from dermflow.storage import ObjectStore
 from tests.support.memory_s3 import memory_store
 
 pytestmark = pytest.mark.unit
 
 COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
            "three_partition_label", "qc", "url", "url_alphanum"]
-
-
-@pytest.fixture
-def bucket(monkeypatch):
-    """Every task's object store is one in-memory bucket."""
-    import tasks.common
-
-    store = memory_store()
-    monkeypatch.setattr(ObjectStore, "from_settings", classmethod(lambda cls, *args, **kwargs: store))
-    tasks.common.object_store.cache_clear()
-    yield store
-    tasks.common.object_store.cache_clear()
 
 
 def _csv_without_urls(path: Path, rows: int = 6) -> Path:
@@ -44,14 +31,6 @@ def _csv_without_urls(path: Path, rows: int = 6) -> Path:
                              "fitzpatrick_centaur": 1, "label": f"condition {index % 2}", "nine_partition_label": "x",
                              "three_partition_label": "y", "qc": "", "url": "", "url_alphanum": ""})
     return path
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_fetch_mode_records_the_config_and_writes_the_manifest(harness, bucket, tmp_path):

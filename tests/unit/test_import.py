@@ -157,25 +157,6 @@ def test_a_damaged_members_row_keeps_both_reasons_after_its_url_failed(tmp_path)
 # the flows
 
 
-@pytest.fixture
-def bucket(monkeypatch):
-    import tasks.common
-
-    store = memory_store()
-    monkeypatch.setattr(ObjectStore, "from_settings", classmethod(lambda cls, *args, **kwargs: store))
-    tasks.common.object_store.cache_clear()
-    yield store
-    tasks.common.object_store.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_derm_fetch_imports_from_images_then_fetches_the_rest(harness, bucket, tmp_path):
     from flows.derm import derm
 
