@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale clean
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale bench-archive-layouts clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-fetch: venv
 
 bench-scale: venv
 	$(BIN)/python bench/bench_scale.py $(ARGS)
+
+# derm/full on atlas20 from an archive in each layout, URLs dead; then import vs URL fetch rates.
+bench-archive-layouts: venv
+	$(BIN)/python bench/bench_archive_layouts.py $(ARGS)
 
 bench-train: venv
 	$(BIN)/python bench/bench_train.py
