@@ -176,6 +176,8 @@ async def facts_since(stack, since: float) -> dict:
                 break
         plans = [t.id for t in task_runs if t.name.startswith("plan-import")]
         logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=plans)), limit=50) if plans else []
+    # the deployments' schedules add future derm/retrain runs: only runs that ran count
+    flow_runs = [run for run in flow_runs if run.state_type and run.state_type.value != "SCHEDULED"]
     derm = [run for run in flow_runs if names[run.id] == "derm"]
     windows = {}
     for name in ("import-shard", "fetch-shard"):
