@@ -123,7 +123,7 @@ def build_archive(layout: str, images: Path, rows: list[dict], folder: Path, mis
         members = members[: len(members) - missing]  # rows the sender forgot: their URLs are dead
         damaged = {members[len(members) // 2][1]}  # a member cut short in transit
     entries = [(name, md5) for name, md5 in members]
-    path = folder / (f"{layout}.tar.gz" if layout.endswith("tar.gz") else f"{layout}.zip")
+    path = folder / (layout if layout.endswith(".tar.gz") else f"{layout}.zip")
 
     def body(md5: str) -> bytes:
         data = (images / f"{md5}.jpg").read_bytes()
