@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import json
 
+from dermflow.ops.schedule import prefect_client
 
-def flow_run_states(names: list[str]) -> dict[str, str] | None:
+
+def flow_run_states(settings, names: list[str]) -> dict[str, str] | None:
     """{flow run name: state name} of the `derm` flow runs with these names; None when the
     Prefect API does not answer."""
     import httpx
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterName
 
     if not names:
         return {}
     try:
-        with get_client(sync_client=True) as client:
+        with prefect_client(settings, timeout=5) as client:
             runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["derm"])),
                                          flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
     except (httpx.HTTPError, OSError, RuntimeError):
@@ -48,8 +49,9 @@ def cmd_runs(args) -> int:
     from dermflow.settings import get_settings
     from dermflow.storage import ObjectStore
 
-    summaries = run_summaries(ObjectStore.from_settings(get_settings()), limit=args.limit or None)
-    states = flow_run_states([s["flow_run_name"] for s in summaries])
+    settings = get_settings()
+    summaries = run_summaries(ObjectStore.from_settings(settings), limit=args.limit or None)
+    states = flow_run_states(settings, [s["flow_run_name"] for s in summaries])
     rows = with_states(summaries, states)
     if args.json:
         print(json.dumps({"prefect_reachable": states is not None, "runs": rows}, indent=2))

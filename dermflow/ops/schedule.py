@@ -36,6 +36,16 @@ class ScheduleError(DermflowError):
     """A schedule command cannot do what was asked (permanent; the message says why)."""
 
 
+def prefect_client(settings, timeout: float = 15.0):
+    """A synchronous client of the stack's Prefect API (`PREFECT_API_URL` and its auth from the
+    settings), never an ephemeral in-process server."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    auth = settings.prefect_api_auth_string
+    return SyncPrefectClient(settings.prefect_api_url, auth_string=auth.get_secret_value() if auth else None,
+                             httpx_settings={"timeout": timeout})
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`key=value` pairs as `prefect deployment run -p` reads them: JSON when the value parses
     (`3`, `true`, `null`, `["vgg16"]`), else the string."""
@@ -194,16 +204,14 @@ def cmd_schedule(args) -> int:
 
     settings = get_settings()
     try:
-        return _run_action(args, ObjectStore.from_settings(settings))
+        return _run_action(args, ObjectStore.from_settings(settings), settings)
     except httpx.TransportError as error:
         raise ScheduleError(f"the Prefect API at {settings.prefect_api_url} does not answer ({error}); "
                             "start the stack with `dermflow up`") from error
 
 
-def _run_action(args, store: ObjectStore) -> int:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
+def _run_action(args, store: ObjectStore, settings) -> int:
+    with prefect_client(settings) as client:
         if args.action == "show":
             state = schedule_state(client, store)
         elif args.action in ("pause", "resume"):
