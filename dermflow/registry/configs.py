@@ -48,9 +48,11 @@ def run_parameters(store: ObjectStore, run_id: str) -> dict[str, Any]:
         if store.exists(key):
             stored = store.get_json(key)
             if "config" not in stored:
-                raise ConfigError(f"{store.uri(key)} holds no run configuration (written by an older dermflow)")
+                raise ConfigError(f"{store.uri(key)} holds no run configuration (written by an older dermflow); "
+                                  "choose one with `dermflow schedule set -p KEY=VALUE ...`")
             return _saved_parameters(RunConfig.model_validate(stored["config"]).parameters())
-    raise ConfigError(f"run {run_id} has no stored configuration at {store.uri(run_params_key(run_id))}")
+    raise ConfigError(f"run {run_id} has no stored configuration at {store.uri(run_params_key(run_id))}; "
+                      "choose one with `dermflow schedule set -p KEY=VALUE ...`")
 
 
 def champion_run(store: ObjectStore) -> dict | None:
