@@ -105,7 +105,8 @@ async def derm(
     architecture as a concurrent subflow, register and promote, and report."""
     given = dict(
         mode=mode, config=config, csv=csv, limit_per_label=limit_per_label, images=images,
-        image_size=image_size, epochs=epochs, batch_size=batch_size, architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
+        image_size=image_size, epochs=epochs, batch_size=batch_size,
+        architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
         tune=tune, tuner=tuner, max_trials=max_trials, tune_workers=tune_workers, budget_minutes=budget_minutes,
         host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, shard_size=shard_size,
         dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled,

@@ -25,7 +25,8 @@ def _scores(store: ObjectStore, run_id: str) -> tuple[dict[str, float | None], l
     metrics = _json_or_none(store, run_metrics_key(run_id)) or {}
     archs = metrics.get("architectures") or {}
     if archs:
-        scores = {name: promotion_score(entry.get("test")) for name, entry in archs.items() if entry.get("status") == "ok"}
+        scores = {name: promotion_score(entry.get("test"))
+                  for name, entry in archs.items() if entry.get("status") == "ok"}
         return scores, sorted(name for name, entry in archs.items() if entry.get("status") != "ok")
     entries = list_registered_models(store, run_id)
     return {entry["arch"]: (entry.get("score") or {}).get("value") for entry in entries}, []

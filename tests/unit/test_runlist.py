@@ -16,8 +16,8 @@ pytestmark = pytest.mark.unit
 
 
 def _run(store, run_id, mode, scores: dict, failed=()):
-    store.put_json(layout.run_params_key(run_id), {"run_id": run_id, "resolved": {},
-                                                   "config": RunConfig.from_parameters(mode=mode).model_dump(mode="json")})
+    config = RunConfig.from_parameters(mode=mode).model_dump(mode="json")
+    store.put_json(layout.run_params_key(run_id), {"run_id": run_id, "resolved": {}, "config": config})
     archs = {arch: {"status": "ok", "test": {"weighted_f1": f1, "accuracy": f1}} for arch, f1 in scores.items()}
     archs.update({arch: {"status": "failed", "error": "Crashed", "test": None} for arch in failed})
     store.put_json(layout.run_metrics_key(run_id), {"architectures": archs})

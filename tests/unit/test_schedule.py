@@ -56,8 +56,8 @@ class FakeClient:
 
 
 def _run(store, run_id, **parameters):
-    store.put_json(layout.run_params_key(run_id), {"run_id": run_id, "resolved": {},
-                                                   "config": RunConfig.from_parameters(**parameters).model_dump(mode="json")})
+    config = RunConfig.from_parameters(**parameters).model_dump(mode="json")
+    store.put_json(layout.run_params_key(run_id), {"run_id": run_id, "resolved": {}, "config": config})
 
 
 def _champion(store, run_id):
