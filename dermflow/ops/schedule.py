@@ -21,6 +21,8 @@ from dermflow.config import RUN_DEFAULTS
 from dermflow.errors import DermflowError
 from dermflow.registry.configs import (
     RUN_OWN_PARAMETERS,
+    list_named_configs,
+    read_named_config,
     resolve_parameters,
     run_parameters,
     save_named_config,
@@ -122,8 +124,9 @@ def set_config(client, store: ObjectStore, name: str | None = None, *, from_run:
 
     `champion` (without overrides): the champion's run's configuration, as it is when each
     retrain starts. Otherwise a named configuration `name` (default `retrain`) is stored: the
-    parameters of run `from_run` (a run id or flow run name), else those the next retrain would
-    use now, with `overrides` on top; the deployment's parameters become exactly these."""
+    parameters of run `from_run` (a run id or flow run name), else those of the configuration
+    `name` when it exists, else those the next retrain would use now; `overrides` on top. The
+    deployment's parameters become exactly these."""
     from prefect.client.schemas.actions import DeploymentUpdate
 
     overrides = dict(overrides or {})
@@ -141,6 +144,9 @@ def set_config(client, store: ObjectStore, name: str | None = None, *, from_run:
 
         run_id = resolve_run_id(store, from_run)
         base, source = run_parameters(store, run_id), f"run {run_id}"
+    elif name and name in list_named_configs(store):  # choose a stored one (and change it with -p)
+        stored = read_named_config(store, name)
+        base, source = stored["parameters"], stored.get("source") or f"config {name}"
     else:
         current = {} if champion else dict(deployment.parameters or {})
         base, source = next_parameters(store, current)

@@ -97,6 +97,11 @@ def test_set_from_a_run_stores_a_named_configuration_and_shows_it_in_the_deploym
     assert shown["config"] == "mine" and shown["mode"] == "retrain"
     assert (shown["image_size"], shown["epochs"], shown["architectures"]) == (96, 6, ["vgg16"])
     assert state["parameters"]["epochs"] == 6 and state["source"] == "config mine"
+    # choosing a stored configuration by name keeps its parameters (and changes only what -p says)
+    schedule.set_config(client, store, champion=True)
+    schedule.set_config(client, store, "mine", overrides={"batch_size": 16})
+    assert read_named_config(store, "mine")["parameters"]["csv"] == "s3://b/mine.csv"
+    assert (client.deployment.parameters["epochs"], client.deployment.parameters["batch_size"]) == (6, 16)
     with pytest.raises(Exception, match="image_size"):
         schedule.set_config(client, store, "bad", overrides={"image_size": 8})
     with pytest.raises(schedule.ScheduleError, match="own parameters"):
