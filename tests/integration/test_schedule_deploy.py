@@ -65,3 +65,33 @@ def test_deploy_resets_the_retrain_schedule_and_up_keeps_it(harness, bucket, tmp
     register_deployments(settings, env, prefect_file)
     with get_client(sync_client=True) as client:
         assert not schedule.schedule_state(client, bucket)["active"]
+
+
+
+def test_the_commands_reach_a_real_server(harness, bucket, monkeypatch, capsys):
+    """`dermflow schedule show --json` and `dermflow runs --json` through their own client of the
+    API named by the settings (PREFECT_API_URL), against the harness's server."""
+    import json
+
+    from prefect.settings import PREFECT_API_URL
+
+    from dermflow.ops import cli
+    from dermflow.registry.configs import save_named_config
+    from dermflow.settings import get_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["runs", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"prefect_reachable": True, "runs": []}
+        save_named_config(bucket, "weekly", {"epochs": 2}, source="test")  # what the other test chose
+        code = cli.main(["schedule", "show", "--json"])
+        out, err = capsys.readouterr()
+    finally:
+        get_settings.cache_clear()
+    # the retrain is registered when the other test of this module ran first; else a clear error
+    if code == 0:
+        assert json.loads(out)["deployment"] == "derm/retrain" and json.loads(out)["parameters"]["epochs"] == 2
+    else:
+        assert code == 1 and "dermflow up" in err

@@ -138,3 +138,17 @@ def test_overrides_parse_like_prefect_and_bad_ones_are_refused():
         "epochs": 3, "csv": "/x.csv", "images": None, "tune": True}
     with pytest.raises(schedule.ScheduleError, match="KEY=VALUE"):
         schedule.parse_overrides(["epochs"])
+
+
+def test_the_command_says_in_one_line_when_prefect_does_not_answer(bucket, monkeypatch, capsys):
+    from dermflow.ops import cli
+    from dermflow.settings import get_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["schedule", "show"]) == 1
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "dermflow up" in err
