@@ -58,59 +58,74 @@ DEFAULT_TUNING_SHARE = 0.35  # of the time left when tuning starts; the final tr
 # --- the parameters' types: bounds here, descriptions here, defaults in the models ----------
 Csv = Annotated[str, Field(description=(
     "The dataset CSV in the Fitzpatrick 17k schema: an https URL, a local path on the worker, "
-    "or an s3://bucket/key URI."))]
+    "or an s3://bucket/key URI. Default: the published Fitzpatrick 17k CSV."))]
 Images = Annotated[str | None, Field(description=(
     "The dataset's images as you have them (the dataset's maintainers send an archive): a "
     ".zip, .tar, .tar.gz or .tgz (a local path, s3:// or https:// URI), a local folder, or an "
     "s3://bucket/prefix/. Files named <md5hash>.<image extension>, in any folder. Rows found "
-    "there are imported; only the rest are fetched by URL. Empty: fetch every row by URL."))]
+    "there are imported; only the rest are fetched by URL. null (empty): fetch every row by URL."))]
 LimitPerLabel = Annotated[int | None, Field(ge=1, description=(
-    "Keep at most this many rows per label (a seeded sample); empty: every row."))]
-Seed = Annotated[int, Field(description="Seed of the row sample, the split and training.")]
+    "Rows kept per label, at most (a seeded sample), a whole number >= 1. null (empty): every row."))]
+Seed = Annotated[int, Field(description=(
+    "Integer seed of the row sample, the split and training; the same seed and data give the same split."))]
 BudgetMinutes = Annotated[float | None, Field(gt=0, description=(
-    "Wall-clock bound of the whole run from its start, fetching included; tuning gets "
+    "Wall-clock bound of the whole run in minutes (> 0), from its start, fetching included; tuning gets "
     f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts, the final training the rest, "
-    "and the run ends with the best model so far. Empty: no bound."))]
+    "and the run ends with the best model so far. null (empty): no bound."))]
 ModeParam = Annotated[Mode, Field(description=(
-    "full: everything; fetch: fetch only; refetch: retry the failed rows of the latest fetch; "
-    "retrain: fetch what is new, reuse what is unchanged, promote only a better model."))]
+    "One of full (everything: fetch, split, train, register, promote if better, report), fetch "
+    "(fetch only), refetch (retry the failed rows of the latest fetch), retrain (fetch what is "
+    "new, reuse what is unchanged, promote only a better model)."))]
+ConfigName = Annotated[str | None, Field(description=(
+    "A saved run configuration whose parameters this run takes: the name of one stored with "
+    "`dermflow schedule set` (config/<name>.json in the bucket). null (empty): none, except in "
+    "mode retrain, which then takes the configuration of the run that produced the current "
+    "champion (the defaults when there is no champion yet). A parameter given to the run "
+    "explicitly wins over the saved configuration."))]
 HostConcurrency = Annotated[int, Field(ge=1, le=256, description=(
-    "Requests in flight per image host, for the whole fetch."))]
+    "Requests in flight per image host, for the whole fetch: 1 to 256."))]
 HostRateLimit = Annotated[float | None, Field(gt=0, description=(
-    "Requests per second per image host, for the whole fetch; empty: no limit."))]
+    "Requests per second per image host (> 0), for the whole fetch. null (empty): no limit."))]
 ShardSize = Annotated[int, Field(ge=1, le=10000, description=(
-    "Rows per fetch task run (a shard is retried as a whole)."))]
+    "Rows per fetch task run, 1 to 10000 (a shard is retried as a whole)."))]
 TaskRunner = Annotated[TaskRunnerName, Field(description=(
-    "Runner of the fetch shards: threads in the flow's process, or a Dask cluster."))]
+    "Runner of the fetch shards: threads (in the flow's process) or dask (a Dask cluster; see dask_address)."))]
 DaskAddress = Annotated[str | None, Field(description=(
-    "tcp://scheduler:8786 of an existing Dask cluster (task_runner=dask); empty: a local cluster."))]
+    "tcp://host:8786, the scheduler of an existing Dask cluster (used with task_runner=dask). "
+    "null (empty): a local Dask cluster."))]
 DupThreshold = Annotated[int, Field(ge=0, le=64, description=(
-    "Images whose perceptual hashes differ by at most this many bits are near-duplicates and "
-    "stay in one split."))]
+    "Bits, 0 to 64: images whose 64-bit perceptual hashes differ by at most this many bits are "
+    "near-duplicates and stay in one split; 0: only identical hashes."))]
 ExcludeWronglyLabelled = Annotated[bool, Field(description=(
-    "Leave out rows whose qc column says '3 Wrongly labelled'."))]
+    "true: leave out rows whose qc column says '3 Wrongly labelled'; false: keep them."))]
 DropSmallLabels = Annotated[bool, Field(description=(
-    "Leave out labels with too few images to split (listed in the split summary) instead of "
-    "ending the run."))]
+    "true: leave out labels with too few images to split (listed in the split summary); "
+    "false: such labels end the run with an error that names them."))]
 ImageSize = Annotated[int, Field(ge=32, le=1024, description=(
-    "Square input size in pixels (some architectures raise it to their minimum)."))]
-BatchSize = Annotated[int, Field(ge=1, le=1024, description="Training batch size.")]
+    "Square input size in pixels, 32 to 1024 (some architectures raise it to their minimum, "
+    "e.g. inception_v3 to 75)."))]
+BatchSize = Annotated[int, Field(ge=1, le=1024, description="Images per training batch, 1 to 1024.")]
 Weights = Annotated[str, Field(description=(
-    "Backbone initialisation: 'imagenet' (transfer learning), 'none' (from scratch), or the "
-    "path of a weights file on the worker."))]
+    "Backbone initialisation: 'imagenet' (transfer learning; downloads the Keras weights once), "
+    "'none' (from scratch), or the path of a weights file on the worker."))]
 Architectures = Annotated[list[ArchitectureName], Field(min_length=1, description=(
-    "Architectures to train, each as its own derm-train subflow."))]
+    "Architectures to train, each as its own derm-train subflow (at least one): any of "
+    "baseline_cnn, vgg16, vgg19, resnet50v2, inception_v3, efficientnetv2_b0, convnext_tiny."))]
 Epochs = Annotated[int | None, Field(ge=1, le=MAX_EPOCHS, description=(
-    f"Final training epochs per architecture. Empty: {DEFAULT_EPOCHS}, or with budget_minutes "
-    "as many as fit, the learning rate annealed by the deadline."))]
+    f"Final training epochs per architecture, 1 to {MAX_EPOCHS}. null (empty): {DEFAULT_EPOCHS}, "
+    "or with budget_minutes as many as fit, the learning rate annealed by the deadline."))]
 TrainEpochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS, description=(
     "Epochs of this training, both phases together."))]
 Tune = Annotated[bool, Field(description=(
-    "Run a keras-tuner search per architecture first, then train with its best trial."))]
-Tuner = Annotated[TunerName, Field(description="keras-tuner algorithm: random, hyperband or bayesian.")]
-MaxTrials = Annotated[int, Field(ge=1, le=1000, description="Trials per architecture's search, at most.")]
+    "true: run a keras-tuner search per architecture first, then train with its best trial; "
+    "false: train with the default recipe."))]
+Tuner = Annotated[TunerName, Field(description=(
+    "keras-tuner algorithm (used with tune=true): random, hyperband or bayesian."))]
+MaxTrials = Annotated[int, Field(ge=1, le=1000, description=(
+    "Trials per architecture's search, at most: 1 to 1000 (used with tune=true)."))]
 TuneWorkers = Annotated[int, Field(ge=1, le=64, description=(
-    "Workers of a distributed search (derm-tune/worker runs, each holding a gpu slot); 1: in process."))]
+    "Workers of a distributed search, 1 to 64 (derm-tune/worker runs, each holding a gpu slot); "
+    "1: the search runs in the flow's process."))]
 
 
 class _Section(BaseModel):
@@ -217,6 +232,7 @@ class RunConfig(_Section):
     """A whole `derm` run: the stages plus the run-wide settings."""
 
     mode: ModeParam = "full"
+    config: ConfigName = None
     seed: Seed = 42
     budget_minutes: BudgetMinutes = None
     data: DataConfig = Field(default_factory=DataConfig)

@@ -20,6 +20,7 @@ registry/models/<run_id>/<arch>.json      registered model
 registry/champions/<label_set>.json       copy of the champion for readers, may lag (+ legacy .history.jsonl)
 registry/promotions/<label_set>/<seq>.json promotion records: created once each, the last is the champion
 registry/trainings/<key>.json             outcome of a training, for retrain reuse
+config/<name>.json                        a named run configuration (`dermflow schedule set`)
 ```
 """
 
@@ -35,6 +36,9 @@ REGISTRY_PREFIX = "registry/"
 # Objects that may hold credentials (URLs as the user gave them): only the pipeline reads them
 # back; they are never presigned, shown in a report, logged or published as an artifact.
 PRIVATE_PREFIX = "private/"
+# Named run configurations a retrain can take its parameters from (`dermflow schedule set`).
+CONFIGS_PREFIX = "config/"
+_CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 REGISTERED_MODELS_PREFIX = REGISTRY_PREFIX + "models/"
 CHAMPIONS_PREFIX = REGISTRY_PREFIX + "champions/"
 TRAININGS_PREFIX = REGISTRY_PREFIX + "trainings/"
@@ -198,3 +202,25 @@ def promotions_prefix(label_set: str) -> str:
 def promotion_record_key(label_set: str, sequence: int) -> str:
     """The `sequence`-th promotion of a label set (zero-padded, so keys sort in order)."""
     return f"{promotions_prefix(label_set)}{sequence:08d}.json"
+
+
+# --- named run configurations ---------------------------------------------------------------
+def is_config_name(name: object) -> bool:
+    """A name a configuration may have: lower-case letters, digits, `-` and `_` (it becomes a key)."""
+    return isinstance(name, str) and bool(_CONFIG_NAME.fullmatch(name))
+
+
+def named_config_key(name: str) -> str:
+    """A named run configuration; ValueError for a name that is not one (`../x`)."""
+    if not is_config_name(name):
+        raise ValueError(f"invalid configuration name {name!r}: lower-case letters, digits, '-' and '_' "
+                         "(at most 64), starting with a letter or digit")
+    return f"{CONFIGS_PREFIX}{name}.json"
+
+
+def config_name_of_key(key: str) -> str | None:
+    """The name of a `config/<name>.json` key, else None."""
+    if key.startswith(CONFIGS_PREFIX) and key.endswith(".json"):
+        name = key[len(CONFIGS_PREFIX):-len(".json")]
+        return name if is_config_name(name) else None
+    return None

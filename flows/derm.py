@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
@@ -23,6 +24,7 @@ from dermflow.config import (
     Architectures,
     BatchSize,
     BudgetMinutes,
+    ConfigName,
     Csv,
     DaskAddress,
     DropSmallLabels,
@@ -58,7 +60,7 @@ from tasks.registry import (
     reusable_training,
 )
 from tasks.report import build_and_store_report
-from tasks.runs import data_summary, record_run_config, training_outcome
+from tasks.runs import data_summary, record_run_config, resolve_run_config, training_outcome
 
 TRAIN_DEPLOYMENT = "derm-train/default"
 # Attempts of each architecture's training per run of `derm` (the first, and one more after a
@@ -75,6 +77,7 @@ class PipelineError(DermflowError):
 @describe_parameters(RunConfig)
 async def derm(
     mode: ModeParam = D["mode"],
+    config: ConfigName = D["config"],
     csv: Csv = D["csv"],
     limit_per_label: LimitPerLabel = D["limit_per_label"],
     images: Images = D["images"],
@@ -100,16 +103,27 @@ async def derm(
 ) -> dict:
     """Ingest the CSV, fetch every image into the bucket, split, (tune,) train each
     architecture as a concurrent subflow, register and promote, and report."""
-    config = RunConfig.from_parameters(
-        mode=mode, csv=csv, limit_per_label=limit_per_label, images=images, image_size=image_size, epochs=epochs,
-        batch_size=batch_size, architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
+    given = dict(
+        mode=mode, config=config, csv=csv, limit_per_label=limit_per_label, images=images,
+        image_size=image_size, epochs=epochs, batch_size=batch_size,
+        architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
         tune=tune, tuner=tuner, max_trials=max_trials, tune_workers=tune_workers, budget_minutes=budget_minutes,
         host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, shard_size=shard_size,
         dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled,
         drop_small_labels=drop_small_labels, task_runner=task_runner,
         dask_address=dask_address,
     )
-    return await run_pipeline(config, started=time.time())
+    # A retrain (or a run given `config`) takes a saved configuration's parameters.
+    parameters = resolve_run_config(given, passed_parameter_names())["parameters"]
+    return await run_pipeline(RunConfig.from_parameters(**parameters), started=time.time())
+
+
+def passed_parameter_names() -> list[str] | None:
+    """The parameters given explicitly to a deployment's run (the deployment's and the run's
+    own); None for a direct call, where every parameter arrives with a value."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    return list(run.parameters) if run is not None and run.deployment_id else None
 
 
 async def run_pipeline(config: RunConfig, started: float) -> dict:

@@ -58,3 +58,18 @@ def record_run_config(run_id: str, config: dict, resolved: dict) -> str:
     if redacted != stored:
         store.put_json(layout.private_run_config_key(run_id), stored)
     return store.put_json(layout.run_params_key(run_id), redacted)
+
+
+@task(name="resolve-run-config")
+def resolve_run_config(given: dict, passed: list[str] | None) -> dict:
+    """The flat parameters this run uses: `given` (the flow's parameters), with the saved
+    configuration it takes underneath (`dermflow.registry.configs`: a named one, or in mode
+    retrain the champion's run's). Returns `{"parameters", "source"}`; logs which it took."""
+    from dermflow.registry.configs import resolve_parameters, saved_config_for
+
+    saved = saved_config_for(object_store(), given["mode"], given.get("config"))
+    parameters = resolve_parameters(given, saved["parameters"] if saved else None, passed)
+    source = saved["source"] if saved else "the run's own parameters"
+    changed = sorted(k for k in parameters if parameters[k] != given.get(k))
+    get_run_logger().info("parameters from %s%s", source, f" (taken from it: {', '.join(changed)})" if changed else "")
+    return {"parameters": parameters, "source": source}

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     report = sub.add_parser("report", help="where a run's report is, and its headline metrics")
-    report.add_argument("run_id", help="a run id or the flow run's name")
+    report.add_argument("run_id", help="a run id (20261126-101500-brave-otter) or the flow run's name (brave-otter)")
     report.add_argument("--output", "-o", help="download report.html here")
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)
@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("--csv-out", type=Path, help="write a copy of rows.csv whose URLs point at the mirror")
     mirror.add_argument("--limit-per-label", type=int, help="only this many rows per label in --csv-out")
     mirror.set_defaults(func=cmd_mirror)
+
+    from dermflow.ops import runlist, schedule
+
+    runlist.add_parser(sub)
+    schedule.add_parser(sub)
     return parser
 
 

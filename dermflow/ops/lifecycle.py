@@ -139,12 +139,17 @@ def _paused_deployments(names: list[str]) -> dict[str, bool]:
 
 def register_deployments(settings: Settings, env: dict[str, str], prefect_file: Path | None = None) -> None:
     """`prefect deploy --all` from `deployments/prefect.yaml`; a deployment paused in the UI
-    (the weekly retrain, say) stays paused."""
+    (the weekly retrain, say) stays paused, and the retrain's schedule keeps its on/off and the
+    parameters `dermflow schedule set` gave it (the first deploy leaves the schedule off)."""
     from prefect.client.orchestration import get_client
 
     prefect_file = prefect_file or PROJECT_ROOT / "deployments" / "prefect.yaml"
+    from dermflow.ops.schedule import restore_retrain, snapshot_retrain
+
     scheduled = ["derm/retrain"]
     was_paused = _paused_deployments(scheduled)
+    with get_client(sync_client=True) as client:
+        retrain = snapshot_retrain(client)  # deploy resets its schedule's on/off and its parameters
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
@@ -155,6 +160,7 @@ def register_deployments(settings: Settings, env: dict[str, str], prefect_file: 
         for name, paused in was_paused.items():
             if paused:
                 client.pause_deployment(client.read_deployment_by_name(name).id)
+        restore_retrain(client, retrain)
 
 
 ALERT_BLOCK = "dermflow-alerts"

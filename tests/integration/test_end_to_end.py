@@ -118,6 +118,12 @@ def test_cli_report_and_status(stack, full_run):
     assert all(service["healthy"] for service in services)
     report = stack.dermflow("report", full_run["run_id"], "--json")
     assert "baseline_cnn" in json.loads(report.stdout)["architectures"]
+    listing = json.loads(stack.dermflow("runs", "--json", "--limit", "0").stdout)  # issue 15: lists the e2e run
+    [row] = [run for run in listing["runs"] if run["run_id"] == full_run["run_id"]]
+    assert listing["prefect_reachable"] and row["state"] == "Completed" and row["mode"] == "full"
+    assert row["best_architecture"] == "baseline_cnn" and row["weighted_f1"] is not None
+    by_name = stack.dermflow("report", row["flow_run_name"], "--json")  # the flow run's name, as predict takes
+    assert "baseline_cnn" in json.loads(by_name.stdout)["architectures"]
 
 
 def _flow_runs(stack, flow_name: str) -> list:

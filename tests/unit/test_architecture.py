@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("dermflow", "tasks", "flows")
-KEY_PREFIXES = ("images/", "manifests/", "runs/", "registry/", "tuning/", "private/")
+KEY_PREFIXES = ("images/", "manifests/", "runs/", "registry/", "tuning/", "private/", "config/")
 LAYOUT = ROOT / "dermflow" / "layout.py"
 
 

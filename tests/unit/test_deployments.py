@@ -57,6 +57,14 @@ def test_retrain_is_weekly_and_only_it_is_scheduled():
         assert len(cron.split()) == 5 and cron.split()[2:4] == ["*", "*"] and cron.split()[4] != "*"
 
 
+def test_the_retrain_schedule_starts_off_and_takes_a_saved_configuration():
+    """Issue 15: the first `make up` must not switch on a weekly full job on the published CSV."""
+    for path in DECLARATIONS:
+        [retrain] = [d for d in _load(path).deployments if d.name == "retrain"]
+        assert retrain.schedules[0].model_dump(exclude_unset=True)["active"] is False
+        assert retrain.parameters == {"mode": "retrain", "config": None}
+
+
 def test_architecture_vocabulary_matches_the_registry():
     from typing import get_args
 
