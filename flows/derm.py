@@ -50,6 +50,7 @@ from dermflow.errors import DermflowError
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
 from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
+from tasks.inputs import stage_run_inputs
 from tasks.registry import (
     apply_retention,
     mark_run_active,
@@ -100,6 +101,9 @@ async def derm(
 ) -> dict:
     """Ingest the CSV, fetch every image into the bucket, split, (tune,) train each
     architecture as a concurrent subflow, register and promote, and report."""
+    # Local paths mean something on this host only: checked, and uploaded where others read them.
+    staged = stage_run_inputs(csv, images, weights, shards_elsewhere=task_runner == "dask" and bool(dask_address))
+    csv, images, weights = staged["csv"], staged["images"], staged["weights"]
     config = RunConfig.from_parameters(
         mode=mode, csv=csv, limit_per_label=limit_per_label, images=images, image_size=image_size, epochs=epochs,
         batch_size=batch_size, architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
@@ -156,11 +160,11 @@ def training_parameters(config: RunConfig, started: float) -> dict:
 
 
 def check_weights(weights: str) -> None:
-    if weights in ("imagenet", "none") or Path(weights).expanduser().is_file():
+    if weights in ("imagenet", "none") or weights.startswith("s3://") or Path(weights).expanduser().is_file():
         return
     raise PipelineError(
-        f"weights={weights!r}: expected 'imagenet', 'none', or the path of a local weights file "
-        "that exists on the worker"
+        f"weights={weights!r}: expected 'imagenet', 'none', an s3:// URI, or the path of a local weights "
+        "file that exists on the worker"
     )
 
 

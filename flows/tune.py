@@ -182,7 +182,7 @@ async def tune_architecture(
     if workers == 1:
         return await search_in_process(split_key, architecture, options, gpu_limit)
     payload = await search_spec(split_key, architecture, options)
-    host = oracle_host or os.environ.get("DERMFLOW_TUNING_ORACLE_HOST", "127.0.0.1")
+    host = oracle_host or settings().tuning_oracle_host
     await _distributed_search(payload, workers, run_id, host)
     result = await search_results(payload)
     logger.info("%s: %d trial(s), best %s", result["tuning_id"], len(result["trials"]), result["best"])
