@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dermflow.errors import DermflowError
+from dermflow.ops import k8s
 from dermflow.ops.lifecycle import CommandError, cmd_down, cmd_status, cmd_up
 from dermflow.settings import get_settings
 
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="upload a local csv, images archive/folder or weights file; print its s3:// URI")
     stage.add_argument("path", type=Path)
     stage.set_defaults(func=cmd_stage)
+
+    k8s.add_parser(sub)
 
     mirror = sub.add_parser("mirror", help="serve a folder of dataset images locally, for runs without internet")
     mirror.add_argument("atlas_dir", type=Path, help="a folder with images/<md5hash>.jpg and rows.csv")
