@@ -149,7 +149,8 @@ async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_h
     deadline="Unix time by which this search stops (after its running trial); empty: none.",
     tuning_id="Id of the search in the bucket; empty: derived from the architecture, split, tuner and space.",
     workers="Workers of a distributed search; 1: in this process.",
-    oracle_host="Address the workers reach the chief on (DERMFLOW_TUNING_ORACLE_HOST, else 127.0.0.1).",
+    oracle_host=("Address the chief binds and the workers connect to; empty: the setting "
+                 "DERMFLOW_TUNING_ORACLE_HOST (default 127.0.0.1)."),
     gpu_limit="Name of the global concurrency limit whose slot each training holds.",
 )
 async def tune_architecture(
