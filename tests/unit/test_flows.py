@@ -40,7 +40,7 @@ def test_fetch_mode_records_the_config_and_writes_the_manifest(harness, bucket, 
     run_id = result["run_id"]
     stored = bucket.get_json(layout.run_params_key(run_id))
     # the local CSV was staged to the bucket: the run records (and replays from) its URI
-    staged = stored["config"]["csv"]
+    staged = stored["config"]["data"]["csv"]
     assert staged.startswith(f"s3://{bucket.bucket}/private/inputs/") and staged.endswith("/rows.csv")
     assert bucket.get_bytes(bucket.key_of(staged)) == (tmp_path / "rows.csv").read_bytes()
     assert RunConfig.model_validate(stored["config"]) == RunConfig.from_parameters(
