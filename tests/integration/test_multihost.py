@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -256,8 +257,6 @@ def _run_derm(lan: Lan, cluster: dict, tmp_path: Path):
 def _runs_and_workers(api: str) -> list[dict]:
     """Every flow run on the (fresh) server: flow, name, id, state, times, and the worker that
     ran it as Prefect recorded it (its "Worker '<name>' submitting flow run" log line)."""
-    import re
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -313,7 +312,7 @@ def test_derm_full_runs_across_three_hosts(lan, cluster, tmp_path):
     tuners = [r for r in runs if r["flow"] == "derm-tune"]
     assert len(tuners) == 2 * len(ARCHITECTURES) and all(r["state"] == "Completed" for r in tuners), summary
     assert {_host_of_worker(r["worker"]) for r in tuners} == {"w1", "w2"}, summary
-    trials = sum(int(m.split(" ran ")[1].split()[0]) for r in tuners for m in r["logs"] if " ran " in m and "trial" in m)
+    trials = sum(int(m.group(1)) for r in tuners for text in r["logs"] if (m := re.search(r"ran (\d+) trial", text)))
     assert trials >= len(ARCHITECTURES), "no tuning worker ran a trial it got from a chief on another host"
 
     # the report and both models in the bucket; the head-local CSV was staged there
