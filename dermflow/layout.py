@@ -8,6 +8,7 @@ bucket keys and are not spelled here.
 images/<md5hash>                          original image bytes (complete, decodable)
 private/datasets/<fingerprint12>.csv      ingested dataset rows, their URLs unredacted (refetch)
 private/runs/<run_id>/config.json         a run's configuration unredacted (replay), if it differs
+private/inputs/<sha256-16>/<name>[/...]   a run's local input (csv, images, weights) staged for other hosts
 manifests/fetch.csv                       latest fetch manifest; manifests/fetch.json: its dataset
 manifests/fetch/<run_id>.csv              fetch manifest history
 manifests/split-<hash12>.csv | .json      split assignment and its summary
@@ -88,6 +89,13 @@ def split_manifest_key(fingerprint: str) -> str:
 
 def split_summary_key(fingerprint: str) -> str:
     return f"{MANIFESTS_PREFIX}split-{fingerprint}.json"
+
+
+def staged_input_prefix(digest: str) -> str:
+    """Where a local input (file or folder) with content digest `digest` is staged."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", digest):
+        raise ValueError(f"not a hex digest: {digest!r}")
+    return f"{PRIVATE_PREFIX}inputs/{digest}/"
 
 
 # --- runs -----------------------------------------------------------------------------------

@@ -18,7 +18,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dermflow.errors import DermflowError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+def project_root(environ=None, package_dir: Path | None = None, cwd: Path | None = None) -> Path:
+    """Where `.env` and the embedded stack's data (`.dermflow/`) live, by one rule:
+
+    1. `DERMFLOW_PROJECT_ROOT`, when set;
+    2. else the source checkout the package was imported from (a folder with `pyproject.toml`
+       above `dermflow/`: a clone, or an editable install);
+    3. else the current working directory: an installed (non-editable) package never points
+       into site-packages. Run `dermflow` from the folder that holds your `.env`, or set
+       `DERMFLOW_PROJECT_ROOT`. (Deployments' pull step keeps a worker's folder for its flow
+       runs: `dermflow.ops.steps.use_installed_flows`.)
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("DERMFLOW_PROJECT_ROOT"):
+        return Path(environ["DERMFLOW_PROJECT_ROOT"]).expanduser().resolve()
+    source = (package_dir or Path(__file__).resolve().parent).parent
+    if (source / "pyproject.toml").is_file() and (source / "dermflow" / "__init__.py").is_file():
+        return source
+    return (cwd or Path.cwd()).resolve()
+
+
+PROJECT_ROOT = project_root()
 
 AllowedNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -119,6 +140,12 @@ class Settings(BaseSettings):
     # that turns the SSRF guard off, so it must be asked for by name.
     allow_any_host: bool = False
     user_agent: str = "dermflow/0.1 (+https://github.com/dermflow/dermflow; research dataset fetcher)"
+
+    # --- distributed tuning (tune_workers > 1) ---
+    # The address the tuning chief's oracle binds to and advertises to its workers: an address of
+    # the host that runs `derm` (the orchestration worker) that every `gpu` worker can reach.
+    # 127.0.0.1 serves workers on the same host only.
+    tuning_oracle_host: str = Field("127.0.0.1", min_length=1)
 
     # --- local caches and retention ---
     cache_dir: Path | None = None

@@ -52,6 +52,7 @@ from dermflow.errors import DermflowError
 from dermflow.runs import make_run_id
 from flows.fetch import fetch_images, fetch_runner
 from tasks.data import ingest_dataset, latest_dataset_key, split_dataset
+from tasks.inputs import stage_run_inputs
 from tasks.registry import (
     apply_retention,
     mark_run_active,
@@ -115,6 +116,10 @@ async def derm(
     )
     # A retrain (or a run given `config`) takes a saved configuration's parameters.
     parameters = resolve_run_config(given, passed_parameter_names())["parameters"]
+    # Local paths mean something on this host only: checked, and uploaded where others read them.
+    shards_elsewhere = parameters["task_runner"] == "dask" and bool(parameters["dask_address"])
+    parameters.update(stage_run_inputs(
+        parameters["csv"], parameters["images"], parameters["weights"], shards_elsewhere=shards_elsewhere))
     return await run_pipeline(RunConfig.from_parameters(**parameters), started=time.time())
 
 
@@ -170,11 +175,11 @@ def training_parameters(config: RunConfig, started: float) -> dict:
 
 
 def check_weights(weights: str) -> None:
-    if weights in ("imagenet", "none") or Path(weights).expanduser().is_file():
+    if weights in ("imagenet", "none") or weights.startswith("s3://") or Path(weights).expanduser().is_file():
         return
     raise PipelineError(
-        f"weights={weights!r}: expected 'imagenet', 'none', or the path of a local weights file "
-        "that exists on the worker"
+        f"weights={weights!r}: expected 'imagenet', 'none', an s3:// URI, or the path of a local weights "
+        "file that exists on the worker"
     )
 
 

@@ -149,7 +149,8 @@ async def _distributed_search(payload: dict, workers: int, run_id: str, oracle_h
     deadline="Unix time by which this search stops (after its running trial); empty: none.",
     tuning_id="Id of the search in the bucket; empty: derived from the architecture, split, tuner and space.",
     workers="Workers of a distributed search; 1: in this process.",
-    oracle_host="Address the workers reach the chief on (DERMFLOW_TUNING_ORACLE_HOST, else 127.0.0.1).",
+    oracle_host=("Address the chief binds and the workers connect to; empty: the setting "
+                 "DERMFLOW_TUNING_ORACLE_HOST (default 127.0.0.1)."),
     gpu_limit="Name of the global concurrency limit whose slot each training holds.",
 )
 async def tune_architecture(
@@ -182,7 +183,7 @@ async def tune_architecture(
     if workers == 1:
         return await search_in_process(split_key, architecture, options, gpu_limit)
     payload = await search_spec(split_key, architecture, options)
-    host = oracle_host or os.environ.get("DERMFLOW_TUNING_ORACLE_HOST", "127.0.0.1")
+    host = oracle_host or settings().tuning_oracle_host
     await _distributed_search(payload, workers, run_id, host)
     result = await search_results(payload)
     logger.info("%s: %d trial(s), best %s", result["tuning_id"], len(result["trials"]), result["best"])

@@ -14,6 +14,12 @@ def train_architecture(split_key: str, run_id: str, config: dict) -> dict:
     from dermflow.modeling.train import train_architecture as train
 
     logger = get_run_logger()
+    from dermflow.inputs import weights_on_this_host
+
+    # `s3://` weights (a local file the derm run staged) are read from this host's cache
+    if config.get("weights"):
+        config = {**config, "weights": weights_on_this_host(object_store(), config["weights"],
+                                                            settings().local_cache_dir)}
     train_config = parse_train_config(config)
     logger.info("training %s on %s (run %s)", train_config.architecture, split_key, run_id)
 

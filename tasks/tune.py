@@ -64,8 +64,8 @@ def run_tuning_worker(payload: dict, host: str, port: int, tuner_id: str) -> int
     from dermflow.modeling.tuning_sync import ProjectSync
 
     logger = get_run_logger()
-    spec = tuning.SearchSpec.from_dict(payload["spec"])
     store = object_store()
+    spec = tuning.SearchSpec.from_dict(payload["spec"]).on_this_host(settings()).with_local_weights(store, settings())
     arrays = tuning.load_training_arrays(store, payload["split_key"], spec.image_size, settings())
     sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
     ran = run_worker(spec, tuning.trial_data(arrays), host, port, tuner_id, sync)

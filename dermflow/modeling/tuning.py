@@ -35,7 +35,7 @@ import numpy as np
 from keras_tuner.src.engine.trial import TrialStatus
 from pydantic import Field
 
-from dermflow import config
+from dermflow import config, inputs
 from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureName, TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.errors import DermflowError
@@ -278,6 +278,23 @@ class SearchSpec(config.ModelInput, config.SearchOptions):
     def project_dir(self) -> Path:
         return Path(self.directory) / self.tuning_id
 
+    def on_this_host(self, settings) -> "SearchSpec":
+        """This spec with its project directory in this host's cache: a worker on another host
+        gets the chief's spec, whose `directory` is a folder of the chief's host (the project
+        itself travels through the bucket, `tuning/<tuning_id>/`)."""
+        return self.model_copy(update={"directory": local_tuning_dir(settings)})
+
+    def with_local_weights(self, store, settings) -> "SearchSpec":
+        """This spec with `s3://` weights as a file in this host's cache (the tuning id, made
+        from the URI, stays the same on every host)."""
+        weights = inputs.weights_on_this_host(store, self.weights, settings.local_cache_dir)
+        return self.model_copy(update={"weights": weights})
+
+
+def local_tuning_dir(settings) -> str:
+    """The parent of this host's keras-tuner project directories."""
+    return str(Path(settings.local_cache_dir) / LOCAL_TUNING_DIR)
+
 
 def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSync | None = None):
     """The keras-tuner tuner for `spec`, restored from its project directory if one exists."""
@@ -386,6 +403,7 @@ def tune_architecture(
     spec = make_spec(store, split_key, architecture, tuner=tuner, max_trials=max_trials, trial_epochs=trial_epochs,
                      epochs=epochs, image_size=image_size, batch_size=batch_size, weights=weights, seed=seed,
                      deadline=deadline, tuning_id=tuning_id, settings=settings)
+    spec = spec.with_local_weights(store, settings)
     arrays = load_training_arrays(store, split_key, spec.image_size, settings)
     sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
     result = search(spec, trial_data(arrays), sync)
@@ -408,7 +426,7 @@ def make_spec(store, split_key: str, architecture: str, *, tuner: str = SEARCH_D
         architecture=architecture, num_classes=class_count(store, split_key), image_size=image_size,
         weights=weights, tuner=tuner, max_trials=max_trials,
         trial_epochs=trial_epochs or default_trial_epochs(epochs), batch_size=batch_size, seed=seed,
-        deadline=deadline, tuning_id=tuning_id, directory=str(Path(settings.local_cache_dir) / LOCAL_TUNING_DIR),
+        deadline=deadline, tuning_id=tuning_id, directory=local_tuning_dir(settings),
     )
 
 

@@ -128,6 +128,8 @@ def _main(argv: list[str] | None = None) -> int:
 
         settings = get_settings()
         store = ObjectStore.from_settings(settings)
+        if args.role == "worker":  # the spec's directory is the chief's host's
+            spec = spec.on_this_host(settings).with_local_weights(store, settings)
         sync = ProjectSync(store, spec.tuning_id, spec.project_dir)
     if args.role == "chief":
         serve_oracle(spec, args.host, args.port, sync)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dermflow.errors import DermflowError
+from dermflow.ops import k8s
 from dermflow.ops.lifecycle import CommandError, cmd_down, cmd_status, cmd_up
 from dermflow.settings import get_settings
 
@@ -166,6 +167,17 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_stage(args) -> int:
+    """Upload a local file or folder to the bucket; print the s3:// URI to pass as a parameter."""
+    from dermflow.inputs import stage
+    from dermflow.storage import ObjectStore
+
+    store = ObjectStore.from_settings(get_settings())
+    store.ensure_bucket()
+    print(stage(store, args.path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a .zip/.tar/.tar.gz/.tgz (path, s3:// or https:// URI), a folder, or s3://bucket/prefix/")
     importer.add_argument("--shard-size", type=int, default=256, help="members read per batch")
     importer.set_defaults(func=cmd_import)
+
+    stage = sub.add_parser("stage", help="upload a local csv, images archive/folder or weights file; print its s3:// URI")
+    stage.add_argument("path", type=Path)
+    stage.set_defaults(func=cmd_stage)
+
+    k8s.add_parser(sub)
 
     mirror = sub.add_parser("mirror", help="serve a folder of dataset images locally, for runs without internet")
     mirror.add_argument("atlas_dir", type=Path, help="a folder with images/<md5hash>.jpg and rows.csv")

@@ -39,8 +39,12 @@ def test_fetch_mode_records_the_config_and_writes_the_manifest(harness, bucket, 
     result = asyncio.run(derm(mode="fetch", csv=str(_csv_without_urls(tmp_path / "rows.csv")), image_size=64))
     run_id = result["run_id"]
     stored = bucket.get_json(layout.run_params_key(run_id))
+    # the local CSV was staged to the bucket: the run records (and replays from) its URI
+    staged = stored["config"]["data"]["csv"]
+    assert staged.startswith(f"s3://{bucket.bucket}/private/inputs/") and staged.endswith("/rows.csv")
+    assert bucket.get_bytes(bucket.key_of(staged)) == (tmp_path / "rows.csv").read_bytes()
     assert RunConfig.model_validate(stored["config"]) == RunConfig.from_parameters(
-        mode="fetch", csv=str(tmp_path / "rows.csv"), image_size=64)
+        mode="fetch", csv=staged, image_size=64)
     assert stored["resolved"]["epochs"] == DEFAULT_EPOCHS and stored["resolved"]["deadline"] is None
     summary = result["fetch"]["summary"]
     assert (summary["rows"], summary["ok"]) == (6, 0) and summary["by_reason"] == {"no_url": 6}
