@@ -80,16 +80,18 @@ def gpu_slots(settings: Settings) -> int:
 
 
 def _workers(settings: Settings) -> list:
-    """One orchestration worker, and one training worker per GPU slot, each with `--limit 1`
-    and, where GPUs exist, its own `CUDA_VISIBLE_DEVICES`: Prefect hands each training run to a
-    free worker, so each run sees exactly one GPU."""
+    """One orchestration worker that sees no GPU, and one training worker per GPU slot, each
+    with `--limit 1`, its own `CUDA_VISIBLE_DEVICES` and the trainers' backend
+    (`dermflow.ops.gpu_env.trainer_envs`): Prefect hands each training run to a free worker, so
+    each run sees exactly one GPU."""
+    from dermflow.ops.gpu_env import gpu_extra_installed, hidden_gpu_env, trainer_backend, trainer_envs
     from dermflow.ops.stack import Worker, detected_gpus
 
     state = settings.data_dir / "run"
-    workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state)]
     gpus = detected_gpus()
-    for slot in range(gpu_slots(settings)):
-        env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+    workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state, env=hidden_gpu_env(gpus))]
+    backend = trainer_backend(gpu_extra_installed())
+    for slot, env in enumerate(trainer_envs(gpus, gpu_slots(settings), backend)):
         workers.append(Worker(f"trainer-{slot}", settings.work_pool, [TRAINING_QUEUE], state, 1, env))
     return workers
 
