@@ -133,9 +133,32 @@ def device_groups(architectures: list[str], gpu_count: int, data_parallel: bool)
     return {arch: list(range(i * width, (i + 1) * width)) for i, arch in enumerate(architectures)}
 
 
+def orchestrator_gpu_count(environ: dict[str, str] | None = None) -> int:
+    """The host's GPUs as `dermflow up` told the orchestrator (`DERMFLOW_GPU_COUNT`; it sees
+    none itself), 0 when not told."""
+    environ = os.environ if environ is None else environ
+    try:
+        return max(0, int(environ.get("DERMFLOW_GPU_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def write_heartbeat(path: Path, info: dict) -> None:
     """The devices this trainer saw, for `dermflow status` (atomic: status may read it meanwhile)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(info))
     partial.replace(path)
+
+
+def heartbeat_path(data_dir: Path, slot: str | int) -> Path:
+    """Where training worker `slot` of the local stack writes what it saw (a local file under
+    the stack's run directory, beside the workers' pid files; not a bucket key)."""
+    return Path(data_dir) / "run" / f"trainer-{slot}.devices.json"
+
+
+def read_heartbeat(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -352,8 +352,8 @@ def check_placement(config: TrainConfig, progress: Progress | None) -> Placement
     warnings = devices.check_placement(info, config.require_gpu)
     for warning in warnings:
         log.warning("%s: %s", config.architecture, warning)
-        if progress:
-            progress({"event": "placement_warning", "architecture": config.architecture, "message": warning})
+    if progress:
+        progress({"event": "placement", "architecture": config.architecture, "device": info, "warnings": warnings})
     return Placement(device={**info, "warnings": warnings, "data_parallel_devices": None}, timer=EpochTimer())
 
 
