@@ -271,7 +271,7 @@ def cmd_up(args) -> int:
     if not args.no_deploy:
         register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
-              "derm-tune/worker")
+              "derm-tune/worker derm-tune-run/default")
         if configure_alerts(settings):
             print("alerts              failed derm/retrain runs are posted to DERMFLOW_ALERT_WEBHOOK "
                   f"(kept in the secret block {ALERT_BLOCK})")
@@ -306,13 +306,36 @@ def cmd_status(args) -> int:
     server = _prefect_server(settings)
     if server is not None:
         rows.append(("Prefect server", settings.prefect_api_url, server.process.pid(), server.healthy()))
+    devices = {}
     for worker in _workers(settings):
         pid = worker.process.pid()
         rows.append((f"worker {worker.name}", ",".join(worker.queues), pid, pid is not None))
+        devices[f"worker {worker.name}"] = worker_devices(settings, worker)
     ok = all(row[3] for row in rows)
     if args.json:
-        print(json.dumps([dict(zip(("service", "address", "pid", "healthy"), row)) for row in rows], indent=2))
+        print(json.dumps([{**dict(zip(("service", "address", "pid", "healthy"), row)), **devices.get(row[0], {})}
+                          for row in rows], indent=2))
     else:
         for name, address, pid, healthy in rows:
-            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}")
+            shown = devices.get(name)
+            extra = f"  {shown['backend']} on {', '.join(shown['devices'])} ({shown['seen']})" if shown else ""
+            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}{extra}")
     return 0 if ok else 1
+
+
+def worker_devices(settings: Settings, worker) -> dict:
+    """The backend and devices of a worker's flow runs: for a trainer, what its last training
+    saw (its heartbeat), else what `dermflow up` gives it; the orchestrator sees no GPU."""
+    from dermflow.modeling.devices import heartbeat_path, read_heartbeat
+
+    env = worker.env
+    slot = env.get("DERMFLOW_TRAINER_SLOT")
+    seen = read_heartbeat(heartbeat_path(settings.data_dir, slot)) if slot is not None else None
+    if seen:
+        return {"backend": seen.get("backend"), "devices": seen.get("devices") or [],
+                "seen": "seen by its last training" + (": CPU fallback" if seen.get("expect_gpu") and
+                                                       not seen.get("accelerator") else "")}
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [f"gpu {index}" for index in visible.split(",")] if visible else ["cpu"]
+    backend = env.get("KERAS_BACKEND") or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    return {"backend": backend, "devices": gpus, "seen": "as started; no training yet"}

@@ -3,6 +3,7 @@ process `dermflow up` starts (issue 16), without a GPU: a fake `nvidia-smi` on P
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,26 @@ def test_the_stack_starts_a_hidden_orchestrator_and_pinned_trainers(tmp_path, mo
     assert orchestrator.env["CUDA_VISIBLE_DEVICES"] == "" and orchestrator.queues == [lifecycle.ORCHESTRATION_QUEUE]
     assert [(t.name, t.env["CUDA_VISIBLE_DEVICES"], t.env["KERAS_BACKEND"]) for t in trainers] == [
         ("trainer-0", "0", "jax"), ("trainer-1", "1", "jax"), ("trainer-2", "0", "jax")]
+
+
+def test_status_shows_each_trainers_backend_and_devices(tmp_path, monkeypatch, capsys):
+    """What a trainer saw (its heartbeat) wins over what it was given; the orchestrator sees none."""
+    from types import SimpleNamespace
+
+    from dermflow.modeling.devices import heartbeat_path, write_heartbeat
+    from dermflow.ops import lifecycle, stack
+    from dermflow.settings import load_settings
+
+    monkeypatch.setattr(stack, "detected_gpus", lambda: 2)
+    monkeypatch.setattr(gpu_env, "gpu_extra_installed", lambda: True)
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    settings = load_settings(data_dir=tmp_path, gpu_slots=2, aws_endpoint_url="https://s3.example.org",
+                             prefect_api_url="https://prefect.example.org/api")
+    monkeypatch.setattr(lifecycle, "load_settings", lambda: settings)
+    write_heartbeat(heartbeat_path(tmp_path, 1), {"backend": "jax", "devices": ["cpu:0 (cpu)"],
+                                                  "accelerator": False, "expect_gpu": True})
+    lifecycle.cmd_status(SimpleNamespace(json=True))
+    rows = {row["service"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["worker orchestrator"]["devices"] == ["cpu"]
+    assert (rows["worker trainer-0"]["backend"], rows["worker trainer-0"]["devices"]) == ("jax", ["gpu 0"])
+    assert rows["worker trainer-1"]["devices"] == ["cpu:0 (cpu)"] and "CPU fallback" in rows["worker trainer-1"]["seen"]
