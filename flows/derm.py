@@ -230,31 +230,26 @@ async def train_architectures(config: RunConfig, split: dict, run_id: str, train
             get_run_logger().info("%s: data and parameters unchanged, reusing run %s",
                                   architecture, reused["run_id"])
             outcomes.append(reused)
-        else:
-            jobs[architecture] = arch_params
-    placement = {"require_gpu": config.training.require_gpu, "data_parallel": config.training.data_parallel}
-    return outcomes + await _train_all(jobs, split["split_key"], run_id, str(current_flow_run.id or run_id),
-                                       placement)
+        else:  # where it trains: not part of the reuse key above
+            jobs[architecture] = {**arch_params, "require_gpu": config.training.require_gpu,
+                                  "data_parallel": config.training.data_parallel}
+    return outcomes + await _train_all(jobs, split["split_key"], run_id, str(current_flow_run.id or run_id))
 
 
-async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_id: str,
-                     placement: dict | None = None) -> list[dict]:
+async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_id: str) -> list[dict]:
     """One `derm-train` subflow run per architecture (`jobs`: architecture -> parameters), all
     started at once; the `gpu` limit decides how many train at the same time. A failure is
     recorded in its outcome, never raised, so one architecture cannot stop the others.
 
-    `placement`: require_gpu and data_parallel. With data_parallel and more GPUs than
-    architectures, each run sees a block of GPUs (the process worker's `env` job variable
+    With `data_parallel` in the jobs' parameters and more GPUs than architectures, each run sees a block of GPUs (the process worker's `env` job variable
     overrides the trainer's pinned CUDA_VISIBLE_DEVICES) and holds as many `gpu` slots."""
     from dermflow.modeling.devices import device_groups, orchestrator_gpu_count
 
     parent_runs = int(current_flow_run.run_count or 1)
-    placement = placement or {}
-    groups = device_groups(list(jobs), orchestrator_gpu_count(), bool(placement.get("data_parallel")))
+    groups = device_groups(list(jobs), orchestrator_gpu_count(), any(p.get("data_parallel") for p in jobs.values()))
 
     async def one(architecture: str, train_params: dict) -> dict:
-        parameters = {"architecture": architecture, "split_key": split_key, "run_id": run_id, **train_params,
-                      **placement}
+        parameters = {"architecture": architecture, "split_key": split_key, "run_id": run_id, **train_params}
         extra = {}
         if groups.get(architecture):
             parameters["gpu_slots"] = len(groups[architecture])
