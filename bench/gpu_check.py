@@ -8,7 +8,7 @@ baseline_cnn): the devices the trainer sees (`dermflow.modeling.devices`), then
 `build_or_resume` -> `run_phases` (the recipe's phases, the validation weighted-F1 callback,
 per-epoch checkpoints to an in-memory bucket) -> `evaluate_best_epoch`, all fed by the real
 input pipeline (`dermflow.dataset.arrays`: a memmap of generated uint8 images read through the
-PyDataset), mixed precision and XLA on. Prints one JSON line per architecture (`RESULT {...}`)
+PyDataset), mixed precision (`--tiny`: float32) and XLA on. Prints one JSON line per architecture (`RESULT {...}`)
 with training images/s per epoch (the first includes XLA compilation), the steady figure, and
 inference images/s. `--data-parallel` also trains resnet50v2 over every visible GPU.
 
@@ -43,10 +43,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--classes", type=int, default=114)
     parser.add_argument("--data-parallel", action="store_true", help="also resnet50v2 over every visible GPU")
-    parser.add_argument("--tiny", action="store_true", help="64 images at 32 px, 1 epoch: a smoke run on a CPU")
+    parser.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false",
+                        help="float32 (XLA's float16 on a CPU is very slow)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="64 images at 32 px, 2 epochs, float32: a smoke run of the same path on a CPU")
     args = parser.parse_args()
     if args.tiny:
         args.images, args.image_size, args.epochs, args.batch_size, args.classes = 64, 32, 2, 16, 5
+        args.mixed_precision = False
     return args
 
 
@@ -82,19 +86,21 @@ def check(architecture: str, args, data_parallel: bool = False) -> dict:
     size = models.effective_image_size(architecture, args.image_size)
     arrays = synthetic_arrays(args.images, size, args.classes)
     config = TrainConfig(architecture=architecture, image_size=size, epochs=args.epochs, batch_size=args.batch_size,
-                         eval_batch_size=args.batch_size, weights="none", warmup_epochs=1, mixed_precision=True,
+                         eval_batch_size=args.batch_size, weights="none", warmup_epochs=1, mixed_precision=args.mixed_precision,
                          jit_compile=True, class_weights=False, data_parallel=data_parallel)
     data = train.PreparedData(arrays, list(arrays.class_names), size, None)
     run_id = f"20260101-000000-gpu-check-{architecture.replace('_', '-')}"
     manager = CheckpointManager(memory_store(), run_id, architecture, Path(tempfile.mkdtemp()) / "ckpt", keep=1)
     placement = train.check_placement(config, None)
-    runtime = train.Runtime(accelerator=placement.device["accelerator"], mixed_precision=True, jit_compile=True)
+    runtime = train.Runtime(accelerator=placement.device["accelerator"], mixed_precision=args.mixed_precision,
+                            jit_compile=True)
     started = time.perf_counter()
     config, (start, status, evaluation) = train.train_with_oom_retry(manager, config, data, run_id, runtime,
                                                                      placement, None)
     n_train = len(arrays.indices("train"))
     return {
         "architecture": architecture, "image_size": size, "batch_size": config.batch_size,
+        "mixed_precision": args.mixed_precision,
         "data_parallel_devices": placement.device["data_parallel_devices"],
         "devices": placement.device["devices"], "backend": placement.device["backend"],
         "train_images": n_train, "epoch_seconds": [round(s, 2) for s in placement.timer.seconds],
