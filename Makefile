@@ -3,17 +3,25 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The extras for this host: `dev`, plus `gpu` (JAX with CUDA, pinned in constraints-gpu.txt) on
+# Linux x86_64 with an NVIDIA driver (`nvidia-smi -L` lists a GPU). Override: make EXTRAS=dev
+ifndef EXTRAS
+EXTRAS := $(shell $(PYTHON) -m dermflow.ops.gpu_env extras 2>/dev/null || echo dev)
+endif
+CONSTRAINTS := -c constraints.txt $(if $(findstring gpu,$(EXTRAS)),-c constraints-gpu.txt,)
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # Extra `prefect deployment run` options, e.g. ARGS="-p limit_per_label=20 -p epochs=1"
 ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale bench-archive-layouts clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "installing dermflow with extras [$(EXTRAS)]"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

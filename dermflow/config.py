@@ -127,6 +127,12 @@ TuneWorkers = Annotated[int, Field(ge=1, le=64, description=(
     "Workers of a distributed search, 1 to 64 (derm-tune/worker runs, each holding a gpu slot); "
     "1: the search runs in the flow's process."))]
 
+RequireGpu = Annotated[bool, Field(description=(
+    "Fail early, with a clear message, when a trainer sees no GPU instead of training on the CPU."))]
+DataParallel = Annotated[bool, Field(description=(
+    "When there are more GPUs than architectures, train each architecture on several GPUs at "
+    "once (Keras DataParallel under JAX); otherwise one GPU per architecture."))]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -172,6 +178,8 @@ class TrainingPlan(ModelInput):
 
     architectures: Architectures = Field(default_factory=lambda: list(REPORT_ARCHITECTURES))
     epochs: Epochs = None
+    require_gpu: RequireGpu = False
+    data_parallel: DataParallel = False
 
 
 class SearchOptions(_Section):
@@ -217,6 +225,8 @@ class TrainConfig(ModelInput):
     eval_batch_size: int = Field(64, ge=1)
     mixed_precision: bool | None = Field(None, description="None: only when a GPU is present")
     jit_compile: bool | None = Field(None, description="None: XLA when a GPU is present (always under JAX)")
+    require_gpu: RequireGpu = False
+    data_parallel: DataParallel = False
 
     def to_dict(self) -> dict:
         return self.model_dump()

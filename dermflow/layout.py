@@ -50,6 +50,7 @@ FETCH_MANIFEST_KEY = MANIFESTS_PREFIX + "fetch.csv"
 FETCH_STATE_KEY = MANIFESTS_PREFIX + "fetch.json"
 
 MODEL_FILE = "model.keras"
+SALIENCY_FILE = "saliency.npz"  # Grad-CAM maps of the report's example images, by the trainer
 CHAMPION_SUFFIX = ".json"
 CHAMPION_HISTORY_SUFFIX = ".history.jsonl"
 _CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)\.keras$")

@@ -27,6 +27,7 @@ from dermflow.config import (
     ConfigName,
     Csv,
     DaskAddress,
+    DataParallel,
     DropSmallLabels,
     DupThreshold,
     Epochs,
@@ -38,6 +39,7 @@ from dermflow.config import (
     LimitPerLabel,
     MaxTrials,
     ModeParam,
+    RequireGpu,
     RunConfig,
     Seed,
     ShardSize,
@@ -86,6 +88,8 @@ async def derm(
     epochs: Epochs = D["epochs"],
     batch_size: BatchSize = D["batch_size"],
     architectures: Architectures = D["architectures"],
+    require_gpu: RequireGpu = D["require_gpu"],
+    data_parallel: DataParallel = D["data_parallel"],
     weights: Weights = D["weights"],
     seed: Seed = D["seed"],
     tune: Tune = D["tune"],
@@ -108,6 +112,7 @@ async def derm(
         mode=mode, config=config, csv=csv, limit_per_label=limit_per_label, images=images,
         image_size=image_size, epochs=epochs, batch_size=batch_size,
         architectures=list(dict.fromkeys(architectures)), weights=weights, seed=seed,
+        require_gpu=require_gpu, data_parallel=data_parallel,
         tune=tune, tuner=tuner, max_trials=max_trials, tune_workers=tune_workers, budget_minutes=budget_minutes,
         host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, shard_size=shard_size,
         dup_threshold=dup_threshold, exclude_wrongly_labelled=exclude_wrongly_labelled,
@@ -244,20 +249,31 @@ async def train_architectures(config: RunConfig, split: dict, run_id: str, train
             get_run_logger().info("%s: data and parameters unchanged, reusing run %s",
                                   architecture, reused["run_id"])
             outcomes.append(reused)
-        else:
-            jobs[architecture] = arch_params
+        else:  # where it trains: not part of the reuse key above
+            jobs[architecture] = {**arch_params, "require_gpu": config.training.require_gpu,
+                                  "data_parallel": config.training.data_parallel}
     return outcomes + await _train_all(jobs, split["split_key"], run_id, str(current_flow_run.id or run_id))
 
 
 async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_id: str) -> list[dict]:
     """One `derm-train` subflow run per architecture (`jobs`: architecture -> parameters), all
     started at once; the `gpu` limit decides how many train at the same time. A failure is
-    recorded in its outcome, never raised, so one architecture cannot stop the others."""
+    recorded in its outcome, never raised, so one architecture cannot stop the others.
+
+    With `data_parallel` in the jobs' parameters and more GPUs than architectures, each run sees a block of GPUs (the process worker's `env` job variable
+    overrides the trainer's pinned CUDA_VISIBLE_DEVICES) and holds as many `gpu` slots."""
+    from dermflow.modeling.devices import device_groups, orchestrator_gpu_count
+
     parent_runs = int(current_flow_run.run_count or 1)
+    groups = device_groups(list(jobs), orchestrator_gpu_count(), any(p.get("data_parallel") for p in jobs.values()))
 
     async def one(architecture: str, train_params: dict) -> dict:
         parameters = {"architecture": architecture, "split_key": split_key, "run_id": run_id, **train_params}
-        child = await _train_until_completed(architecture, parameters, run_id, parent_id, parent_runs)
+        extra = {}
+        if groups.get(architecture):
+            parameters["gpu_slots"] = len(groups[architecture])
+            extra["job_variables"] = {"env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, groups[architecture]))}}
+        child = await _train_until_completed(architecture, parameters, run_id, parent_id, parent_runs, **extra)
         state = child.state
         outcome = training_outcome(run_id, architecture, state.name if state else "unknown",
                                    state.message if state else None, bool(state and state.is_completed()))
@@ -268,7 +284,7 @@ async def _train_all(jobs: dict[str, dict], split_key: str, run_id: str, parent_
 
 
 async def _train_until_completed(architecture: str, parameters: dict, run_id: str, parent_id: str,
-                                 parent_runs: int):
+                                 parent_runs: int, **options):
     """The child flow run that trained `architecture`, or its last attempt that did not.
 
     A child that crashed (its process killed: OOM, a lost node) or failed is started again, up to
@@ -288,6 +304,7 @@ async def _train_until_completed(architecture: str, parameters: dict, run_id: st
             idempotency_key=f"{parent_id}-{architecture}-attempt-{attempt}",
             timeout=None,
             as_subflow=True,
+            **options,
         )
         state = child.state
         if state is None or state.is_completed() or state.is_cancelled() or state.is_cancelling():

@@ -1,4 +1,5 @@
-"""Flow `derm-train`: one architecture per flow run, in its own process, holding a `gpu` slot.
+"""Flow `derm-train`: one architecture per flow run, in its own process, holding a `gpu` slot:
+training, the final evaluation, and the Grad-CAM maps the report overlays.
 
 Started by `derm` through `run_deployment("derm-train/default")`, so it is a subflow in the UI
 while the backend's state and GPU memory stay isolated in the worker's child process. Each
@@ -13,7 +14,9 @@ from dermflow.config import (
     TRAIN_DEFAULTS,
     ArchitectureName,
     BatchSize,
+    DataParallel,
     ImageSize,
+    RequireGpu,
     Seed,
     TrainConfig,
     TrainEpochs,
@@ -22,7 +25,7 @@ from dermflow.config import (
 )
 from dermflow.runs import check_run_id
 from tasks.common import settings
-from tasks.train import train_architecture
+from tasks.train import grad_cam_examples, train_architecture
 
 T = TRAIN_DEFAULTS
 
@@ -34,6 +37,7 @@ T = TRAIN_DEFAULTS
     run_id="The derm run this training belongs to (outputs go under its run folder).",
     hyperparameters="TrainConfig fields that override the defaults, e.g. a tuned trial's.",
     gpu_limit="Name of the global concurrency limit whose slot the training holds.",
+    gpu_slots="Slots of that limit the training holds: the GPUs it trains on (more than 1 only data-parallel).",
 )
 def derm_train(
     architecture: ArchitectureName,
@@ -46,7 +50,10 @@ def derm_train(
     seed: Seed = T.seed,
     hyperparameters: dict | None = None,
     deadline: float | None = T.deadline,
+    require_gpu: RequireGpu = T.require_gpu,
+    data_parallel: DataParallel = T.data_parallel,
     gpu_limit: str = "gpu",
+    gpu_slots: int = 1,
 ) -> dict:
     """Train, evaluate and store one architecture's model."""
     check_run_id(run_id)  # before the slot is taken: an API caller's id becomes a local path
@@ -58,10 +65,16 @@ def derm_train(
         "weights": weights,
         "seed": seed,
         "deadline": deadline,
+        "require_gpu": require_gpu,
+        "data_parallel": data_parallel,
         **(hyperparameters or {}),
     }
     # The slot is held for the whole training: at most `gpu` limit trainings run at once. Its
     # lease is renewed while this process lives; if the process is killed, the server's
     # repossessor frees the slot once the lease (DERMFLOW_GPU_LEASE_SECONDS) expires.
-    with concurrency(gpu_limit, occupy=1, lease_duration=settings().gpu_lease_seconds):
-        return train_architecture(split_key, run_id, config)
+    with concurrency(gpu_limit, occupy=max(1, gpu_slots), lease_duration=settings().gpu_lease_seconds):
+        summary = train_architecture(split_key, run_id, config)
+        # The report's Grad-CAM overlays, computed here on the trainer's GPU (never in the
+        # orchestrator's process): the report reads them from the bucket.
+        grad_cam_examples(run_id, architecture)
+        return summary

@@ -4,12 +4,15 @@
   architecture, one after another within the tuning share of the run's deadline; then a table
   artifact of every trial. Returns `{"trials": [...], "best": {architecture: TrainConfig
   override}}`.
-- `derm-tune-search` (`tune_architecture`): `workers=1` runs a plain search in this process
-  (holding a `gpu` slot while it trains). `workers>1` runs keras-tuner's chief/worker mode: the
+- `derm-tune-search` (`tune_architecture`): `workers=1` runs a plain search as one
+  `derm-tune-run/default` flow run (own process on the `gpu` queue, holding a `gpu` slot while
+  it trains: no model work in the orchestrator's process). `workers>1` runs keras-tuner's chief/worker mode: the
   chief (the oracle's gRPC server, no training, no slot) is a child process of this flow run;
   each worker is a `derm-tune/worker` flow run (own process on the `gpu` queue, holding a
   `gpu` slot while it trains).
 - `derm-tune` (`derm_tune_worker`, deployment `derm-tune/worker`): one worker.
+- `derm-tune-run` (`derm_tune_run`, deployment `derm-tune-run/default`): a whole search in its
+  process, on a trainer.
 
 The search state is synced to `tuning/<tuning_id>/` after every trial; rerunning with the same
 `tuning_id` (by default derived from the architecture, split manifest, tuner and search
@@ -55,6 +58,7 @@ from tasks.common import settings
 from tasks.tune import publish_trial_table, run_tuning_worker, search_in_process, search_results, search_spec
 
 WORKER_DEPLOYMENT = "derm-tune/worker"
+SEARCH_DEPLOYMENT = "derm-tune-run/default"
 T = TRAIN_DEFAULTS
 S = TuningPlan()
 # How long the chief may outlive its workers (it polls every 20 s for running trials to end).
@@ -79,6 +83,38 @@ def derm_tune_worker(
     """A keras-tuner worker of a distributed search; `payload` is the chief's search spec."""
     with concurrency(gpu_limit, occupy=1, lease_duration=settings().gpu_lease_seconds):
         return run_tuning_worker(payload, oracle_host, oracle_port, tuner_id)
+
+
+@flow(name="derm-tune-run", log_prints=True)
+@describe_parameters(
+    split_key="Bucket key of the split manifest to search on.",
+    architecture="The architecture to search.",
+    options="Keyword arguments of dermflow.modeling.tuning.tune_architecture (as derm-tune-search made them).",
+    gpu_limit="Name of the global concurrency limit whose slot the search holds while it trains.",
+)
+async def derm_tune_run(split_key: str, architecture: ArchitectureName, options: dict, gpu_limit: str = "gpu") -> dict:
+    """A whole keras-tuner search in this (trainer's) process; its trials go to the bucket."""
+    return await search_in_process(split_key, architecture, options, gpu_limit)
+
+
+async def _search_on_a_trainer(split_key: str, architecture: str, options: dict, run_id: str,
+                               gpu_limit: str) -> dict:
+    """A `workers=1` search as a `derm-tune-run` flow run on the `gpu` queue; its trials are read
+    back from the bucket (as many as it synced, should it fail)."""
+    payload = await search_spec(split_key, architecture, options)
+    tuning_id = payload["spec"]["tuning_id"]
+    child = await run_deployment(
+        SEARCH_DEPLOYMENT,
+        parameters={"split_key": split_key, "architecture": architecture, "options": options, "gpu_limit": gpu_limit},
+        flow_run_name=f"{run_id}-{architecture}-tune",
+        idempotency_key=f"{current_flow_run.id or run_id}-{tuning_id}-search",
+        timeout=None, as_subflow=True,
+    )
+    state = child.state
+    if state is None or not state.is_completed():
+        get_run_logger().warning("tuning run %s ended %s: %s", child.name, state.name if state else "unknown",
+                                 state.message if state else "")
+    return await search_results(payload)
 
 
 def _options(train_params: dict, tuner: str, max_trials: int, trial_epochs: int | None,
@@ -181,7 +217,9 @@ async def tune_architecture(
                     "seed": seed}
     options = _options(train_params, tuner, max_trials, trial_epochs, deadline, tuning_id)
     if workers == 1:
-        return await search_in_process(split_key, architecture, options, gpu_limit)
+        result = await _search_on_a_trainer(split_key, architecture, options, run_id, gpu_limit)
+        logger.info("%s: %d trial(s), best %s", result["tuning_id"], len(result["trials"]), result["best"])
+        return result
     payload = await search_spec(split_key, architecture, options)
     host = oracle_host or settings().tuning_oracle_host
     await _distributed_search(payload, workers, run_id, host)

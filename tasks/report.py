@@ -32,26 +32,40 @@ def _load_arch_result(store, run_id: str, outcome: dict):
                         fitzpatrick_range=np.zeros(0, dtype=str))
     return ArchResult.from_predictions(class_names, test=splits.get("test", empty),
                                        verified_test=splits.get("verified_test"), history=history,
-                                       seconds=outcome.get("seconds"))
+                                       seconds=outcome.get("seconds"), placement=placement_of(params))
+
+
+def placement_of(params: dict) -> dict | None:
+    """Where a model trained and how fast, from its params.json (None for an older model)."""
+    device = params.get("device")
+    if not device:
+        return None
+    throughput = params.get("throughput") or {}
+    shown = ", ".join(device.get("data_parallel_devices") or device.get("devices") or [])
+    parallel = " (data parallel)" if device.get("data_parallel_devices") else ""
+    fallback = " — CPU fallback" if device.get("warnings") else ""
+    return {"device": f"{device.get('backend')}: {shown}{parallel}{fallback}", "backend": device.get("backend"),
+            "devices": device.get("devices"), "warnings": device.get("warnings") or [],
+            "train_images_per_second": throughput.get("train_images_per_second"),
+            "inference_images_per_second": throughput.get("inference_images_per_second"),
+            "oom_retry": params.get("oom_retry")}
 
 
 def _best_model_saliency(store, run_id: str, outcomes: list[dict]):
-    """md5hash -> Grad-CAM heatmap of the best model (for its predicted class), or None."""
+    """md5hash -> Grad-CAM heatmap of the best model (for its predicted class), or None. The
+    maps were computed by the model's `derm-train` run on its trainer (this process runs no
+    model: it sees no GPU)."""
     ok = [o for o in outcomes if o.get("status") == "ok" and o.get("test")]
     if not ok:
         return None
-    from dermflow.evaluation.predict import load_image_array, load_model_bundle
-    from dermflow.evaluation.saliency import grad_cam
+    from dermflow.evaluation.saliency_store import load_example_saliency
 
     best = max(ok, key=lambda o: o["test"]["weighted_f1"])
-    bundle = load_model_bundle(store, best.get("run_id", run_id), best["architecture"],
-                               settings().local_cache_dir / "models")
-
-    def saliency(md5hash: str):
-        image = load_image_array(store.get_bytes(layout.image_key(md5hash)), bundle.image_size)
-        return grad_cam(bundle.model, image)
-
-    return saliency
+    maps = load_example_saliency(store, best.get("run_id", run_id), best["architecture"])
+    if maps is None:
+        get_run_logger().warning("no Grad-CAM maps stored for %s: the report shows no overlay", best["architecture"])
+        return None
+    return maps.get
 
 
 def _publish_artifacts(store, run_id: str, report) -> None:

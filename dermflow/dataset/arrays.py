@@ -269,22 +269,33 @@ def _py_dataset_class():
     class ArrayBatches(keras.utils.PyDataset):
         """Backend-neutral batches from the memmap (used when Keras does not run on TensorFlow)."""
 
-        def __init__(self, arrays, indices, batch_size, *, shuffle, seed=0, class_weights=None, **kwargs):
+        def __init__(self, arrays, indices, batch_size, *, shuffle, seed=0, class_weights=None, multiple_of=1,
+                     **kwargs):
             super().__init__(**kwargs)
             self.gather = BatchGatherer(arrays, class_weights)
             self.indices = np.asarray(indices, dtype=np.int64)
             self.batch_size = batch_size
             self.shuffle = shuffle
+            self.multiple_of = max(1, int(multiple_of))
             self.rng = np.random.default_rng(seed)
             self.order = self.indices.copy()
             if shuffle:
                 self.rng.shuffle(self.order)
 
         def __len__(self):
+            if self.shuffle:  # training: a last batch too small to split over the devices is left out
+                full, rest = divmod(len(self.indices), self.batch_size)
+                return full + int(rest >= self.multiple_of)
             return int(np.ceil(len(self.indices) / self.batch_size))
 
         def __getitem__(self, index):
-            return self.gather(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+            rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            extra = len(rows) % self.multiple_of
+            if extra and self.shuffle:
+                rows = rows[: len(rows) - extra]  # a few rows of this epoch's shuffle wait for the next
+            elif extra:  # prediction: pad with the last row; the caller keeps the first len(indices)
+                rows = np.concatenate([rows, np.repeat(rows[-1:], self.multiple_of - extra)])
+            return self.gather(rows)
 
         def on_epoch_end(self):
             if self.shuffle:
@@ -298,8 +309,18 @@ def make_py_dataset(arrays, indices, batch_size, *, shuffle, seed=0, class_weigh
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     return _py_dataset_class()(
         arrays, indices, batch_size, shuffle=shuffle, seed=seed, class_weights=class_weights,
-        workers=workers, max_queue_size=8,
+        multiple_of=_devices_per_batch(), workers=workers, max_queue_size=8,
     )
+
+
+def _devices_per_batch() -> int:
+    """How many devices each batch is split over: those of a Keras DataParallel in scope, else 1
+    (a data-parallel batch must divide evenly between them)."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    return int(np.prod(mesh.shape)) if mesh is not None and distribution.__class__.__name__ == "DataParallel" else 1
 
 
 def make_dataset(

@@ -73,6 +73,33 @@ def confusion_pairs(result: ArchResult, limit: int = CONFUSION_PAIRS) -> list[di
     return out
 
 
+def example_rows(result: ArchResult) -> tuple[list[tuple[dict, np.ndarray]], list[tuple[int, int]]]:
+    """The test rows the report shows: per frequent confusion its most confident rows, and per
+    frequent label its most confident correct row ((label, row))."""
+    test = result.test
+    y_pred = test.y_pred
+    confidence = test.y_prob.max(axis=1)
+    confusions = []
+    for pair in confusion_pairs(result):
+        idx = np.flatnonzero((test.y_true == pair["true_index"]) & (y_pred == pair["predicted_index"]))
+        confusions.append((pair, idx[np.argsort(-confidence[idx], kind="stable")][:EXAMPLES_PER_PAIR]))
+    correct = []
+    for label in np.argsort(-np.bincount(test.y_true, minlength=len(result.class_names)), kind="stable"):
+        idx = np.flatnonzero((test.y_true == label) & (y_pred == label))
+        if len(idx):
+            correct.append((int(label), int(idx[np.argmax(confidence[idx])])))
+        if len(correct) == CORRECT_EXAMPLES:
+            break
+    return confusions, correct
+
+
+def example_md5hashes(result: ArchResult) -> list[str]:
+    """The images of the report's example galleries (those that get a Grad-CAM overlay)."""
+    confusions, correct = example_rows(result)
+    rows = [int(i) for _, idx in confusions for i in idx] + [i for _, i in correct]
+    return list(dict.fromkeys(str(result.test.md5hash[i]) for i in rows))
+
+
 def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dict[str, bytes]:
     from dermflow.evaluation import figures as fig  # matplotlib only when figures are drawn
 
@@ -81,9 +108,8 @@ def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dic
     y_pred = test.y_pred
     confidence = test.y_prob.max(axis=1)
     rows = []
-    for pair in confusion_pairs(result):
-        idx = np.flatnonzero((test.y_true == pair["true_index"]) & (y_pred == pair["predicted_index"]))
-        idx = idx[np.argsort(-confidence[idx], kind="stable")][:EXAMPLES_PER_PAIR]
+    confusions, correct = example_rows(result)
+    for pair, idx in confusions:
         thumbs = [_thumbnail(inputs, test.md5hash[i], f"true: {fig.shorten(names[test.y_true[i]], 24)}\n"
                              f"pred: {fig.shorten(names[y_pred[i]], 24)}\nconfidence {confidence[i]:.2f}", False)
                   for i in idx]
@@ -96,15 +122,8 @@ def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dic
             rows, title=f"{best}: most frequent confusions{overlay}\n(true → predicted; most confident first)",
             columns=EXAMPLES_PER_PAIR)
     # correct: the most confident correct row of each of the most frequent labels
-    correct_rows = []
-    for label in np.argsort(-np.bincount(test.y_true, minlength=len(names)), kind="stable"):
-        idx = np.flatnonzero((test.y_true == label) & (y_pred == label))
-        if len(idx):
-            i = idx[np.argmax(confidence[idx])]
-            correct_rows.append(_thumbnail(inputs, test.md5hash[i], f"{fig.shorten(names[label], 24)}\n"
-                                           f"confidence {confidence[i]:.2f}", True))
-        if len(correct_rows) == CORRECT_EXAMPLES:
-            break
+    correct_rows = [_thumbnail(inputs, test.md5hash[i], f"{fig.shorten(names[label], 24)}\n"
+                               f"confidence {confidence[i]:.2f}", True) for label, i in correct]
     if correct_rows:
         half = (len(correct_rows) + 1) // 2
         groups = [("most frequent labels, most confident correct prediction", correct_rows[:half]),

@@ -221,7 +221,8 @@ def _quality_tables(data: Mapping) -> dict[str, Table | None]:
 
 
 ARCH_HEADERS = ["architecture", "status", "test rows", "accuracy", "weighted F1", "macro F1", "top-3", "top-5",
-                "range gap (wF1)", "ECE", "verified-test wF1", "train time (s)"]
+                "range gap (wF1)", "ECE", "verified-test wF1", "train time (s)", "trained on", "train img/s",
+                "inference img/s"]
 
 
 def architectures_table(metrics: Mapping) -> Table:
@@ -230,10 +231,11 @@ def architectures_table(metrics: Mapping) -> Table:
         rows.append([row["architecture"] + (" ★" if row["best"] else ""), row["status"], row["n_test"], row["accuracy"],
                      row["weighted_f1"], row["macro_f1"], row["top3_accuracy"], row["top5_accuracy"],
                      row["range_gap_weighted_f1"], row["ece"], row["verified_test_weighted_f1"],
-                     round(row["seconds"]) if isinstance(row["seconds"], (int, float)) else None])
+                     round(row["seconds"]) if isinstance(row["seconds"], (int, float)) else None,
+                     row["device"], row["train_images_per_second"], row["inference_images_per_second"]])
         classes.append("best" if row["best"] else ("failed" if row["status"] != "ok" else ""))
     return table(ARCH_HEADERS, rows, sortable=True, table_id="architectures-table", row_classes=classes,
-                 numeric=[False, False] + [True] * 10)
+                 numeric=[False, False] + [True] * 10 + [False, True, True])
 
 
 def failed_table(metrics: Mapping) -> Table | None:

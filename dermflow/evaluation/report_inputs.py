@@ -88,6 +88,9 @@ class ArchResult:
     verified_fitzpatrick_range: np.ndarray | None = None
     history: Mapping[str, Sequence[float]] = field(default_factory=dict)
     seconds: float | None = None
+    # where it trained: {"device", "backend", "train_images_per_second", "inference_images_per_second",
+    # "oom_retry", "warnings"} (from the model's params.json; None for an older model)
+    placement: Mapping[str, Any] | None = None
 
     @property
     def test(self) -> Predictions | None:

@@ -66,6 +66,7 @@ def calibration_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = CALIB
 
 def _arch_metrics(name: str, result: ArchResult) -> dict:
     entry: dict[str, Any] = {"status": result.status, "error": result.error, "seconds": result.seconds,
+                             "placement": dict(result.placement) if result.placement else None,
                              "test": None, "verified_test": None}
     if result.status != "ok":
         return entry
@@ -138,6 +139,9 @@ def table_rows(metrics: Mapping[str, Any]) -> list[dict]:
             "ece": entry.get("test_ece"),
             "verified_test_weighted_f1": verified.get("weighted_f1"),
             "seconds": entry.get("seconds"),
+            "device": (entry.get("placement") or {}).get("device"),
+            "train_images_per_second": (entry.get("placement") or {}).get("train_images_per_second"),
+            "inference_images_per_second": (entry.get("placement") or {}).get("inference_images_per_second"),
             "error": entry.get("error") or "",
         })
     return rows

@@ -24,6 +24,32 @@ log = logging.getLogger("dermflow.modeling.train")
 Progress = Callable[[dict], None]
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch's training steps (put it before ValWeightedF1, whose validation
+    pass at the epoch's end should not count): the training throughput."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._began: float | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._began = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._began is not None:
+            self.seconds.append(time.perf_counter() - self._began)
+            self._began = None
+
+    def images_per_second(self, images_per_epoch: int) -> float | None:
+        """Per epoch's images over the median epoch, the first (XLA compilation) left out when
+        others exist."""
+        steady = self.seconds[1:] or self.seconds
+        if not steady or images_per_epoch <= 0:
+            return None
+        return round(images_per_epoch / float(np.median(steady)), 2)
+
+
 class ValWeightedF1(keras.callbacks.Callback):
     """Predicts the whole validation split once per epoch; adds `val_weighted_f1`,
     `val_accuracy` and `val_loss` (plain cross-entropy) to the epoch logs.
@@ -42,6 +68,7 @@ class ValWeightedF1(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         kwargs = {"batch_size": self.batch_size} if isinstance(self.val_inputs, np.ndarray) else {}
         probs = np.asarray(self.model.predict(self.val_inputs, verbose=0, **kwargs), dtype=np.float64)
+        probs = probs[: len(self.y_true)]  # a data-parallel pipeline pads its last batch (arrays.py)
         picked = probs[np.arange(len(self.y_true)), self.y_true]
         logs["val_weighted_f1"] = weighted_f1(self.y_true, probs.argmax(axis=1))
         logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.y_true))

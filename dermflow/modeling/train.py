@@ -30,9 +30,10 @@ from dermflow import layout
 from dermflow.config import TrainConfig
 from dermflow.dataset import arrays as data_lib
 from dermflow.metrics import classification_metrics
-from dermflow.modeling import models
+from dermflow.modeling import devices, models
 from dermflow.modeling.callbacks import (
     EpochCheckpoint,
+    EpochTimer,
     Progress,
     TimeBudget,
     ValWeightedF1,
@@ -91,6 +92,20 @@ class Evaluation:
     best_path: Path
     metrics: dict[str, dict | None]
     predictions: list[tuple[str, np.ndarray, np.ndarray]]  # (split, row indices, probabilities)
+    inference_images_per_second: float | None = None
+
+
+@dataclass
+class Placement:
+    """Where this training ran, how fast, and whether it had to shrink its batch."""
+
+    device: dict  # devices.describe_devices(), plus the warnings and the data-parallel devices
+    timer: EpochTimer
+    oom_retry: dict | None = None
+
+    def throughput(self, train_images: int, evaluation: Evaluation | None) -> dict:
+        return {"train_images_per_second": self.timer.images_per_second(train_images),
+                "inference_images_per_second": evaluation.inference_images_per_second if evaluation else None}
 
 
 # --------------------------------------------------------------------------- the steps
@@ -159,7 +174,7 @@ def build_or_resume(manager: CheckpointManager, previous: dict | None, config: T
 
 
 def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainConfig, data: PreparedData, *,
-               jit_compile: bool, progress: Progress | None) -> str:
+               jit_compile: bool, progress: Progress | None, timer: EpochTimer | None = None) -> str:
     """Train the phases (or their rest) not done yet; returns how training ended:
     `completed`, `early_stopped` or `deadline`."""
     arch, arrays = config.architecture, data.arrays
@@ -187,7 +202,7 @@ def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainCo
                                      may_stop=schedule[0].annealed if schedule else None)
         model.fit(
             train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
-            callbacks=[*schedule, f1_callback, checkpoint, budget], verbose=0,
+            callbacks=[*([timer] if timer else []), *schedule, f1_callback, checkpoint, budget], verbose=0,
         )
         done_epochs = int(manager.state["epoch"])
         if budget.stopped:
@@ -206,19 +221,23 @@ def evaluate_best_epoch(manager: CheckpointManager, config: TrainConfig, data: P
     arrays = data.arrays
     metrics: dict[str, dict | None] = {}
     predictions = []
+    images, seconds = 0, 0.0
     for split in ("test", "verified_test"):
         idx = arrays.indices(split)
         if len(idx) == 0:
             metrics[split] = None
             continue
+        began = time.perf_counter()
         probs = np.asarray(
             best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
             dtype=np.float32,
-        )
+        )[: len(idx)]  # a data-parallel pipeline pads its last batch (dermflow.dataset.arrays)
+        images, seconds = images + len(idx), seconds + time.perf_counter() - began
         metrics[split] = classification_metrics(arrays.labels[idx], probs, data.class_names,
                                                 arrays.fitzpatrick_range[idx])
         predictions.append((split, idx, probs))
-    return Evaluation(best_path, metrics, predictions)
+    rate = round(images / seconds, 2) if images and seconds > 0 else None  # compilation included
+    return Evaluation(best_path, metrics, predictions, rate)
 
 
 def save_predictions(path: Path, data: PreparedData, evaluation: Evaluation) -> None:
@@ -242,7 +261,7 @@ def save_predictions(path: Path, data: PreparedData, evaluation: Evaluation) -> 
 
 
 def training_params(config: TrainConfig, run_id: str, split_key: str, data: PreparedData, runtime: Runtime,
-                    manager: CheckpointManager) -> dict:
+                    manager: CheckpointManager, placement: Placement, throughput: dict) -> dict:
     """What decided this model (params.json): the config plus the data, machine and best epoch."""
     return {
         **config.to_dict(),
@@ -257,6 +276,9 @@ def training_params(config: TrainConfig, run_id: str, split_key: str, data: Prep
         "mixed_precision": runtime.mixed_precision,
         "jit_compile": runtime.jit_compile,
         "accelerator": runtime.accelerator,
+        "device": placement.device,
+        "throughput": throughput,
+        "oom_retry": placement.oom_retry,
         "best_epoch": manager.state["best_epoch"],
         "best_val_weighted_f1": manager.state["best_score"],
         **_versions(),
@@ -296,7 +318,8 @@ def _headline(metrics: dict | None) -> dict | None:
 
 
 def summarize(store, config: TrainConfig, run_id: str, status: str, data: PreparedData, keys: dict[str, str],
-              evaluation: Evaluation, manager: CheckpointManager, resumed_from: int, started: float) -> dict:
+              evaluation: Evaluation, manager: CheckpointManager, resumed_from: int, started: float,
+              placement: Placement, throughput: dict) -> dict:
     """The JSON-able summary a training returns (and records in its state, for a rerun)."""
     return {
         "architecture": config.architecture,
@@ -313,7 +336,75 @@ def summarize(store, config: TrainConfig, run_id: str, status: str, data: Prepar
         "epochs_total": int(manager.state["epoch"]),
         "resumed_from_epoch": resumed_from,
         "seconds": round(time.time() - started, 2),
+        "device": placement.device,
+        "throughput": throughput,
+        "oom_retry": placement.oom_retry,
     }
+
+
+# --------------------------------------------------------------------------- placement and OOM
+
+
+def check_placement(config: TrainConfig, progress: Progress | None) -> Placement:
+    """The devices this process trains on; loud (log + progress event) when it should have a
+    GPU and has none; a GPURequiredError under `require_gpu`, before any work."""
+    info = devices.describe_devices()
+    warnings = devices.check_placement(info, config.require_gpu)
+    for warning in warnings:
+        log.warning("%s: %s", config.architecture, warning)
+    if progress:
+        progress({"event": "placement", "architecture": config.architecture, "device": info, "warnings": warnings})
+    return Placement(device={**info, "warnings": warnings, "data_parallel_devices": None}, timer=EpochTimer())
+
+
+@contextlib.contextmanager
+def distribution_scope(config: TrainConfig, placement: Placement) -> Iterator[None]:
+    """Keras' DataParallel over this process's devices when `data_parallel` asks and the
+    backend is JAX with more than one device; else nothing (one device)."""
+    distribution = None
+    if config.data_parallel and keras.backend.backend() == "jax":
+        distribution = devices.data_parallel()
+    if distribution is None:
+        yield
+        return
+    placement.device["data_parallel_devices"] = [str(d) for d in distribution.device_mesh.devices.flatten()]
+    log.info("%s: data parallel over %s", config.architecture, placement.device["data_parallel_devices"])
+    with distribution.scope():
+        yield
+
+
+def _train_once(manager: CheckpointManager, config: TrainConfig, data: PreparedData, run_id: str,
+                runtime: Runtime, placement: Placement, progress: Progress | None):
+    """Build (or resume) and train by the recipe, then score the best epoch."""
+    with dtype_policy(runtime.mixed_precision), distribution_scope(config, placement):
+        keras.utils.set_random_seed(config.seed)
+        start = build_or_resume(manager, manager.load(), config, data, run_id)
+        status = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress,
+                            timer=placement.timer)
+        evaluation = evaluate_best_epoch(manager, config, data)
+    return start, status, evaluation
+
+
+def train_with_oom_retry(manager: CheckpointManager, config: TrainConfig, data: PreparedData, run_id: str,
+                         runtime: Runtime, placement: Placement, progress: Progress | None):
+    """`_train_once`; after an allocation error, once more from the last checkpoint with half
+    the batch size (recorded in `placement.oom_retry`). Returns (config used, its results)."""
+    try:
+        return config, _train_once(manager, config, data, run_id, runtime, placement, progress)
+    except Exception as error:  # noqa: BLE001 - only an allocation error is retried, below
+        smaller = config.batch_size // 2
+        if not devices.is_allocation_error(error) or smaller < 1:
+            raise
+        log.warning("%s ran out of memory at batch size %d (%s); retrying once at %d", config.architecture,
+                    config.batch_size, type(error).__name__, smaller)
+        placement.oom_retry = {"batch_size": config.batch_size, "retry_batch_size": smaller,
+                               "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if progress:
+            progress({"event": "oom_retry", "architecture": config.architecture, **placement.oom_retry})
+    keras.backend.clear_session()  # free what the failed attempt held before building again
+    config = config.model_copy(update={"batch_size": smaller,
+                                       "eval_batch_size": max(1, min(config.eval_batch_size, smaller))})
+    return config, _train_once(manager, config, data, run_id, runtime, placement, progress)
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -336,6 +427,7 @@ def train_architecture(
     """
     started = time.time()
     check_run_id(run_id)  # it becomes a local directory below: no `../` out of the cache
+    placement = check_placement(config, progress)  # require_gpu fails here, before any work
     settings = settings or get_settings()
     arch = config.architecture
     work_dir = Path(settings.local_cache_dir) / "runs" / run_id / arch  # local, not a bucket key
@@ -347,17 +439,16 @@ def train_architecture(
 
     data = prepare_data(store, split_key, config, settings)
     runtime = choose_runtime(config)
-    with dtype_policy(runtime.mixed_precision):
-        keras.utils.set_random_seed(config.seed)
-        start = build_or_resume(manager, previous, config, data, run_id)
-        status = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress)
-        evaluation = evaluate_best_epoch(manager, config, data)
+    config, (start, status, evaluation) = train_with_oom_retry(manager, config, data, run_id, runtime, placement,
+                                                               progress)
     predictions_path = work_dir / "outputs" / "predictions.npz"
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     save_predictions(predictions_path, data, evaluation)
-    params = training_params(config, run_id, split_key, data, runtime, manager)
+    throughput = placement.throughput(len(data.arrays.indices("train")), evaluation)
+    params = training_params(config, run_id, split_key, data, runtime, manager, placement, throughput)
     keys = write_outputs(store, run_id, arch, evaluation, manager.state.get("history", {}), params, predictions_path)
-    summary = summarize(store, config, run_id, status, data, keys, evaluation, manager, start.done_epochs, started)
+    summary = summarize(store, config, run_id, status, data, keys, evaluation, manager, start.done_epochs, started,
+                        placement, throughput)
     manager.save_state(status="done", summary=summary)
     if progress:
         progress({"event": "done", **summary})

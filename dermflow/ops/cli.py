@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dermflow.ops.gpu_env import hide_gpus
+
+    hide_gpus()  # predict/evaluate run on the CPU: the GPUs belong to the trainers
     try:
         return args.func(args)
     # dermflow's own errors, and a file the user named that is not there: one clear line, exit 1;

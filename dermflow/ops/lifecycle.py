@@ -80,16 +80,18 @@ def gpu_slots(settings: Settings) -> int:
 
 
 def _workers(settings: Settings) -> list:
-    """One orchestration worker, and one training worker per GPU slot, each with `--limit 1`
-    and, where GPUs exist, its own `CUDA_VISIBLE_DEVICES`: Prefect hands each training run to a
-    free worker, so each run sees exactly one GPU."""
+    """One orchestration worker that sees no GPU, and one training worker per GPU slot, each
+    with `--limit 1`, its own `CUDA_VISIBLE_DEVICES` and the trainers' backend
+    (`dermflow.ops.gpu_env.trainer_envs`): Prefect hands each training run to a free worker, so
+    each run sees exactly one GPU."""
+    from dermflow.ops.gpu_env import gpu_extra_installed, hidden_gpu_env, trainer_backend, trainer_envs
     from dermflow.ops.stack import Worker, detected_gpus
 
     state = settings.data_dir / "run"
-    workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state)]
     gpus = detected_gpus()
-    for slot in range(gpu_slots(settings)):
-        env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+    workers = [Worker("orchestrator", settings.work_pool, [ORCHESTRATION_QUEUE], state, env=hidden_gpu_env(gpus))]
+    backend = trainer_backend(gpu_extra_installed())
+    for slot, env in enumerate(trainer_envs(gpus, gpu_slots(settings), backend)):
         workers.append(Worker(f"trainer-{slot}", settings.work_pool, [TRAINING_QUEUE], state, 1, env))
     return workers
 
@@ -275,7 +277,7 @@ def cmd_up(args) -> int:
     if not args.no_deploy:
         register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
-              "derm-tune/worker")
+              "derm-tune/worker derm-tune-run/default")
         if configure_alerts(settings):
             print("alerts              failed derm/retrain runs are posted to DERMFLOW_ALERT_WEBHOOK "
                   f"(kept in the secret block {ALERT_BLOCK})")
@@ -310,13 +312,36 @@ def cmd_status(args) -> int:
     server = _prefect_server(settings)
     if server is not None:
         rows.append(("Prefect server", settings.prefect_api_url, server.process.pid(), server.healthy()))
+    devices = {}
     for worker in _workers(settings):
         pid = worker.process.pid()
         rows.append((f"worker {worker.name}", ",".join(worker.queues), pid, pid is not None))
+        devices[f"worker {worker.name}"] = worker_devices(settings, worker)
     ok = all(row[3] for row in rows)
     if args.json:
-        print(json.dumps([dict(zip(("service", "address", "pid", "healthy"), row)) for row in rows], indent=2))
+        print(json.dumps([{**dict(zip(("service", "address", "pid", "healthy"), row)), **devices.get(row[0], {})}
+                          for row in rows], indent=2))
     else:
         for name, address, pid, healthy in rows:
-            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}")
+            shown = devices.get(name)
+            extra = f"  {shown['backend']} on {', '.join(shown['devices'])} ({shown['seen']})" if shown else ""
+            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}{extra}")
     return 0 if ok else 1
+
+
+def worker_devices(settings: Settings, worker) -> dict:
+    """The backend and devices of a worker's flow runs: for a trainer, what its last training
+    saw (its heartbeat), else what `dermflow up` gives it; the orchestrator sees no GPU."""
+    from dermflow.modeling.devices import heartbeat_path, read_heartbeat
+
+    env = worker.env
+    slot = env.get("DERMFLOW_TRAINER_SLOT")
+    seen = read_heartbeat(heartbeat_path(settings.data_dir, slot)) if slot is not None else None
+    if seen:
+        return {"backend": seen.get("backend"), "devices": seen.get("devices") or [],
+                "seen": "seen by its last training" + (": CPU fallback" if seen.get("expect_gpu") and
+                                                       not seen.get("accelerator") else "")}
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [f"gpu {index}" for index in visible.split(",")] if visible else ["cpu"]
+    backend = env.get("KERAS_BACKEND") or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    return {"backend": backend, "devices": gpus, "seen": "as started; no training yet"}

@@ -141,6 +141,18 @@ def test_tune_architectures_flow_returns_train_config_overrides(store, tmp_path,
         return await tune_architectures(["baseline_cnn"], split_key, "20260101-000000-test", train_params,
                                         tuner="random", max_trials=2, trial_epochs=1)
 
+    import flows.tune as tune_flows
+    from types import SimpleNamespace
+
+    from prefect.states import Completed
+
+    async def run_on_a_trainer(name, parameters, **kwargs):
+        """The `derm-tune-run/default` flow run a trainer would run, here in process."""
+        assert name == tune_flows.SEARCH_DEPLOYMENT and kwargs["as_subflow"]
+        await tune_flows.derm_tune_run(**parameters)
+        return SimpleNamespace(name=kwargs["flow_run_name"], state=Completed())
+
+    monkeypatch.setattr(tune_flows, "run_deployment", run_on_a_trainer)
     with prefect_test_harness(server_startup_timeout=120):
         result = asyncio.run(parent())
         from prefect.client.orchestration import get_client

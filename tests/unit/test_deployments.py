@@ -19,9 +19,10 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 DECLARATIONS = [ROOT / "deployments" / "prefect.yaml", ROOT / "deployments" / "k8s" / "prefect.yaml"]
-EXPECTED = {"derm/full", "derm/fetch", "derm/refetch", "derm/retrain", "derm-train/default", "derm-tune/worker"}
+EXPECTED = {"derm/full", "derm/fetch", "derm/refetch", "derm/retrain", "derm-train/default", "derm-tune/worker",
+            "derm-tune-run/default"}
 FLOW_NAMES = {"flows/derm.py:derm": "derm", "flows/train.py:derm_train": "derm-train",
-              "flows/tune.py:derm_tune_worker": "derm-tune"}
+              "flows/tune.py:derm_tune_worker": "derm-tune", "flows/tune.py:derm_tune_run": "derm-tune-run"}
 
 
 def _load(path: Path) -> PrefectYamlModel:
@@ -89,7 +90,8 @@ def test_kubernetes_job_variables_fit_the_base_job_template():
         jsonschema.validate(job_variables, {k: v for k, v in variables.items() if k != "required"} | {"required": []})
         if job_variables["gpu"] >= 1:
             gpu_runs += 1
-            assert deployment.entrypoint in ("flows/train.py:derm_train", "flows/tune.py:derm_tune_worker")
-    assert gpu_runs == 2
+            assert deployment.entrypoint in ("flows/train.py:derm_train", "flows/tune.py:derm_tune_worker",
+                                             "flows/tune.py:derm_tune_run")
+    assert gpu_runs == 3
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"gpu": -1}, variables)
