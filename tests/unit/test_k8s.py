@@ -118,4 +118,5 @@ def test_the_image_runs_as_a_user_and_installs_from_the_constraints():
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert "-c constraints.txt ." in text and "ARG VARIANT=cpu" in text
-    assert "tensorflow[and-cuda]" in text  # the GPU variant
+    assert "-c constraints-gpu.txt '.[gpu]'" in text  # the GPU variant: JAX with CUDA 12
+    assert "ARG KERAS_BACKEND=tensorflow" in text and "ENV KERAS_BACKEND=${KERAS_BACKEND}" in text
