@@ -58,3 +58,26 @@ def record_run_config(run_id: str, config: dict, resolved: dict) -> str:
     if redacted != stored:
         store.put_json(layout.private_run_config_key(run_id), stored)
     return store.put_json(layout.run_params_key(run_id), redacted)
+
+
+@task(name="report-partial-failure")
+def report_partial_failure(run_id: str, failed: list[dict], total: int) -> str:
+    """Make a run where some architectures failed visible: a warning, a markdown artifact of
+    the failures, and the `dermflow.run.partial-failure` event that the alert automation of
+    `dermflow up` posts to DERMFLOW_ALERT_WEBHOOK. Returns the one-line summary."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.events import emit_event
+
+    from dermflow.runs import PARTIAL_FAILURE_EVENT, partial_failure_markdown, partial_failure_summary
+
+    summary = partial_failure_summary(run_id, failed, total)
+    get_run_logger().warning("partial failure: %s", summary)
+    create_markdown_artifact(markdown=partial_failure_markdown(run_id, failed, total),
+                             key=f"partial-failure-{run_id}"[:100], description=summary[:500])
+    emit_event(
+        PARTIAL_FAILURE_EVENT,
+        resource={"prefect.resource.id": f"dermflow.run.{run_id}", "prefect.resource.name": run_id},
+        payload={"run_id": run_id, "total": total, "summary": summary,
+                 "failed": [{"architecture": o["architecture"], "error": o.get("error")} for o in failed]},
+    )
+    return summary
