@@ -41,8 +41,10 @@ def retrain_period(deployment) -> timedelta:
             return spec.interval
         if getattr(spec, "cron", None):
             from prefect.server.schemas.schedules import CronSchedule
+            from prefect.utilities.asyncutils import run_coro_as_sync
 
-            first, second = CronSchedule(cron=spec.cron, timezone=spec.timezone or "UTC").get_dates(n=2)
+            cron = CronSchedule(cron=spec.cron, timezone=spec.timezone or "UTC")
+            first, second = run_coro_as_sync(cron.get_dates(n=2))
             return second - first
     return DEFAULT_PERIOD
 

@@ -256,13 +256,13 @@ def _use_stack_api(settings: Settings) -> None:
 def cmd_up(args) -> int:
     from dermflow.ops.supervisor import lifecycle_lock, start_supervisor, write_systemd_units
 
-    settings = _settings_with_env_file()
     if args.systemd_units:
         for unit in write_systemd_units(Path(args.systemd_units), sys.executable, PROJECT_ROOT, env_file_path()):
             print(f"wrote {unit}")
         print("enable it with: systemctl --user daemon-reload && systemctl --user enable --now dermflow "
               "(and `loginctl enable-linger $USER` to start it at boot without a login)")
         return 0
+    settings = _settings_with_env_file()
     _use_stack_api(settings)
     with lifecycle_lock(settings.data_dir / "run"):  # the supervisor restarts nothing meanwhile
         _start_storage(settings)

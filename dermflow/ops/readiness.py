@@ -36,11 +36,17 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-def call_when_ready(call: Callable[[], T], api_url: str, timeout: float = 90.0, interval: float = 1.0,
-                    sleep: Callable[[float], None] = time.sleep,
-                    clock: Callable[[], float] = time.monotonic) -> T:
+# How long `dermflow up` waits for the API to answer (a cold server may migrate its database).
+DEFAULT_TIMEOUT = 90.0
+
+
+def call_when_ready(call: Callable[[], T], api_url: str, timeout: float | None = None, interval: float = 1.0,
+                    sleep: Callable[[float], None] | None = None,
+                    clock: Callable[[], float] | None = None) -> T:
     """`call()`'s result, retried while the API at `api_url` is not answering yet (each wait
-    `interval` seconds, doubling up to 5 s) until `timeout` seconds have passed."""
+    `interval` seconds, doubling up to 5 s) until `timeout` seconds (DEFAULT_TIMEOUT) have passed."""
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
     deadline = clock() + timeout
     attempts = 0
     while True:
