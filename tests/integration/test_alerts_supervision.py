@@ -193,30 +193,44 @@ def fetch_run(stack, tmp_path_factory):
     return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
 
 
-async def _logs(stack, flow_run_id: str) -> list:
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+async def _logs(stack, flow_run_id: str) -> dict[str, list]:
+    """{flow run id: its logs} of the run and its subflow runs (the fetch is a `derm-fetch`
+    subflow), read through the Prefect API."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     async with stack.prefect_client() as client:
-        logs, offset = [], 0
-        while True:
-            page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                          limit=200, offset=offset)
-            logs += page
-            if len(page) < 200:
-                return logs
-            offset += 200
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        by_run = {}
+        for run_id in [flow_run_id, *(str(child.id) for child in children)]:
+            logs, offset = [], 0
+            while True:
+                page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                              limit=200, offset=offset)
+                logs += page
+                if len(page) < 200:
+                    break
+                offset += 200
+            by_run[run_id] = logs
+        return by_run
 
 
 def test_the_cores_log_lines_reach_the_flow_runs_logs_once(stack, fetch_run):
-    logs = asyncio.run(_logs(stack, fetch_run))
-    core = [(log.name, log.message) for log in logs if log.name.startswith("dermflow.")]
-    shards = [message for name, message in core
+    by_run = asyncio.run(_logs(stack, fetch_run))
+    logs = [log for run_logs in by_run.values() for log in run_logs]
+    core = [(log.flow_run_id, log.name, log.message) for log in logs if log.name.startswith("dermflow.")]
+    shards = [(run, message) for run, name, message in core
               if name == "dermflow.ingestion.fetch" and message.startswith("shard of ")]
     assert shards, f"no dermflow.ingestion.fetch line among {Counter(log.name for log in logs)}"
     assert all(count == 1 for count in Counter(core).values()), Counter(core).most_common(3)
     assert all(log.level >= 20 for log in logs if log.name.startswith("dermflow."))
-    print(f"{len(core)} dermflow.* line(s), e.g. {shards[0]!r}")
-    SHOTS["flow_run_id"] = fetch_run
+    print(f"{len(core)} dermflow.* line(s), e.g. {shards[0][1]!r}")
+    SHOTS["flow_run_id"] = str(shards[0][0])  # the derm-fetch subflow run that logged it
 
 
 def test_a_screenshot_of_the_runs_logs_in_the_ui(stack, fetch_run, browser):  # noqa: F811
@@ -229,7 +243,8 @@ def test_a_screenshot_of_the_runs_logs_in_the_ui(stack, fetch_run, browser):  # 
     browser.wait_for("Page.loadEventFired", timeout=90)
     # What the UI's login page stores (base64 of the auth string).
     browser.evaluate(f"localStorage.setItem('prefect-password', '{password}')")
-    browser.send("Page.navigate", url=f"{ui}/runs/flow-run/{fetch_run}")
+    flow_run_id = SHOTS.get("flow_run_id") or fetch_run  # the subflow run that fetched
+    browser.send("Page.navigate", url=f"{ui}/runs/flow-run/{flow_run_id}")
     deadline = time.monotonic() + 90
     while "shard of " not in (browser.evaluate("document.body.innerText") or ""):
         assert time.monotonic() < deadline, "the run's logs page shows no dermflow.ingestion.fetch line"
