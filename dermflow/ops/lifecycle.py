@@ -1,7 +1,8 @@
 """The local stack's lifecycle behind `dermflow up`, `down` and `status`: SeaweedFS, the Prefect
 server, the work pool and its workers, the `gpu` concurrency limit, the deployments, the
-alert automation and the Prefect profile. With `dermflow.ops.cli` (which parses the command
-line), the only place in `dermflow/` that imports Prefect.
+alert automations (`dermflow.ops.alerts`), the supervisor (`dermflow.ops.supervisor`) and the
+Prefect profile. With `dermflow.ops.cli` (which parses the command line), the only place in
+`dermflow/` that imports Prefect.
 """
 
 from __future__ import annotations
