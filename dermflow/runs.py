@@ -60,3 +60,25 @@ def content_hash(*objects) -> str:
     for obj in objects:
         digest.update(json.dumps(obj, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+# The event a `derm` run emits when some architectures failed and others trained; the alert
+# automation that `dermflow up` creates listens for it.
+PARTIAL_FAILURE_EVENT = "dermflow.run.partial-failure"
+
+
+def partial_failure_summary(run_id: str, failed: list[dict], total: int) -> str:
+    """One line: which architectures of the run failed, and why."""
+    reasons = "; ".join(f"{o['architecture']}: {o.get('error') or 'unknown'}" for o in failed)
+    return f"run {run_id}: {len(failed)} of {total} architecture(s) failed ({reasons})"
+
+
+def partial_failure_markdown(run_id: str, failed: list[dict], total: int) -> str:
+    """A markdown table of the failed architectures and their reasons (a run artifact)."""
+    def cell(text: object) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")[:500]
+
+    rows = "\n".join(f"| {cell(o['architecture'])} | {cell(o.get('error') or 'unknown')} |" for o in failed)
+    return (f"# Partial failure: {len(failed)} of {total} architecture(s) failed\n\n"
+            f"Run `{run_id}` completed with the other architectures; these did not train:\n\n"
+            f"| architecture | reason |\n|---|---|\n{rows}\n")

@@ -63,7 +63,9 @@ from tasks.registry import (
     reusable_training,
 )
 from tasks.report import build_and_store_report
-from tasks.runs import data_summary, record_run_config, resolve_run_config, training_outcome
+from tasks.runs import (
+    data_summary, record_run_config, report_partial_failure, resolve_run_config, training_outcome,
+)
 
 TRAIN_DEPLOYMENT = "derm-train/default"
 # Attempts of each architecture's training per run of `derm` (the first, and one more after a
@@ -168,7 +170,10 @@ async def run_stages(config: RunConfig, run_id: str, train_params: dict) -> dict
         tuning_trials=tuning_trials, retrain_decision=decision,
     )
     apply_retention()
-    return finish(run_id, outcomes, report, decision)
+    result = finish(run_id, outcomes, report, decision)
+    if result["failed"]:  # completed, but not whole: a warning, an artifact and an alert
+        report_partial_failure(run_id, [o for o in outcomes if o["status"] != "ok"], len(outcomes))
+    return result
 
 
 def training_parameters(config: RunConfig, started: float) -> dict:

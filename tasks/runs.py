@@ -73,3 +73,26 @@ def resolve_run_config(given: dict, passed: list[str] | None) -> dict:
     changed = sorted(k for k in parameters if parameters[k] != given.get(k))
     get_run_logger().info("parameters from %s%s", source, f" (taken from it: {', '.join(changed)})" if changed else "")
     return {"parameters": parameters, "source": source}
+
+
+@task(name="report-partial-failure")
+def report_partial_failure(run_id: str, failed: list[dict], total: int) -> str:
+    """Make a run where some architectures failed visible: a warning, a markdown artifact of
+    the failures, and the `dermflow.run.partial-failure` event that the alert automation of
+    `dermflow up` posts to DERMFLOW_ALERT_WEBHOOK. Returns the one-line summary."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.events import emit_event
+
+    from dermflow.runs import PARTIAL_FAILURE_EVENT, partial_failure_markdown, partial_failure_summary
+
+    summary = partial_failure_summary(run_id, failed, total)
+    get_run_logger().warning("partial failure: %s", summary)
+    create_markdown_artifact(markdown=partial_failure_markdown(run_id, failed, total),
+                             key=f"partial-failure-{run_id}"[:100], description=summary[:500])
+    emit_event(
+        PARTIAL_FAILURE_EVENT,
+        resource={"prefect.resource.id": f"dermflow.run.{run_id}", "prefect.resource.name": run_id},
+        payload={"run_id": run_id, "total": total, "summary": summary,
+                 "failed": [{"architecture": o["architecture"], "error": o.get("error")} for o in failed]},
+    )
+    return summary

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start SeaweedFS, the Prefect server, workers; register deployments")
     up.add_argument("--no-deploy", action="store_true", help="do not (re)register the deployments")
+    up.add_argument("--no-supervisor", action="store_true",
+                    help="do not start the supervisor loop that restarts crashed services")
+    up.add_argument("--systemd-units", metavar="DIR",
+                    help="only write a systemd user unit for the stack to DIR (e.g. ~/.config/systemd/user)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
     status = sub.add_parser("status", help="show the stack's services (exit 1 if one is down)")

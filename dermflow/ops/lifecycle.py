@@ -1,7 +1,8 @@
 """The local stack's lifecycle behind `dermflow up`, `down` and `status`: SeaweedFS, the Prefect
 server, the work pool and its workers, the `gpu` concurrency limit, the deployments, the
-alert automation and the Prefect profile. With `dermflow.ops.cli` (which parses the command
-line), the only place in `dermflow/` that imports Prefect.
+alert automations (`dermflow.ops.alerts`), the supervisor (`dermflow.ops.supervisor`) and the
+Prefect profile. With `dermflow.ops.cli` (which parses the command line), the only place in
+`dermflow/` that imports Prefect.
 """
 
 from __future__ import annotations
@@ -165,49 +166,11 @@ def register_deployments(settings: Settings, env: dict[str, str], prefect_file: 
         restore_retrain(client, retrain)
 
 
-ALERT_BLOCK = "dermflow-alerts"
-ALERT_AUTOMATION = "derm-retrain-failed"
-
-
 def configure_alerts(settings: Settings) -> bool:
-    """A Prefect automation: when a `derm/retrain` run fails, crashes or times out, POST a
-    notification (JSON `{"subject", "body"}`) to `DERMFLOW_ALERT_WEBHOOK`. Without the setting,
-    a failed retrain shows only in the UI (runs, events)."""
-    from prefect.automations import Automation, EventTrigger, SendNotification
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-    from prefect.client.orchestration import get_client
+    """The alert automations (`dermflow.ops.alerts`): True when DERMFLOW_ALERT_WEBHOOK is set."""
+    from dermflow.ops.alerts import configure_alerts as configure
 
-    with get_client(sync_client=True) as client:
-        for existing in client.read_automations_by_name(ALERT_AUTOMATION):
-            client.delete_automation(existing.id)
-        if not settings.alert_webhook:
-            return False
-        deployment = client.read_deployment_by_name("derm/retrain")
-    # The URL (it may carry a token) lives only in the block's secret field; `url` names it.
-    block = CustomWebhookNotificationBlock(
-        name=ALERT_BLOCK, url="{{webhook_url}}",
-        secrets={"webhook_url": settings.alert_webhook.get_secret_value()},
-        json_data={"subject": "{{subject}}", "body": "{{body}}"},
-    )
-    block_id = block.save(ALERT_BLOCK, overwrite=True)
-    Automation(
-        name=ALERT_AUTOMATION,
-        description="Notify when the scheduled retraining fails",
-        trigger=EventTrigger(
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
-            match_related={"prefect.resource.id": f"prefect.deployment.{deployment.id}"},
-            posture="Reactive",
-            threshold=1,
-            within=0,
-        ),
-        actions=[SendNotification(
-            block_document_id=block_id,
-            subject="dermflow: derm/retrain failed",
-            body="Flow run {{ flow_run.name }} of derm/retrain ended {{ flow_run.state.name }}: "
-                 "{{ flow_run.state.message }}",
-        )],
-    ).create()
-    return True
+    return configure(settings)
 
 
 def set_prefect_profile(api_url: str, auth_string: str | None) -> None:
@@ -252,47 +215,96 @@ def _start_storage(settings: Settings) -> None:
     print(f"bucket              s3://{settings.bucket}")
 
 
+def supervised_services(settings: Settings) -> list:
+    """The services `dermflow.ops.supervisor` restarts when they die: SeaweedFS (embedded),
+    the Prefect server (local) and each worker."""
+    from dermflow.ops.supervisor import Service
+
+    services = []
+    if _embedded_s3(settings):
+        seaweed = _seaweed(settings)
+        services.append(Service("seaweedfs", lambda: seaweed.process.pid() is not None, seaweed.start,
+                                seaweed.process.log_tail))
+    server = _prefect_server(settings)
+    if server is not None:
+        services.append(Service("prefect-server", lambda: server.process.pid() is not None, server.start,
+                                server.process.log_tail))
+    for worker in _workers(settings):
+        services.append(Service(
+            f"worker-{worker.name}", lambda w=worker: w.process.pid() is not None,
+            lambda w=worker: w.start(settings.prefect_api_url, PROJECT_ROOT, _auth_string(settings)),
+            worker.process.log_tail))
+    return services
+
+
 def _start_orchestration(settings: Settings) -> None:
     """The Prefect server (when local), the profile, the work pool and limit, the workers."""
+    from dermflow.ops.readiness import call_when_ready
+
     server = _prefect_server(settings)
     if server is not None:
         server.start()
     print(f"Prefect API / UI    {settings.prefect_api_url}  /  {settings.prefect_api_url.removesuffix('/api')}"
           + ("  (log in with PREFECT_API_AUTH_STRING of .env)" if _auth_string(settings) else ""))
     set_prefect_profile(settings.prefect_api_url, _auth_string(settings))
-    configure_prefect(settings)
+    # Retried until the API answers the calls it makes (a server just (re)started may not yet).
+    call_when_ready(lambda: configure_prefect(settings), settings.prefect_api_url)
     print(f"work pool           {settings.work_pool} (process); gpu limit: {gpu_slots(settings)} slot(s)")
     for worker in _workers(settings):
         started = worker.start(settings.prefect_api_url, PROJECT_ROOT, _auth_string(settings))
         print(f"worker              {worker.name} ({'started' if started else 'running'})")
 
 
-def cmd_up(args) -> int:
-    settings = _settings_with_env_file()
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # this process's Prefect client
+def _use_stack_api(settings: Settings) -> None:
+    """This process's Prefect client talks to the stack's API, with its auth."""
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     if _auth_string(settings):
         os.environ["PREFECT_API_AUTH_STRING"] = _auth_string(settings)
-    _start_storage(settings)
-    _start_orchestration(settings)
+
+
+def cmd_up(args) -> int:
+    from dermflow.ops.supervisor import lifecycle_lock, start_supervisor, write_systemd_units
+
+    if args.systemd_units:
+        for unit in write_systemd_units(Path(args.systemd_units), sys.executable, PROJECT_ROOT, env_file_path()):
+            print(f"wrote {unit}")
+        print("enable it with: systemctl --user daemon-reload && systemctl --user enable --now dermflow "
+              "(and `loginctl enable-linger $USER` to start it at boot without a login)")
+        return 0
+    settings = _settings_with_env_file()
+    _use_stack_api(settings)
+    with lifecycle_lock(settings.data_dir / "run"):  # the supervisor restarts nothing meanwhile
+        _start_storage(settings)
+        _start_orchestration(settings)
     if not args.no_deploy:
         register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
               "derm-tune/worker derm-tune-run/default")
-        if configure_alerts(settings):
-            print("alerts              failed derm/retrain runs are posted to DERMFLOW_ALERT_WEBHOOK "
-                  f"(kept in the secret block {ALERT_BLOCK})")
+        from dermflow.ops.readiness import call_when_ready
+
+        if call_when_ready(lambda: configure_alerts(settings), settings.prefect_api_url):
+            print("alerts              failed, late or missing derm/retrain runs and partial failures are "
+                  "posted to DERMFLOW_ALERT_WEBHOOK (kept in the secret block dermflow-alerts)")
+        else:
+            print("alerts              not wired: set DERMFLOW_ALERT_WEBHOOK in .env, then rerun `dermflow up`")
+    if not args.no_supervisor:
+        started = start_supervisor(settings.data_dir / "run")
+        print(f"supervisor          restarts crashed services ({'started' if started else 'running'})")
     return 0
 
 
 def cmd_down(args) -> int:
+    from dermflow.ops.stack import ManagedProcess
+    from dermflow.ops.supervisor import supervisor_process
+
     settings = load_settings()
+    if supervisor_process(settings.data_dir / "run").stop():  # first: it would restart the others
+        print("stopped supervisor")
     for worker in _workers(settings):
         if worker.stop():
             print(f"stopped worker {worker.name}")
     # Workers started with more slots than today's setting are stopped too.
     for pid_file in sorted((settings.data_dir / "run").glob("worker-*.pid")):
-        from dermflow.ops.stack import ManagedProcess
-
         if ManagedProcess(pid_file.stem, pid_file.parent).stop():
             print(f"stopped {pid_file.stem}")
     server = _prefect_server(settings)
@@ -304,44 +316,10 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from dermflow.ops.status import print_status, stack_status
+
     settings = load_settings()
-    rows = []
-    if _embedded_s3(settings):
-        seaweed = _seaweed(settings)
-        rows.append(("SeaweedFS", settings.aws_endpoint_url, seaweed.process.pid(), seaweed.healthy()))
-    server = _prefect_server(settings)
-    if server is not None:
-        rows.append(("Prefect server", settings.prefect_api_url, server.process.pid(), server.healthy()))
-    devices = {}
-    for worker in _workers(settings):
-        pid = worker.process.pid()
-        rows.append((f"worker {worker.name}", ",".join(worker.queues), pid, pid is not None))
-        devices[f"worker {worker.name}"] = worker_devices(settings, worker)
-    ok = all(row[3] for row in rows)
-    if args.json:
-        print(json.dumps([{**dict(zip(("service", "address", "pid", "healthy"), row)), **devices.get(row[0], {})}
-                          for row in rows], indent=2))
-    else:
-        for name, address, pid, healthy in rows:
-            shown = devices.get(name)
-            extra = f"  {shown['backend']} on {', '.join(shown['devices'])} ({shown['seen']})" if shown else ""
-            print(f"{name:22} {'up' if healthy else 'DOWN':5} pid={pid or '-':<8} {address}{extra}")
-    return 0 if ok else 1
-
-
-def worker_devices(settings: Settings, worker) -> dict:
-    """The backend and devices of a worker's flow runs: for a trainer, what its last training
-    saw (its heartbeat), else what `dermflow up` gives it; the orchestrator sees no GPU."""
-    from dermflow.modeling.devices import heartbeat_path, read_heartbeat
-
-    env = worker.env
-    slot = env.get("DERMFLOW_TRAINER_SLOT")
-    seen = read_heartbeat(heartbeat_path(settings.data_dir, slot)) if slot is not None else None
-    if seen:
-        return {"backend": seen.get("backend"), "devices": seen.get("devices") or [],
-                "seen": "seen by its last training" + (": CPU fallback" if seen.get("expect_gpu") and
-                                                       not seen.get("accelerator") else "")}
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    gpus = [f"gpu {index}" for index in visible.split(",")] if visible else ["cpu"]
-    backend = env.get("KERAS_BACKEND") or os.environ.get("KERAS_BACKEND") or "tensorflow"
-    return {"backend": backend, "devices": gpus, "seen": "as started; no training yet"}
+    _use_stack_api(settings)
+    status = stack_status(settings)
+    print_status(status, as_json=args.json)
+    return 0 if all(row["healthy"] for row in status["services"]) else 1

@@ -460,7 +460,7 @@ class Worker:
             argv += ["--work-queue", queue]
         if self.limit:
             argv += ["--limit", str(self.limit)]
-        env = {**self.env, "PREFECT_API_URL": api_url}
+        env = {**self.env, "PREFECT_API_URL": api_url, "PREFECT_LOGGING_EXTRA_LOGGERS": extra_loggers()}
         if auth_string:
             env["PREFECT_API_AUTH_STRING"] = auth_string
         self.process.start(argv, env=env, cwd=cwd)
@@ -468,6 +468,13 @@ class Worker:
 
     def stop(self) -> bool:
         return self.process.stop(timeout=30)
+
+
+def extra_loggers() -> str:
+    """PREFECT_LOGGING_EXTRA_LOGGERS for workers and their flow runs: this shell's, plus the
+    core's `dermflow` loggers, whose lines then reach the run's logs in the UI."""
+    names = [n.strip() for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
+    return ",".join(dict.fromkeys([*names, "dermflow"]))
 
 
 def detected_gpus() -> int:

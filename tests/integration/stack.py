@@ -76,7 +76,14 @@ def start_stack(data_dir: Path, gpu_slots: int = 1, extra_env: dict[str, str] | 
         **(extra_env or {}),
     })
     stack = Stack(env, data_dir)
-    stack.dermflow("up", timeout=600)
+    try:
+        stack.dermflow("up", timeout=600)
+    except AssertionError as error:
+        # On a loaded machine a cold Prefect server can take longer than `up` waits; it keeps
+        # starting, and `up` is idempotent: wait once more. Otherwise stop what was started.
+        if "not answering after" not in str(error) or stack.dermflow("up", timeout=600, check=False).returncode:
+            stack.dermflow("down", timeout=180, check=False)
+            raise
     return stack
 
 

@@ -114,7 +114,7 @@ def test_rerun_of_fetch_fetches_nothing(stack, full_run, image_source):
 
 def test_cli_report_and_status(stack, full_run):
     status = stack.dermflow("status", "--json")
-    services = json.loads(status.stdout)
+    services = json.loads(status.stdout)["services"]
     assert all(service["healthy"] for service in services)
     report = stack.dermflow("report", full_run["run_id"], "--json")
     assert "baseline_cnn" in json.loads(report.stdout)["architectures"]

@@ -162,7 +162,7 @@ def test_status_shows_each_trainers_backend_and_devices(tmp_path, monkeypatch, c
     write_heartbeat(heartbeat_path(tmp_path, 1), {"backend": "jax", "devices": ["cpu:0 (cpu)"],
                                                   "accelerator": False, "expect_gpu": True})
     lifecycle.cmd_status(SimpleNamespace(json=True))
-    rows = {row["service"]: row for row in json.loads(capsys.readouterr().out)}
+    rows = {row["service"]: row for row in json.loads(capsys.readouterr().out)["services"]}
     assert rows["worker orchestrator"]["devices"] == ["cpu"]
     assert (rows["worker trainer-0"]["backend"], rows["worker trainer-0"]["devices"]) == ("jax", ["gpu 0"])
     assert rows["worker trainer-1"]["devices"] == ["cpu:0 (cpu)"] and "CPU fallback" in rows["worker trainer-1"]["seen"]
