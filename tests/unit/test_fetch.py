@@ -52,7 +52,7 @@ class MemoryStore:
     def uri(self, key):
         return f"s3://{self.bucket}/{key}"
 
-    def put_bytes(self, key, data, content_type=None):
+    def put_bytes(self, key, data, content_type=None, md5_hex=None):
         from botocore.exceptions import EndpointConnectionError
 
         with self.lock:
@@ -492,7 +492,7 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     previous = pd.DataFrame([{  # as read back from CSV: all strings
         "md5hash": md5[1], "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
         "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
-        "bytes": str(len(images[1])), "width": "40", "height": "40", "phash": "1" * 16, "key": f"images/{md5[1]}"}])
+        "bytes": str(len(images[1])), "width": "40", "height": "40", "phash": "1" * 48, "key": f"images/{md5[1]}"}])
     manifest = reconcile_manifest(dataset, store, previous, new_rows)
     assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == len(dataset)
     assert list(manifest["md5hash"]) == list(dataset["md5hash"])
@@ -508,6 +508,22 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     summary = summarize_manifest(manifest)
     assert summary["rows"] == 8 == summary["ok"] + summary["failed"] and summary["ok"] == 4
     assert summary["by_reason"] == {"http_404": 1, "no_url": 1, "not_an_image": 1, "not_fetched": 1}
+
+
+def test_reconcile_rehashes_rows_of_a_manifest_hashed_before_the_crop_hashes():
+    image = jpeg(31)
+    md5hash = hashlib.md5(image).hexdigest()
+    dataset = pd.DataFrame({"md5hash": [md5hash], "url": ["https://img.example/1"], "label": ["x"],
+                            "fitzpatrick_scale": [2], "qc": [""]})
+    store = MemoryStore()
+    store.objects[f"images/{md5hash}"] = image
+    previous = pd.DataFrame([{  # an old manifest: one 16-digit pHash
+        "md5hash": md5hash, "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
+        "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
+        "bytes": str(len(image)), "width": "40", "height": "40", "phash": "1" * 16, "key": f"images/{md5hash}"}])
+    row = reconcile_manifest(dataset, store, previous, []).iloc[0]
+    assert (row["status"], row["source"]) == ("ok", "already stored")
+    assert row["phash"] == verify_image(image).phash and len(row["phash"]) == 48
     assert stored_image_md5s(store) == {md5[i] for i in range(4)}
 
     retry = failed_rows(manifest)
