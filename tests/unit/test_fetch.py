@@ -23,7 +23,7 @@ from dermflow.ingestion.fetch import (
     fetch_shard_async,
 )
 from dermflow.ingestion.http import parse_retry_after
-from dermflow.ingestion.images import ImageRejected, verify_image
+from dermflow.ingestion.images import HASH_HEX_DIGITS, ImageRejected, verify_image
 from dermflow.ingestion.manifest import (
     MANIFEST_COLUMNS,
     failed_rows,
@@ -174,7 +174,7 @@ def test_verify_image_decodes_rejects_truncated_and_garbage():
     data = jpeg(1, 200)
     facts = verify_image(data)
     assert (facts.width, facts.height) == (200, 200) and facts.md5 == hashlib.md5(data).hexdigest()
-    assert len(facts.phash) == 16 and int(facts.phash, 16) >= 0
+    assert len(facts.phash) == HASH_HEX_DIGITS and int(facts.phash, 16) >= 0
     for bad in (data[: len(data) // 2], b"<html></html>", b""):
         with pytest.raises(ImageRejected) as info:
             verify_image(bad)
@@ -508,6 +508,13 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     summary = summarize_manifest(manifest)
     assert summary["rows"] == 8 == summary["ok"] + summary["failed"] and summary["ok"] == 4
     assert summary["by_reason"] == {"http_404": 1, "no_url": 1, "not_an_image": 1, "not_fetched": 1}
+    assert stored_image_md5s(store) == {md5[i] for i in range(4)}
+
+    retry = failed_rows(manifest)
+    assert set(retry["reason"]) == {"http_404", "not_an_image", "not_fetched"}
+    assert set(failed_rows(manifest, include_permanent=False)["reason"]) == {"not_fetched"}
+    real = failed_rows(manifest, dataset)
+    assert set(real.columns) == set(dataset.columns) and len(real) == 3
 
 
 def test_reconcile_rehashes_rows_of_a_manifest_hashed_before_the_crop_hashes():
@@ -524,13 +531,6 @@ def test_reconcile_rehashes_rows_of_a_manifest_hashed_before_the_crop_hashes():
     row = reconcile_manifest(dataset, store, previous, []).iloc[0]
     assert (row["status"], row["source"]) == ("ok", "already stored")
     assert row["phash"] == verify_image(image).phash and len(row["phash"]) == 48
-    assert stored_image_md5s(store) == {md5[i] for i in range(4)}
-
-    retry = failed_rows(manifest)
-    assert set(retry["reason"]) == {"http_404", "not_an_image", "not_fetched"}
-    assert set(failed_rows(manifest, include_permanent=False)["reason"]) == {"not_fetched"}
-    real = failed_rows(manifest, dataset)
-    assert set(real.columns) == set(dataset.columns) and len(real) == 3
 
 
 # ------------------------------------------------------------------ DNS pinning (a loopback server)
