@@ -352,7 +352,6 @@ def main() -> int:
     server = None
     results: dict[str, dict] = {}
     try:
-        i2d = None if args.skip_img2dataset else ensure_img2dataset()
         print(f"starting SeaweedFS in {work} ...", flush=True)
         seaweed.start()
         server, rows_csv, base_url = _start_image_server(args, work)
@@ -364,6 +363,7 @@ def main() -> int:
             aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
             aws_secret_access_key=seaweed.secret_key, bucket="bench"))
         store.ensure_bucket()
+        i2d = None if args.skip_img2dataset else ensure_img2dataset()
         if i2d is not None:
             _run_img2dataset(args, i2d, seaweed, store, csv_path, work, results)
             _print_ratios(results)
