@@ -49,7 +49,8 @@ test-integration: venv
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
 
 bench-fetch: venv
-	$(BIN)/python bench/bench_fetch.py
+	$(BIN)/python bench/bench_fetch.py $(ARGS)
+	$(BIN)/python bench/bench_fetch_cpu.py
 
 bench-scale: venv
 	$(BIN)/python bench/bench_scale.py $(ARGS)

@@ -4,6 +4,10 @@ Starts its own SeaweedFS (free ports, temp dir) and an atlas server (a separate 
 CPU is measured per side) that serves ../shared/data/atlas20 with added latency per request.
 Then, at the same number of requests in flight:
 
+0. dermflow as a user runs it: the `derm` flow in mode `fetch` (`derm/fetch`) with its default
+   parameters (task runner `auto`, host_concurrency 16), under a temporary Prefect server, from
+   flow start to end (ingest, import/fetch shards, manifest); then the same with
+   `task_runner=threads` (runners `flow`, `flow-threads`);
 1. dermflow: plan_shards + fetch_shard for every shard + reconcile_manifest + manifest write, into
    SeaweedFS; shards run `--parallel` at a time in a thread pool (Prefect's thread runner) and
    again in warm worker processes (a Dask LocalCluster's workers), each into a fresh bucket;
@@ -138,6 +142,65 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
     return result
 
 
+def atlas_zip(csv_path: Path, work: Path) -> tuple[Path, Path]:
+    """(the atlas images as one zip, the rows without URLs): every image must come from the archive."""
+    import csv
+    import zipfile
+
+    archive = work / "atlas20.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as handle:
+        for path in sorted((ATLAS / "images").glob("*.jpg")):
+            handle.write(path, f"atlas20/{path.name}")
+    rows = list(csv.DictReader(csv_path.open()))
+    no_urls = work / "rows-no-urls.csv"
+    with no_urls.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "url": ""} for row in rows)
+    return archive, no_urls
+
+
+def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: str) -> dict:
+    """The `derm` flow in mode fetch, as `prefect deployment run derm/fetch` runs it, with its
+    default parameters (`runner` "flow"), `task_runner=threads` ("flow-threads"), or importing
+    every image from a zip of the atlas with no URLs ("import"). Runs under the caller's
+    temporary Prefect server; its start is not timed."""
+    import asyncio
+
+    import tasks.common
+    from dermflow.settings import get_settings
+
+    env = {"AWS_ENDPOINT_URL": settings_kwargs["aws_endpoint_url"],
+           "AWS_ACCESS_KEY_ID": settings_kwargs["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": settings_kwargs["aws_secret_access_key"],
+           "DERMFLOW_BUCKET": settings_kwargs["bucket"], "DERMFLOW_ALLOWED_HOSTS": "127.0.0.1"}
+    os.environ.update(env)  # the flow's tasks (and its worker processes) read the settings
+    get_settings.cache_clear()
+    tasks.common.object_store.cache_clear()
+    from flows.derm import derm
+
+    parameters = {"mode": "fetch", "csv": str(csv_path)}
+    if runner == "flow-threads":
+        parameters["task_runner"] = "threads"
+    if runner == "import":
+        archive, no_urls = atlas_zip(csv_path, csv_path.parent)
+        parameters.update(csv=str(no_urls), images=str(archive))
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0, seaweed0, wall0 = time.process_time(), cpu_seconds(seaweed_pid), time.perf_counter()
+    result = asyncio.run(derm(**parameters))
+    wall = time.perf_counter() - wall0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the pool's worker processes have exited and been waited for when the flow returns
+    cpu = (time.process_time() - cpu0 + children.ru_utime - children0.ru_utime
+           + children.ru_stime - children0.ru_stime)
+    seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0
+    summary = result["fetch"]["summary"]
+    name = {"flow": "dermflow derm/fetch (defaults)", "flow-threads": "dermflow derm/fetch (threads)",
+            "import": "dermflow derm/fetch, zip import"}[runner]
+    return report(name, summary["ok"], summary["bytes"], wall, cpu,
+                  f"[SeaweedFS CPU {seaweed_cpu:.2f} s; {summary['failed']} failed]")
+
+
 def run_img2dataset(binary: Path, urls_csv: Path, output: str, env: dict, concurrency: int, parallel: int,
                     shard_size: int) -> tuple[float, float]:
     argv = [
@@ -165,8 +228,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=2, help="shards at once (img2dataset: processes)")
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    parser.add_argument("--runners", default="threads,processes",
-                        help="how dermflow runs shards at once: threads (one process), processes (warm workers)")
+    parser.add_argument("--runners", default="flow,processes,import",
+                        help="dermflow sides: flow (derm/fetch, defaults), flow-threads (derm/fetch, "
+                             "task_runner=threads), threads (shards in one process), processes (warm "
+                             "workers), import (derm/fetch from a zip of the atlas, no URLs)")
     parser.add_argument("--skip-img2dataset", action="store_true")
     return parser.parse_args()
 
@@ -187,16 +252,33 @@ def _start_image_server(args: argparse.Namespace, work: Path) -> tuple[subproces
 
 
 def _run_dermflow_runners(args: argparse.Namespace, seaweed, csv_path: Path, results: dict) -> None:
-    """dermflow's fetch once per runner of `args.runners`, each into its own bucket."""
+    """dermflow's fetch once per runner of `args.runners`, each into its own bucket; the flow
+    sides share one temporary Prefect server."""
+    import contextlib
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    seaweed_pid = seaweed.process.pid()
+    runners = args.runners.split(",")
+    with contextlib.ExitStack() as stack:
+        if any(runner.startswith("flow") or runner == "import" for runner in runners):
+            stack.enter_context(prefect_test_harness(server_startup_timeout=300))
+        for runner in runners:
+            _run_one_side(runner, args, seaweed, seaweed_pid, csv_path, results)
+
+
+def _run_one_side(runner: str, args: argparse.Namespace, seaweed, seaweed_pid: int, csv_path: Path,
+                  results: dict) -> None:
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
-    seaweed_pid = seaweed.process.pid()
-    for runner in args.runners.split(","):
-        settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
-                               aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{runner}")
-        store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=args.parallel * 40)
-        store.ensure_bucket()
+    settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+                           aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{runner}")
+    store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=args.parallel * 40)
+    store.ensure_bucket()
+    if runner.startswith("flow") or runner == "import":
+        results[f"dermflow ({runner})"] = run_flow(settings_kwargs, csv_path, seaweed_pid, runner)
+    else:
         results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, args.concurrency,
                                                        args.parallel, args.shard_size, seaweed_pid, runner)
 
@@ -243,7 +325,7 @@ def _run_img2dataset(args: argparse.Namespace, i2d, seaweed, store, csv_path: Pa
 
 def _print_ratios(results: dict) -> None:
     print()
-    for ours_name in [name for name in results if name.startswith("dermflow")]:
+    for ours_name in [name for name in results if name.startswith("dermflow") and "import" not in name]:
         ours = results[ours_name]
         for name in ("img2dataset -> local files", "img2dataset -> SeaweedFS (s3fs)"):
             theirs = results[name]
@@ -270,7 +352,6 @@ def main() -> int:
     server = None
     results: dict[str, dict] = {}
     try:
-        i2d = None if args.skip_img2dataset else ensure_img2dataset()
         print(f"starting SeaweedFS in {work} ...", flush=True)
         seaweed.start()
         server, rows_csv, base_url = _start_image_server(args, work)
@@ -282,6 +363,7 @@ def main() -> int:
             aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
             aws_secret_access_key=seaweed.secret_key, bucket="bench"))
         store.ensure_bucket()
+        i2d = None if args.skip_img2dataset else ensure_img2dataset()
         if i2d is not None:
             _run_img2dataset(args, i2d, seaweed, store, csv_path, work, results)
             _print_ratios(results)

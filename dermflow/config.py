@@ -41,7 +41,7 @@ REPORT_ARCHITECTURES: tuple[str, ...] = ("baseline_cnn", "vgg16", "vgg19", "resn
 
 Mode = Literal["full", "fetch", "refetch", "retrain"]
 TunerName = Literal["random", "hyperband", "bayesian"]
-TaskRunnerName = Literal["threads", "dask"]
+TaskRunnerName = Literal["auto", "processes", "threads", "dask"]
 OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
 LRScheduleName = Literal["cosine", "constant"]
 
@@ -89,7 +89,9 @@ HostRateLimit = Annotated[float | None, Field(gt=0, description=(
 ShardSize = Annotated[int, Field(ge=1, le=10000, description=(
     "Rows per fetch task run, 1 to 10000 (a shard is retried as a whole)."))]
 TaskRunner = Annotated[TaskRunnerName, Field(description=(
-    "Runner of the fetch shards: threads (in the flow's process) or dask (a Dask cluster; see dask_address)."))]
+    "Runner of the import and fetch shards: auto (processes when the machine has more than one "
+    "core, else threads), processes (Prefect's process pool, one per core), threads (in the "
+    "flow's process) or dask (a Dask cluster; see dask_address)."))]
 DaskAddress = Annotated[str | None, Field(description=(
     "tcp://host:8786, the scheduler of an existing Dask cluster (used with task_runner=dask). "
     "null (empty): a local Dask cluster."))]
@@ -153,7 +155,7 @@ class FetchConfig(_Section):
     host_concurrency: HostConcurrency = 16
     host_rate_limit: HostRateLimit = None
     shard_size: ShardSize = 256
-    task_runner: TaskRunner = "threads"
+    task_runner: TaskRunner = "auto"
     dask_address: DaskAddress = None
 
 

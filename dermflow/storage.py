@@ -6,6 +6,8 @@ embedded SeaweedFS, AWS S3 or any S3 endpoint, configured by `Settings` alone.
 
 from __future__ import annotations
 
+import base64
+
 import io
 import json
 from collections.abc import Iterator
@@ -50,6 +52,10 @@ def make_s3_client(settings: Settings, *, max_pool_connections: int = 32):
             max_pool_connections=max_pool_connections,
             connect_timeout=5,
             read_timeout=60,
+            # botocore >= 1.36 computes a CRC32 of every body by default; checksums are sent only
+            # where S3 requires them, and image puts send the Content-MD5 the fetcher already holds
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         ),
     )
 
@@ -90,8 +96,12 @@ class ObjectStore:
                 raise StorageError(f"bucket {self.bucket!r}: {error}") from error
 
     # --- objects ---
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None, md5_hex: str | None = None) -> str:
+        """Put `data` at `key`. With `md5_hex` (the MD5 of `data`, already computed) the server
+        checks the bytes it received against it (Content-MD5)."""
         extra = {"ContentType": content_type} if content_type else {}
+        if md5_hex:
+            extra["ContentMD5"] = base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
         self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
         return self.uri(self.key_of(key))
 

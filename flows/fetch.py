@@ -1,13 +1,16 @@
 """Flow `derm-fetch`: import what an image source holds, then fetch every missing image by
 URL, one task run per shard (both on the same task runner).
 
-A subflow of `derm`, so the task runner can be chosen per run: threads (default), or a Dask
-cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a local cluster).
+A subflow of `derm`, so the task runner can be chosen per run: `auto` (the default: Prefect's
+process pool, one worker per core, when there is more than one core, else threads), `processes`,
+`threads`, or a Dask cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a
+local cluster). Decoding and hashing are CPU-bound, so threads use one core at most.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -135,15 +138,31 @@ def report_failures(summary: dict, images: str | None) -> None:
     create_markdown_artifact(report, key="derm-fetch-failures", description="failed rows by reason")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8):
     """The task runner for the fetch subflow (Prefect's own runners only) and how many shards
     it runs at once. On an existing Dask cluster, `dask_shards` is the caller's estimate."""
+    if task_runner == "auto":
+        task_runner = "processes" if usable_cores() > 1 else "threads"
     if task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if dask_address:
             return DaskTaskRunner(address=dask_address), dask_shards
         return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 4, "processes": True}), 8
+    if task_runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        # one shard per core at a time: a shard keeps its core busy (decode, hash, put)
+        cores = usable_cores()
+        return ProcessPoolTaskRunner(max_workers=cores), cores
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=SHARD_PARALLELISM), SHARD_PARALLELISM

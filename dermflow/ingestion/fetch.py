@@ -134,7 +134,7 @@ def backoff_delay(attempt: int, base: float, maximum: float, rng: random.Random 
 # the store
 
 
-def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, options: FetchOptions) -> None:
+def _put_retrying(store: ObjectStore, key: str, body: bytes, facts: ImageFacts, options: FetchOptions) -> None:
     """Put with our own retries on top of boto3's, so a store restart mid-fetch is survived."""
     from botocore.exceptions import ClientError
 
@@ -145,12 +145,14 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, 
     while True:
         attempt += 1
         try:
-            store.put_bytes(key, body, content_type)
+            store.put_bytes(key, body, facts.content_type, md5_hex=facts.md5)
             return
         except ClientError as error:
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             code = error.response.get("Error", {}).get("Code", "")
-            if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout"):
+            # BadDigest: the bytes changed on the way (Content-MD5), a retry sends them again
+            if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout",
+                                                                                   "BadDigest"):
                 raise StorageError(f"cannot put {store.uri(key)}: {error}") from error
             last: Exception = error
         except Exception as error:  # noqa: BLE001 - connection-level errors from botocore/urllib3
@@ -164,7 +166,7 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, content_type: str, 
 
 def _verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchOptions) -> ImageFacts:
     facts = verify_image(body)
-    _put_retrying(store, key, body, facts.content_type, options)
+    _put_retrying(store, key, body, facts, options)
     return facts
 
 

@@ -3,8 +3,9 @@
 - `load_image_array`, the one image decoder: bytes -> the uint8 square array a model sees.
   Training (`dermflow.dataset.arrays`) and inference (`dermflow.evaluation.predict`) both call
   it, so a model sees images prepared the same way in both.
-- `perceptual_hash` (with `draft_for_hash` and `phash_of_image`), the one hashing recipe:
-  the fetcher stores it in the manifest and `dermflow.dataset.dedup` groups by it.
+- `perceptual_hash` (with `draft_for_hash` and `phash_of_image`), the one hashing recipe (pHashes
+  of the whole image and of two centred crops): the fetcher and the importer store it in the
+  manifest and `dermflow.dataset.dedup` groups by it.
 - `verify_image`: a fetched body is stored only if it decodes to the end.
 
 Every decode opens the image through `open_image`, which refuses more than `MAX_IMAGE_PIXELS`
@@ -100,34 +101,66 @@ def load_image_array(image_bytes: bytes, image_size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # the perceptual hash
 
-PHASH_HEX_DIGITS = 16
-# JPEGs are decoded at a reduced scale (DCT scaling) no smaller than this on their short
-# side; pHash looks at 32x32 pixels, so this is ample and 5-20x faster than a full decode.
-DRAFT_MIN_SIDE = 256
+PHASH_HEX_DIGITS = 16  # one pHash: 64 bits
+# The hash recipe: a pHash of the whole image and of its centred crops keeping these fractions
+# of each side. A copy cropped by 4% per side is the original's 92% crop, and its own 92% crop
+# is about the original's 85% crop, so `dermflow.dataset.dedup` matches such copies by the
+# shifted hashes (validated on atlas20 in tests/unit/test_dedup_atlas.py).
+HASH_CROPS = (1.0, 0.92, 0.85)
+HASH_HEX_DIGITS = PHASH_HEX_DIGITS * len(HASH_CROPS)
+# JPEGs are decoded in grayscale at a reduced scale (DCT scaling) no smaller than this on their
+# short side: pHash looks at 32x32 pixels. On atlas20, 128 px moves a hash by 0.5 bits on average
+# (at most 4) from a full decode and gives the same near-duplicate pairs, at a fraction of the CPU.
+DRAFT_MIN_SIDE = 128
+_PHASH_SIDE = 32  # pHash: the 8x8 lowest frequencies of the DCT of a 32x32 grayscale image
+
+
+def _dct_rows() -> np.ndarray:
+    """The first 8 rows of the (unnormalized, scipy.fftpack type II) DCT matrix of size 32."""
+    n = np.arange(_PHASH_SIDE)
+    k = np.arange(8)
+    return 2.0 * np.cos(np.pi * k[:, None] * (2 * n[None, :] + 1) / (2 * _PHASH_SIDE))
+
+
+_DCT8 = _dct_rows()
 
 
 def draft_for_hash(image) -> None:
-    """Ask Pillow to decode a JPEG at reduced scale (DCT scaling), no smaller than
+    """Ask Pillow to decode a JPEG in grayscale at reduced scale (DCT scaling), no smaller than
     `DRAFT_MIN_SIDE` on the short side: every MCU is still decoded, so truncation is caught."""
     if image.format == "JPEG":
         width, height = image.size
         scale = max(1.0, min(width, height) / DRAFT_MIN_SIDE)
         # draft keeps the image at least as large as the requested size
-        image.draft("RGB", (int(width / scale), int(height / scale)))
+        image.draft("L", (int(width / scale), int(height / scale)))
+
+
+def _phash_bits(gray: Image.Image, box: tuple[float, float, float, float]) -> int:
+    """imagehash's pHash of the `box` region of a grayscale image, as a 64-bit integer: the same
+    resize (Lanczos to 32x32) and DCT, computed as two small matrix products."""
+    pixels = np.asarray(gray.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS, box=box), dtype=np.float64)
+    low = _DCT8 @ pixels @ _DCT8.T
+    bits = (low > np.median(low)).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def phash_of_image(image) -> str:
-    """imagehash pHash of a decoded Pillow image, as 16 lowercase hex chars."""
-    import imagehash
-
-    return str(imagehash.phash(image))
+    """The hash recipe of a decoded Pillow image: `HASH_HEX_DIGITS` lowercase hex chars, one
+    16-digit pHash per `HASH_CROPS` entry (the first is imagehash's pHash of the whole image)."""
+    gray = image if image.mode == "L" else image.convert("L")
+    width, height = gray.size
+    parts = []
+    for keep in HASH_CROPS:
+        dx, dy = width * (1 - keep) / 2, height * (1 - keep) / 2
+        parts.append(f"{_phash_bits(gray, (dx, dy, width - dx, height - dy)):016x}")
+    return "".join(parts)
 
 
 def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
-    """imagehash pHash of an encoded image, as 16 lowercase hex chars.
+    """The hash recipe of an encoded image (`phash_of_image`): `HASH_HEX_DIGITS` hex chars.
 
-    With `draft`, JPEGs are decoded at a reduced scale (`draft_for_hash`), which changes the
-    hash by at most a couple of bits (tested on atlas20). The fetcher hashes the same way.
+    With `draft`, JPEGs are decoded in grayscale at a reduced scale (`draft_for_hash`), which
+    changes a hash by a few bits (tested on atlas20). The fetcher and the importer hash the same way.
     Raises `NotAnImageError` when the bytes do not decode (`ImageTooLargeError` when the
     image has more than `MAX_IMAGE_PIXELS` pixels).
     """
@@ -152,7 +185,7 @@ class ImageFacts:
     md5: str
     width: int
     height: int
-    phash: str  # 16 hex chars
+    phash: str  # HASH_HEX_DIGITS hex chars (phash_of_image)
     content_type: str
 
 

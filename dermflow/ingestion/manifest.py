@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from dermflow import layout
 from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import redact_url
-from dermflow.ingestion.images import ImageFacts, ImageRejected, verify_image
+from dermflow.ingestion.images import HASH_HEX_DIGITS, ImageFacts, ImageRejected, verify_image
 from dermflow.ingestion.ingest import fitzpatrick_range
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
@@ -217,7 +217,9 @@ def _most_trusted_row(record: dict, new: dict | None, old: dict | None, stored: 
     md5hash = record["md5hash"]
     if new is not None and new["status"] == "ok":  # this run put it
         return new
-    if old is not None and old["status"] == "ok" and md5hash in stored:
+    # An ok row hashed by an older recipe (a 16-digit pHash, before the crop hashes) is not
+    # trusted: its object is read back below and hashed by the current recipe, once.
+    if old is not None and old["status"] == "ok" and md5hash in stored and len(old["phash"]) == HASH_HEX_DIGITS:
         return {**old, "source": "already stored"}
     if md5hash in stored:
         return None

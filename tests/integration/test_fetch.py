@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from dermflow.ingestion.fetch import FetchOptions, fetch_shard
-from dermflow.ingestion.images import verify_image
+from dermflow.ingestion.images import HASH_HEX_DIGITS, verify_image
 from dermflow.ingestion.manifest import plan_shards, reconcile_manifest, stored_image_md5s, summarize_manifest
 from tests.support.image_servers import (
     PERMANENT_FAULTS,
@@ -91,7 +91,7 @@ def test_fault_matrix_ends_with_transients_stored_and_permanents_recorded(store,
     summary = summarize_manifest(manifest)
     assert summary["rows"] == len(dataset) == summary["ok"] + summary["failed"]
     assert summary["ok"] == len(TRANSIENT_FAULTS) + 3
-    assert all(len(p) == 16 for p in manifest.loc[manifest["status"] == "ok", "phash"])
+    assert all(len(p) == HASH_HEX_DIGITS for p in manifest.loc[manifest["status"] == "ok", "phash"])
     assert_bucket_holds_only_valid_images(store, {n: images[n] for n, f in plan.items() if f != "mismatch"})
 
 

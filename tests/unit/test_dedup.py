@@ -18,7 +18,13 @@ from dermflow.dataset.dedup import (
     hamming_distance,
     merge_groupings,
 )
-from dermflow.ingestion.images import ImageTooLargeError, NotAnImageError, perceptual_hash
+from dermflow.ingestion.images import (
+    HASH_CROPS,
+    HASH_HEX_DIGITS,
+    ImageTooLargeError,
+    NotAnImageError,
+    perceptual_hash,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -98,8 +104,13 @@ def test_perceptual_hash_is_imagehash_phash():
     image = textured_image(seed=1)
     png = encode(image, "PNG")
     expected = str(imagehash.phash(Image.open(io.BytesIO(png))))
-    assert perceptual_hash(png) == expected
-    assert len(expected) == 16 and int(expected, 16) >= 0
+    hashes = perceptual_hash(png)
+    assert len(hashes) == HASH_HEX_DIGITS == 48 and hashes[:16] == expected
+    # the crop hashes are imagehash's pHash of the centred crops (up to sub-pixel box edges)
+    for part, keep in enumerate(HASH_CROPS[1:], start=1):
+        dx, dy = round(image.width * (1 - keep) / 2), round(image.height * (1 - keep) / 2)
+        crop = str(imagehash.phash(image.crop((dx, dy, image.width - dx, image.height - dy))))
+        assert hamming_distance(hashes[16 * part:16 * part + 16], crop) <= 4
 
 
 def test_draft_decode_stays_within_two_bits_of_full_decode():

@@ -59,13 +59,15 @@ def test_draft_decoding_matches_full_decoding_on_atlas_images(atlas_hashes):
     from PIL import Image
 
     paths, originals, hashes, _ = atlas_hashes
-    for data, expected in list(zip(originals, hashes))[::50]:
-        assert hamming_distance(perceptual_hash(data, draft=False), expected) <= 2
-    # atlas images are ~460 px, too small for draft scaling to act: enlarge them so it does
+    # the grayscale draft at >= 128 px (half scale for these ~460 px images) moves a hash by
+    # about half a bit on average, at most 4 bits
+    moved = [hamming_distance(perceptual_hash(data, draft=False), expected)
+             for data, expected in list(zip(originals, hashes))[::10]]
+    assert max(moved) <= 4 and np.mean(moved) <= 1.0
     for data in originals[::50]:
         image = Image.open(io.BytesIO(data)).convert("RGB")
         big = _jpeg(image.resize((image.width * 4, image.height * 4), Image.BICUBIC), 90)
-        assert hamming_distance(perceptual_hash(big), perceptual_hash(big, draft=False)) <= 2
+        assert hamming_distance(perceptual_hash(big), perceptual_hash(big, draft=False)) <= 4
 
 
 def test_default_threshold_groups_altered_copies_but_few_distinct_images(atlas_hashes):

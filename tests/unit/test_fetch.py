@@ -23,7 +23,7 @@ from dermflow.ingestion.fetch import (
     fetch_shard_async,
 )
 from dermflow.ingestion.http import parse_retry_after
-from dermflow.ingestion.images import ImageRejected, verify_image
+from dermflow.ingestion.images import HASH_HEX_DIGITS, ImageRejected, verify_image
 from dermflow.ingestion.manifest import (
     MANIFEST_COLUMNS,
     failed_rows,
@@ -52,7 +52,7 @@ class MemoryStore:
     def uri(self, key):
         return f"s3://{self.bucket}/{key}"
 
-    def put_bytes(self, key, data, content_type=None):
+    def put_bytes(self, key, data, content_type=None, md5_hex=None):
         from botocore.exceptions import EndpointConnectionError
 
         with self.lock:
@@ -174,7 +174,7 @@ def test_verify_image_decodes_rejects_truncated_and_garbage():
     data = jpeg(1, 200)
     facts = verify_image(data)
     assert (facts.width, facts.height) == (200, 200) and facts.md5 == hashlib.md5(data).hexdigest()
-    assert len(facts.phash) == 16 and int(facts.phash, 16) >= 0
+    assert len(facts.phash) == HASH_HEX_DIGITS and int(facts.phash, 16) >= 0
     for bad in (data[: len(data) // 2], b"<html></html>", b""):
         with pytest.raises(ImageRejected) as info:
             verify_image(bad)
@@ -492,7 +492,7 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     previous = pd.DataFrame([{  # as read back from CSV: all strings
         "md5hash": md5[1], "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
         "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
-        "bytes": str(len(images[1])), "width": "40", "height": "40", "phash": "1" * 16, "key": f"images/{md5[1]}"}])
+        "bytes": str(len(images[1])), "width": "40", "height": "40", "phash": "1" * 48, "key": f"images/{md5[1]}"}])
     manifest = reconcile_manifest(dataset, store, previous, new_rows)
     assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == len(dataset)
     assert list(manifest["md5hash"]) == list(dataset["md5hash"])
@@ -515,6 +515,22 @@ def test_reconcile_covers_every_row_from_new_previous_and_orphans():
     assert set(failed_rows(manifest, include_permanent=False)["reason"]) == {"not_fetched"}
     real = failed_rows(manifest, dataset)
     assert set(real.columns) == set(dataset.columns) and len(real) == 3
+
+
+def test_reconcile_rehashes_rows_of_a_manifest_hashed_before_the_crop_hashes():
+    image = jpeg(31)
+    md5hash = hashlib.md5(image).hexdigest()
+    dataset = pd.DataFrame({"md5hash": [md5hash], "url": ["https://img.example/1"], "label": ["x"],
+                            "fitzpatrick_scale": [2], "qc": [""]})
+    store = MemoryStore()
+    store.objects[f"images/{md5hash}"] = image
+    previous = pd.DataFrame([{  # an old manifest: one 16-digit pHash
+        "md5hash": md5hash, "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
+        "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
+        "bytes": str(len(image)), "width": "40", "height": "40", "phash": "1" * 16, "key": f"images/{md5hash}"}])
+    row = reconcile_manifest(dataset, store, previous, []).iloc[0]
+    assert (row["status"], row["source"]) == ("ok", "already stored")
+    assert row["phash"] == verify_image(image).phash and len(row["phash"]) == 48
 
 
 # ------------------------------------------------------------------ DNS pinning (a loopback server)

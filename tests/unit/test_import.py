@@ -163,7 +163,7 @@ def test_derm_fetch_imports_from_images_then_fetches_the_rest(harness, bucket, t
     rows = make_rows(6)
     csv_path = write_csv(tmp_path / "rows.csv", rows)
     zip_path = write_zip(tmp_path / "images.zip", rows[:4], damaged=2)
-    result = asyncio.run(derm(mode="fetch", csv=str(csv_path), images=str(zip_path)))
+    result = asyncio.run(derm(mode="fetch", csv=str(csv_path), images=str(zip_path), task_runner="threads"))
     summary = result["fetch"]["summary"]
     assert (summary["rows"], summary["ok"]) == (6, 3)
     assert summary["by_source"] == {"archive": 3, "url": 3}
@@ -178,7 +178,7 @@ def test_a_bad_images_source_fails_the_run_with_its_name(harness, bucket, tmp_pa
 
     csv_path = write_csv(tmp_path / "rows.csv", make_rows(2))
     with pytest.raises(archive.ArchiveError, match="nowhere.zip: no such file"):
-        asyncio.run(derm(mode="fetch", csv=str(csv_path), images=str(tmp_path / "nowhere.zip")))
+        asyncio.run(derm(mode="fetch", csv=str(csv_path), images=str(tmp_path / "nowhere.zip"), task_runner="threads"))
 
 
 def test_most_rows_failed_points_to_the_archive_route():

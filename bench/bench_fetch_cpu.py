@@ -1,0 +1,155 @@
+"""CPU per image of each step of the fetcher, one step at a time, in one thread (issue 18).
+
+Steps, each timed with the process's CPU clock over `--images` atlas20 images:
+- hash (old recipe): RGB draft decode at >= 256 px, imagehash pHash of the whole image;
+- hash (current recipe): `verify_image` (grayscale draft at >= 128 px, three pHashes, MD5);
+- put: boto3 `put_object` into a fresh SeaweedFS, with botocore's default request checksums
+  and with `request_checksum_calculation="when_required"` (the store's setting);
+- GET: `dermflow.ingestion.http.read_async` (guard, pinned connection, caps) from a local
+  atlas server, 16 requests in flight on one pooled client.
+SeaweedFS and the image server run in other processes; their CPU is not counted.
+
+Usage: .venv/bin/python bench/bench_fetch_cpu.py [--images 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ATLAS = PROJECT_ROOT.parent / "shared" / "data" / "atlas20"
+sys.path.insert(0, str(PROJECT_ROOT))
+
+
+def per_image_ms(step, items) -> float:
+    start = time.process_time()
+    for item in items:
+        step(item)
+    return (time.process_time() - start) / len(items) * 1000
+
+
+def old_recipe(data: bytes) -> str:
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        scale = max(1.0, min(width, height) / 256)
+        image.draft("RGB", (int(width / scale), int(height / scale)))
+        image.load()
+        return str(imagehash.phash(image))
+
+
+def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
+    import boto3
+    from botocore.config import Config
+
+    from dermflow.ops.stack import SeaweedServer, free_port_block
+    from dermflow.settings import load_settings
+    from dermflow.storage import ObjectStore
+
+    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
+                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    seaweed.start()
+    try:
+        settings = load_settings(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+                                 aws_secret_access_key=seaweed.secret_key, bucket="bench-cpu")
+        store = ObjectStore.from_settings(settings)
+        store.ensure_bucket()
+        client = store.client
+        # botocore's own default (a checksum of every put body), whatever the store sets
+        default = boto3.session.Session().client(
+            "s3", endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+            aws_secret_access_key=seaweed.secret_key, region_name=settings.aws_default_region,
+            config=Config(s3={"addressing_style": settings.s3_addressing_style},
+                          request_checksum_calculation="when_supported"))
+        results = {}
+        for name, s3 in (("put (botocore default checksums)", default), ("put (store client)", client)):
+            s3.put_object(Bucket="bench-cpu", Key="warm", Body=b"x")
+            keys = iter(range(10**9))
+            results[name] = per_image_ms(
+                lambda data: s3.put_object(Bucket="bench-cpu", Key=f"{name[:12]}{next(keys)}", Body=data,
+                                           ContentType="image/jpeg"), datas)
+        # as the fetcher puts: the store's client, the Content-MD5 it already holds
+        facts = {id(data): hashlib.md5(data).hexdigest() for data in datas}
+        keys = iter(range(10**9))
+        results["put (ObjectStore.put_bytes with Content-MD5)"] = per_image_ms(
+            lambda data: store.put_bytes(f"md5-{next(keys)}", data, "image/jpeg", md5_hex=facts[id(data)]), datas)
+        return results
+    finally:
+        seaweed.stop()
+
+
+def measure_gets(n_images: int, work: Path) -> float:
+    """CPU per GET in this process; the atlas server runs in its own process (bench_fetch's)."""
+    import csv
+
+    from bench.bench_fetch import _start_image_server
+    from dermflow.ingestion.fetch import IMAGE_ACCEPT, FetchOptions
+    from dermflow.ingestion.guard import HostGuard
+    from dermflow.ingestion.http import make_async_client, read_async
+    from tests.support.image_servers import rewrite_csv_host
+
+    server, rows_csv, base_url = _start_image_server(argparse.Namespace(latency=0.0, limit=n_images), work)
+    try:
+        with rewrite_csv_host(rows_csv, base_url, work / "rows.csv").open() as handle:
+            urls = [row["url"] for row in csv.DictReader(handle)]
+        options = FetchOptions(allowed_hosts=("127.0.0.1",))
+
+        async def run() -> float:
+            guard = HostGuard(options.allowed_hosts)
+            policy = options.read_policy()
+            async with make_async_client(guard, policy, user_agent="bench", accept=IMAGE_ACCEPT) as client:
+                await read_async(client, guard, urls[0], policy)  # warm: imports, first connection
+                slots = asyncio.Semaphore(16)
+
+                async def one(url: str) -> None:
+                    async with slots:
+                        await read_async(client, guard, url, policy)
+
+                start = time.process_time()
+                await asyncio.gather(*(one(url) for url in urls))
+                return (time.process_time() - start) / len(urls) * 1000
+
+        return asyncio.run(run())
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=600)
+    args = parser.parse_args()
+    if not (ATLAS / "rows.csv").exists():
+        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+        return 2
+    from dermflow.ingestion.images import verify_image
+
+    paths = sorted((ATLAS / "images").glob("*.jpg"))[: args.images]
+    datas = [path.read_bytes() for path in paths]
+    rows = {"hash (old: RGB draft >= 256 px, one pHash)": per_image_ms(old_recipe, datas),
+            "hash + verify (current: gray draft >= 128 px, three pHashes, MD5)": per_image_ms(verify_image, datas)}
+    work = Path(tempfile.mkdtemp(prefix="dermflow-bench-cpu-"))
+    try:
+        rows.update(measure_puts(datas, work))
+        rows["GET (read_async, 16 in flight)"] = measure_gets(len(datas), work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"CPU per image over {len(datas)} atlas20 images ({sum(map(len, datas)) / len(datas) / 1e3:.0f} kB each):")
+    for name, value in rows.items():
+        print(f"  {name:<68} {value:6.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
