@@ -195,15 +195,16 @@ def check_weights(weights: str) -> None:
 
 def ingest_and_fetch(config: RunConfig, run_id: str) -> tuple[dict | None, dict]:
     """The dataset rows (None for a refetch) and the fetch result."""
-    runner, parallel_shards = fetch_runner(config.fetch.task_runner, config.fetch.dask_address)
+    refetch = config.mode == "refetch"
+    dataset = None if refetch else ingest_dataset(config.data.csv, config.data.limit_per_label, config.seed)
+    shards = None if refetch else -(-dataset["rows"] // config.fetch.shard_size)
+    runner, parallel_shards = fetch_runner(config.fetch.task_runner, config.fetch.dask_address, shards=shards)
     fetch = fetch_images.with_options(task_runner=runner)
     options = {"shard_size": config.fetch.shard_size, "host_concurrency": config.fetch.host_concurrency,
                "host_rate_limit": config.fetch.host_rate_limit, "shard_parallelism": parallel_shards}
-    if config.mode == "refetch":
-        dataset = None
+    if refetch:
         fetched = fetch(latest_dataset_key(), run_id, only_failed=True, **options)
     else:
-        dataset = ingest_dataset(config.data.csv, config.data.limit_per_label, config.seed)
         fetched = fetch(dataset["dataset_key"], run_id, images=config.data.images, **options)
     counts = fetched["summary"]
     get_run_logger().info("fetched %s of %s images; failures by reason: %s",

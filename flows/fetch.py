@@ -146,11 +146,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8):
+def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8, shards: int | None = None):
     """The task runner for the fetch subflow (Prefect's own runners only) and how many shards
-    it runs at once. On an existing Dask cluster, `dask_shards` is the caller's estimate."""
+    it runs at once. On an existing Dask cluster, `dask_shards` is the caller's estimate.
+    `auto` takes processes only where they pay: more than one core and more than one shard
+    (`shards`, None when unknown); starting the pool costs seconds of CPU a single shard
+    would not win back."""
     if task_runner == "auto":
-        task_runner = "processes" if usable_cores() > 1 else "threads"
+        several_shards = shards is None or shards > 1
+        task_runner = "processes" if usable_cores() > 1 and several_shards else "threads"
     if task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
