@@ -150,6 +150,7 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         return {
             "weighted_f1": summary["test"]["weighted_f1"], "best": best,
             "trials": trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
+            "tuning_choice": tuned.get("chosen"), "model_choice": summary.get("model_choice"),
             "final_epochs": summary["epochs_run"], "final_status": summary["status"],
             "seconds": round(time.time() - started, 1),
         }

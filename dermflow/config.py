@@ -192,7 +192,13 @@ class TrainConfig(ModelInput):
     lr_warmup_fraction: float = Field(0.05, ge=0, lt=1)
     optimizer: OptimizerName = "adam"
     weight_decay: float = Field(1e-4, ge=0, description="adamw only")
-    patience: int = Field(5, ge=1, description="epochs without val weighted F1 improvement (within a phase)")
+    patience: int = Field(5, ge=1, description="epochs without val weighted F1 improvement (within a phase); "
+                          "only once the learning-rate schedule has annealed")
+    tta: bool = Field(True, description="test-time augmentation in the held-out evaluation: "
+                      "probabilities averaged with the horizontally flipped images")
+    model_choice: Literal["average", "best_epoch"] = Field(
+        "average", description="the model kept: the weights averaged over the schedule's annealed tail "
+        "(robust to noisy validation), or the single best validation epoch")
     deadline: float | None = Field(None, description="unix time: stop cleanly, keeping the best epoch so far")
     head_width: int = Field(256, ge=1)
     dropout: float = Field(0.25, ge=0, lt=1)
