@@ -69,8 +69,9 @@ LimitPerLabel = Annotated[int | None, Field(ge=1, description=(
 Seed = Annotated[int, Field(description="Seed of the row sample, the split and training.")]
 BudgetMinutes = Annotated[float | None, Field(gt=0, description=(
     "Wall-clock bound of the whole run from its start, fetching included; tuning gets "
-    f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts, the final training the rest, "
-    "and the run ends with the best model so far. Empty: no bound."))]
+    f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts (in trial slots of at most a third), "
+    "the final training all the time then left, its learning rate annealed by the deadline. "
+    "Empty: no bound."))]
 ModeParam = Annotated[Mode, Field(description=(
     "full: everything; fetch: fetch only; refetch: retry the failed rows of the latest fetch; "
     "retrain: fetch what is new, reuse what is unchanged, promote only a better model."))]
