@@ -214,8 +214,8 @@ def test_a_trial_cut_off_by_the_deadline_is_never_chosen_and_defaults_win_ties()
 
 def test_a_search_cut_off_by_its_deadline_marks_the_trial(tmp_path):
     data = tuning.trial_data(synthetic_arrays(tmp_path))
-    # No per-trial slot: the tuning deadline, 20 s away, is what ends the 10,000-epoch trial.
-    spec = spec_for(tmp_path, trial_epochs=10_000, deadline=time.time() + 20)
+    # No per-trial slot: the tuning deadline, 20 s away, is what ends the 1,000-epoch trial.
+    spec = spec_for(tmp_path, trial_epochs=1_000, deadline=time.time() + 20)
     result = tuning.search(spec, data)
     assert len(result["trials"]) == 1 and result["trials"][0]["cut_off"] is True
     assert result["trials"][0]["default"] is True
