@@ -44,9 +44,13 @@ def main() -> int:
     from tests.support.image_servers import rewrite_csv_host, serve_atlas
 
     work = Path(tempfile.mkdtemp(prefix="dermflow-quality-"))
-    rows = fixed_split(pd.read_csv(ATLAS_DIR / "rows.csv", dtype=str, keep_default_na=False))
-    rows[rows["split"] != "test"].drop(columns="split").to_csv(work / "train_rows.csv", index=False)
-    held_out = rows[rows["split"] == "test"].drop(columns="split")
+    rows = pd.read_csv(ATLAS_DIR / "rows.csv", dtype=str, keep_default_na=False)
+    # The in-process bench's grouped split: held out = its test rows; the pipeline gets only its
+    # train and val rows (not the excluded near-duplicates of held-out diagnostic rows).
+    split = fixed_split(rows, ATLAS_DIR).set_index("md5hash")["split"]
+    where = rows["md5hash"].map(split)
+    rows[where.isin(["train", "val"])].to_csv(work / "train_rows.csv", index=False)
+    held_out = rows[where == "test"]
     held_out.to_csv(work / "held_out.csv", index=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     bin_dir = Path(sys.executable).parent

@@ -70,8 +70,9 @@ Seed = Annotated[int, Field(description=(
     "Integer seed of the row sample, the split and training; the same seed and data give the same split."))]
 BudgetMinutes = Annotated[float | None, Field(gt=0, description=(
     "Wall-clock bound of the whole run in minutes (> 0), from its start, fetching included; tuning gets "
-    f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts, the final training the rest, "
-    "and the run ends with the best model so far. null (empty): no bound."))]
+    f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts (in trial slots of at most a third), "
+    "the final training all the time then left, its learning rate annealed by the deadline. "
+    "null (empty): no bound."))]
 ModeParam = Annotated[Mode, Field(description=(
     "One of full (everything: fetch, split, train, register, promote if better, report), fetch "
     "(fetch only), refetch (retry the failed rows of the latest fetch), retrain (fetch what is "
@@ -217,7 +218,13 @@ class TrainConfig(ModelInput):
     lr_warmup_fraction: float = Field(0.05, ge=0, lt=1)
     optimizer: OptimizerName = "adam"
     weight_decay: float = Field(1e-4, ge=0, description="adamw only")
-    patience: int = Field(5, ge=1, description="epochs without val weighted F1 improvement (within a phase)")
+    patience: int = Field(5, ge=1, description="epochs without val weighted F1 improvement (within a phase); "
+                          "only once the learning-rate schedule has annealed")
+    tta: bool = Field(True, description="test-time augmentation in the held-out evaluation: "
+                      "probabilities averaged with the horizontally flipped images")
+    model_choice: Literal["average", "best_epoch"] = Field(
+        "average", description="the model kept: the weights averaged over the schedule's annealed tail "
+        "(robust to noisy validation), or the single best validation epoch")
     deadline: float | None = Field(None, description="unix time: stop cleanly, keeping the best epoch so far")
     head_width: int = Field(256, ge=1)
     dropout: float = Field(0.25, ge=0, lt=1)

@@ -163,6 +163,11 @@ def checkpoint_key(run_id: str, architecture: str, epoch: int) -> str:
     return checkpoint_prefix(run_id, architecture) + f"epoch-{epoch:03d}.keras"
 
 
+def averaged_checkpoint_key(run_id: str, architecture: str) -> str:
+    """The model averaged over the annealed tail of a training (`TailAverage`)."""
+    return checkpoint_prefix(run_id, architecture) + "averaged.keras"
+
+
 def checkpoint_state_key(run_id: str, architecture: str) -> str:
     return checkpoint_prefix(run_id, architecture) + "state.json"
 

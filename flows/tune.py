@@ -272,8 +272,11 @@ async def tune_architectures(
             logger.warning("tuning %s failed (%s: %s); it trains with the default hyperparameters",
                            architecture, type(error).__name__, error)
             continue
-        trials += [{k: t[k] for k in ("architecture", "trial_id", "hyperparameters", "score", "status")}
+        trials += [{k: t.get(k) for k in ("architecture", "trial_id", "hyperparameters", "score", "status",
+                                          "default", "cut_off", "chosen")}
                    for t in result["trials"]]
+        if result.get("chosen"):
+            logger.info("%s: the final training takes %s", architecture, result["chosen"])
         if result["best"]:
             best[architecture] = result["best"]
     await publish_trial_table(run_id, trials)

@@ -43,7 +43,7 @@ async def search_spec(split_key: str, architecture: str, options: dict) -> dict:
 async def search_results(payload: dict) -> dict:
     """Every trial of a finished (or stopped) search, read back from the bucket."""
     from dermflow.modeling import tuning
-    from dermflow.modeling.tuning_results import best_config, read_trials
+    from dermflow.modeling.tuning_results import annotate_choice, best_config, read_trials
     from dermflow.modeling.tuning_sync import ProjectSync
 
     spec = tuning.SearchSpec.from_dict(payload["spec"])
@@ -51,7 +51,8 @@ async def search_results(payload: dict) -> dict:
     def read() -> dict:
         ProjectSync(object_store(), spec.tuning_id, spec.project_dir).pull()
         trials = read_trials(spec.project_dir, spec.architecture)
-        return {"tuning_id": spec.tuning_id, "trials": trials, "best": best_config(trials)}
+        why = annotate_choice(trials)
+        return {"tuning_id": spec.tuning_id, "trials": trials, "best": best_config(trials), "chosen": why}
 
     return await asyncio.to_thread(read)
 

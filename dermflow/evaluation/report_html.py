@@ -332,10 +332,18 @@ def tuning_table(inputs: ReportInputs) -> Table | None:
     names: list[str] = []
     for t in trials:
         names += [k for k in t.get("hyperparameters", {}) if k not in names]
-    rows = [[t.get("trial_id", i + 1), t.get("score"), *[t.get("hyperparameters", {}).get(k, "") for k in names]]
-            for i, t in enumerate(trials)]
-    numeric = [False, True] + [all(isinstance(t.get("hyperparameters", {}).get(k), (int, float)) for t in trials) for k in names]
-    return table(["trial", "score", *names], rows, sortable=True, table_id="tuning-table", numeric=numeric)
+    # what the final training took, and trials the deadline cut off (never chosen)
+    def note(t: Mapping) -> str:
+        marks = ["defaults"] if t.get("default") else []
+        marks += ["cut off by the deadline"] if t.get("cut_off") else []
+        marks += ["chosen for the final training"] if t.get("chosen") else []
+        return ", ".join(marks)
+
+    rows = [[t.get("trial_id", i + 1), t.get("score"), note(t),
+             *[t.get("hyperparameters", {}).get(k, "") for k in names]] for i, t in enumerate(trials)]
+    numeric = [False, True, False] + [all(isinstance(t.get("hyperparameters", {}).get(k), (int, float)) for t in trials)
+                                      for k in names]
+    return table(["trial", "score", "note", *names], rows, sortable=True, table_id="tuning-table", numeric=numeric)
 
 
 def retrain_section(metrics: Mapping) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
 """The Keras callbacks of a training: validation weighted F1, the time budget, the learning-rate
-schedule, and the per-epoch checkpoint with early stopping and progress events.
+schedule, the early-stopping rule that waits for the schedule to anneal, the average of the
+weights over the annealed tail, and the per-epoch checkpoint with progress events.
 
 Only Keras 3 APIs are used, so they work on every backend.
 """
@@ -140,6 +141,8 @@ class CosineSchedule(keras.callbacks.Callback):
         self._started = time.time()
         self._epoch = self.first_epoch
         self._steps: int | None = None
+        self._epoch_started = time.time()
+        self._epoch_seconds = 0.0  # the last finished epoch's length
 
     def rate_at(self, progress: float) -> float:
         """The learning rate at `progress` (0 = phase start, 1 = phase end)."""
@@ -153,7 +156,11 @@ class CosineSchedule(keras.callbacks.Callback):
         by_epochs = (self._epoch - self.first_epoch + within_epoch) / self.span
         by_time = 0.0
         if self.deadline is not None:
-            by_time = (time.time() - self._started) / max(self.deadline - self._started, 1e-9)
+            # TimeBudget ends training when another epoch would overrun, so the schedule's end is
+            # the end of the last epoch that fits: the deadline less one epoch's length (hence
+            # the floor is reached within the last epoch instead of an epoch after training ends).
+            end = self.deadline - self._epoch_seconds
+            by_time = (time.time() - self._started) / max(end - self._started, 1e-9)
         return max(by_epochs, by_time)
 
     def on_train_begin(self, logs=None):
@@ -163,14 +170,22 @@ class CosineSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_seconds = time.time() - self._epoch_started
+        self._epoch = epoch + 1
 
     def on_train_batch_begin(self, batch, logs=None):
         self.model.optimizer.learning_rate = self.rate_at(self.progress(batch))
 
     def annealed(self) -> bool:
-        """Past the schedule's half-way point. Early stopping waits for it: the high-rate first
-        half has erratic validation scores by design (long runs without a new best are normal)."""
-        return self.progress(0) >= 0.5
+        """The schedule has reached its end (the rate is at its floor, or the next epoch would be
+        past the deadline). Early stopping waits for it: before, validation scores are erratic
+        by design, and stopping there keeps a model trained at a high rate (issue 17)."""
+        if self.deadline is not None and time.time() + self._epoch_seconds >= self.deadline:
+            return True
+        return self.progress(0) >= 1.0
 
 
 def schedule_callbacks(config: TrainConfig, phase: str, first_epoch: int, end_epoch: int,
@@ -182,22 +197,96 @@ def schedule_callbacks(config: TrainConfig, phase: str, first_epoch: int, end_ep
                            warmup_fraction=config.lr_warmup_fraction)]
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Checkpoints every epoch, tracks the best val weighted F1, stops after `patience`
-    epochs without improvement in the current phase (once `may_stop()` allows it), and
-    reports progress."""
+def phase_callbacks(config: TrainConfig, phase: str, first_epoch: int, end_epoch: int, deadline: float | None
+                    ) -> tuple[list[keras.callbacks.Callback], AnnealedEarlyStopping, TailAverage]:
+    """What trials and final trainings both use for one phase: the schedule, the early-stopping
+    rule that waits for it, and the tail average. Order them: schedule, validation F1, stopping."""
+    schedule = schedule_callbacks(config, phase, first_epoch, end_epoch, deadline)
+    cosine = schedule[0] if schedule else None
+    return schedule, AnnealedEarlyStopping(config.patience, cosine), TailAverage(cosine)
 
-    def __init__(self, manager: CheckpointManager, phase: str, patience: int, progress: Progress | None,
-                 total_epochs: int, architecture: str, may_stop: Callable[[], bool] | None = None):
+
+class AnnealedEarlyStopping(keras.callbacks.Callback):
+    """The one early-stopping rule of trials and final trainings: stop after `patience` epochs
+    without a better `monitor` value, but only once the learning-rate schedule has annealed
+    (`CosineSchedule.annealed`; at once with a constant rate, `schedule=None`).
+
+    Under a deadline the cosine schedule anneals by the deadline, so a budgeted training runs
+    until its budget is used and its rate is at the floor, however noisy validation is. Put it
+    after the schedule and the callback that fills `monitor`."""
+
+    def __init__(self, patience: int, schedule: "CosineSchedule | None" = None, monitor: str = "val_weighted_f1"):
         super().__init__()
-        self.may_stop = may_stop
+        self.patience = int(patience)
+        self.schedule = schedule
+        self.monitor = monitor
+        self.stopped = False
+        self._best = -math.inf
+        self._since = 0
+
+    def on_train_begin(self, logs=None):
+        self._best, self._since, self.stopped = -math.inf, 0, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, float("nan")))
+        if not math.isnan(value) and value > self._best:
+            self._best, self._since = value, 0
+        else:
+            self._since += 1
+        may_stop = self.schedule is None or self.schedule.annealed()
+        if self._since >= self.patience and may_stop:
+            self.stopped = True
+            self.model.stop_training = True
+
+
+class TailAverage(keras.callbacks.Callback):
+    """Stochastic weight averaging over the annealed tail of a schedule: the mean of the model's
+    weights (BatchNormalization statistics included) at the end of every epoch from
+    `start_progress` of the schedule on (none with a constant rate: it has no annealed tail).
+
+    A robust model choice where validation is noisy: one best epoch on a few hundred validation
+    images is a lottery (epoch-to-epoch swings of +-0.15 on atlas20), the tail's average is not.
+    `count` is how many epochs went into it; `averaged_weights()` is None before any."""
+
+    def __init__(self, schedule: "CosineSchedule | None", start_progress: float = 0.75):
+        super().__init__()
+        self.schedule = schedule
+        self.start_progress = start_progress
+        self.count = 0
+        self._sum: list[np.ndarray] | None = None
+
+    def in_tail(self) -> bool:
+        if self.schedule is None:  # a constant rate has no annealed tail to average
+            return False
+        return self.schedule.annealed() or self.schedule.progress(0) >= self.start_progress
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.in_tail():
+            return
+        weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
+        if self._sum is None:
+            self._sum = weights
+        else:
+            self._sum = [total + w for total, w in zip(self._sum, weights)]
+        self.count += 1
+
+    def averaged_weights(self) -> list[np.ndarray] | None:
+        if self._sum is None:
+            return None
+        return [total / self.count for total in self._sum]
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Checkpoints every epoch, tracks the best val weighted F1 and reports progress."""
+
+    def __init__(self, manager: CheckpointManager, phase: str, progress: Progress | None,
+                 total_epochs: int, architecture: str):
+        super().__init__()
         self.manager = manager
         self.phase = phase
-        self.patience = patience
         self.progress = progress
         self.total_epochs = total_epochs
         self.architecture = architecture
-        self.early_stopped = False
         self._started = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -212,10 +301,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         number = epoch + 1
         improved = self.manager.record_epoch(self.model, number, self.phase, logs, time.time() - self._started)
         state = self.manager.state
-        since = number - max(state["best_epoch"] or 0, state.get("phase_start_epoch", 0))
-        if since >= self.patience and (self.may_stop is None or self.may_stop()):
-            self.early_stopped = True
-            self.model.stop_training = True
         log.info(
             "%s %s epoch %d/%d: loss %.4f val_weighted_f1 %.4f%s",
             self.architecture, self.phase, number, self.total_epochs, logs.get("loss", float("nan")),

@@ -84,6 +84,15 @@ class CheckpointManager:
             self.store.delete_prefix(key)  # the exact key: no other checkpoint's name extends it
             self.local_path(key).unlink(missing_ok=True)
 
+    def record_averaged(self, model: keras.Model, score: float, epochs: int) -> str:
+        """Save and upload the tail-averaged model with its val weighted F1; returns its key."""
+        key = layout.averaged_checkpoint_key(self.run_id, self.architecture)
+        path = self.local_path(key)
+        model.save(path)
+        self.store.put_file(key, path)
+        self.save_state(averaged_key=key, averaged_score=float(score), averaged_epochs=int(epochs))
+        return key
+
     def save_state(self, **updates) -> None:
         self.state.update(updates)
         self.store.put_json(self.state_key, self.state)

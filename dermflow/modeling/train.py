@@ -35,9 +35,10 @@ from dermflow.modeling.callbacks import (
     EpochCheckpoint,
     EpochTimer,
     Progress,
+    TailAverage,
     TimeBudget,
     ValWeightedF1,
-    schedule_callbacks,
+    phase_callbacks,
 )
 from dermflow.modeling.checkpoints import CheckpointManager
 from dermflow.modeling.recipe import (
@@ -93,6 +94,7 @@ class Evaluation:
     metrics: dict[str, dict | None]
     predictions: list[tuple[str, np.ndarray, np.ndarray]]  # (split, row indices, probabilities)
     inference_images_per_second: float | None = None
+    candidates: dict | None = None  # `candidate_scores`: the averaged and the best-epoch model
 
 
 @dataclass
@@ -174,9 +176,10 @@ def build_or_resume(manager: CheckpointManager, previous: dict | None, config: T
 
 
 def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainConfig, data: PreparedData, *,
-               jit_compile: bool, progress: Progress | None, timer: EpochTimer | None = None) -> str:
-    """Train the phases (or their rest) not done yet; returns how training ended:
-    `completed`, `early_stopped` or `deadline`."""
+               jit_compile: bool, progress: Progress | None,
+               timer: EpochTimer | None = None) -> tuple[str, TailAverage | None]:
+    """Train the phases (or their rest) not done yet; returns how training ended (`completed`,
+    `early_stopped` or `deadline`) and the last phase's tail average (None if it did not run)."""
     arch, arrays = config.architecture, data.arrays
     train_idx, val_idx = arrays.indices("train"), arrays.indices("val")
     train_data = data_lib.make_dataset(arrays, train_idx, config.batch_size, shuffle=True, seed=config.seed,
@@ -185,11 +188,12 @@ def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainCo
     f1_callback = ValWeightedF1(val_data, arrays.labels[val_idx])
     budget = TimeBudget(config.deadline)
     model, done_epochs, loaded_phase = start.model, start.done_epochs, start.loaded_phase
+    tail = None
     for phase, first, end in phases_for(config, models.get_spec(arch).pretrained):
         if end <= done_epochs:
             continue
         if budget.stopped or (config.deadline is not None and time.time() >= config.deadline):
-            return "deadline"
+            return "deadline", tail
         if loaded_phase != phase:
             configure_phase(model, phase, config, jit_compile=jit_compile)
             manager.save_state(phase=phase, phase_start_epoch=max(first, done_epochs))
@@ -197,26 +201,71 @@ def run_phases(start: StartingPoint, manager: CheckpointManager, config: TrainCo
         if progress:
             progress({"event": "phase_start", "architecture": arch, "phase": phase, "epoch": done_epochs + 1,
                       "epochs": config.epochs})
-        schedule = schedule_callbacks(config, phase, first, end, config.deadline)
-        checkpoint = EpochCheckpoint(manager, phase, config.patience, progress, config.epochs, arch,
-                                     may_stop=schedule[0].annealed if schedule else None)
+        # The warm-up phase is cut short by the deadline only; the last phase anneals by it.
+        schedule, stopper, tail = phase_callbacks(config, phase, first, end, config.deadline)
+        checkpoint = EpochCheckpoint(manager, phase, progress, config.epochs, arch)
         model.fit(
             train_data, shuffle=False, initial_epoch=max(first, done_epochs), epochs=end,
-            callbacks=[*([timer] if timer else []), *schedule, f1_callback, checkpoint, budget], verbose=0,
+            callbacks=[*([timer] if timer else []), *schedule, f1_callback, checkpoint, stopper, tail, budget],
+            verbose=0,
         )
         done_epochs = int(manager.state["epoch"])
         if budget.stopped:
-            return "deadline"
-        if checkpoint.early_stopped and phase != "warmup":
-            return "early_stopped"
-    return "completed"
+            return "deadline", tail
+        if stopper.stopped and phase != "warmup":
+            return "early_stopped", tail
+    return "completed", tail
+
+
+def record_tail_average(model: keras.Model, tail: TailAverage | None, manager: CheckpointManager,
+                        config: TrainConfig, data: PreparedData) -> None:
+    """Score the tail-averaged weights on validation and keep them as a checkpoint (at least two
+    epochs averaged; otherwise the best epoch is the only candidate)."""
+    weights = tail.averaged_weights() if tail is not None and tail.count >= 2 else None
+    if weights is None:
+        return
+    from dermflow.metrics import weighted_f1
+
+    model.set_weights(weights)
+    val_idx = data.arrays.indices("val")
+    probs = model.predict(data_lib.make_dataset(data.arrays, val_idx, config.eval_batch_size, shuffle=False),
+                          verbose=0)[: len(val_idx)]  # without a data-parallel pipeline's padding
+    score = weighted_f1(data.arrays.labels[val_idx], np.asarray(probs).argmax(axis=1))
+    manager.record_averaged(model, score, tail.count)
+    log.info("%s: weights averaged over the last %d epochs: val weighted F1 %.4f (best epoch %s: %s)",
+             config.architecture, tail.count, score, manager.state["best_epoch"], manager.state["best_score"])
+
+
+def chosen_model_key(manager: CheckpointManager, config: TrainConfig) -> tuple[str, str]:
+    """(checkpoint key, "average" | "best_epoch"): what `config.model_choice` asks for, where it exists."""
+    if config.model_choice == "average" and manager.state.get("averaged_key"):
+        return manager.state["averaged_key"], "average"
+    if manager.state.get("best_key") is None:
+        raise TrainingError(f"{config.architecture}: no epoch finished before the deadline; nothing to evaluate")
+    return manager.state["best_key"], "best_epoch"
+
+
+def predict_split(model: keras.Model, config: TrainConfig, data: PreparedData, idx: np.ndarray) -> np.ndarray:
+    """Probabilities for rows `idx`; with `config.tta`, averaged with the horizontally flipped images."""
+    dataset = data_lib.make_dataset(data.arrays, idx, config.eval_batch_size, shuffle=False)
+    # a data-parallel pipeline pads its last batch (dermflow.dataset.arrays): cut the padding off
+    probs = np.asarray(model.predict(dataset, verbose=0), dtype=np.float32)[: len(idx)]
+    if config.tta:
+        flipped = data.arrays.images[idx][:, :, ::-1, :].astype(np.float32)
+        padding = (-len(idx)) % config.eval_batch_size  # whole batches, as the pipeline's
+        if padding:
+            flipped = np.concatenate([flipped, np.zeros((padding, *flipped.shape[1:]), flipped.dtype)])
+        flipped_probs = model.predict(flipped, batch_size=config.eval_batch_size, verbose=0)
+        probs = (probs + np.asarray(flipped_probs, dtype=np.float32)[: len(idx)]) / 2
+    return probs
 
 
 def evaluate_best_epoch(manager: CheckpointManager, config: TrainConfig, data: PreparedData) -> Evaluation:
-    """Load the best epoch's checkpoint and score it on `test` and `verified_test`."""
-    if manager.state.get("best_key") is None:
-        raise TrainingError(f"{config.architecture}: no epoch finished before the deadline; nothing to evaluate")
-    best_path = manager.fetch(manager.state["best_key"])
+    """Load the chosen model (`chosen_model_key`) and score it on `test` and `verified_test`;
+    the other candidate's test weighted F1 is recorded too (`Evaluation.candidates`), so the
+    choice can be checked, never made, on test."""
+    key, choice = chosen_model_key(manager, config)
+    best_path = manager.fetch(key)
     best = keras.saving.load_model(best_path)
     arrays = data.arrays
     metrics: dict[str, dict | None] = {}
@@ -228,16 +277,37 @@ def evaluate_best_epoch(manager: CheckpointManager, config: TrainConfig, data: P
             metrics[split] = None
             continue
         began = time.perf_counter()
-        probs = np.asarray(
-            best.predict(data_lib.make_dataset(arrays, idx, config.eval_batch_size, shuffle=False), verbose=0),
-            dtype=np.float32,
-        )[: len(idx)]  # a data-parallel pipeline pads its last batch (dermflow.dataset.arrays)
+        probs = predict_split(best, config, data, idx)
         images, seconds = images + len(idx), seconds + time.perf_counter() - began
         metrics[split] = classification_metrics(arrays.labels[idx], probs, data.class_names,
                                                 arrays.fitzpatrick_range[idx])
         predictions.append((split, idx, probs))
     rate = round(images / seconds, 2) if images and seconds > 0 else None  # compilation included
-    return Evaluation(best_path, metrics, predictions, rate)
+    candidates = candidate_scores(manager, config, data, choice, metrics.get("test"))
+    return Evaluation(best_path, metrics, predictions, inference_images_per_second=rate, candidates=candidates)
+
+
+def candidate_scores(manager: CheckpointManager, config: TrainConfig, data: PreparedData, choice: str,
+                     chosen_test: dict | None) -> dict:
+    """Val and test weighted F1 of the averaged and the best-epoch model, and which was kept."""
+    from dermflow.metrics import weighted_f1
+
+    state = manager.state
+    out = {"chosen": choice, "tta": config.tta,
+           "average": {"key": state.get("averaged_key"), "val_weighted_f1": state.get("averaged_score"),
+                       "epochs": state.get("averaged_epochs")},
+           "best_epoch": {"key": state.get("best_key"), "val_weighted_f1": state.get("best_score"),
+                          "epoch": state.get("best_epoch")}}
+    idx = data.arrays.indices("test")
+    for name in ("average", "best_epoch"):
+        key = out[name]["key"]
+        if name == choice:
+            out[name]["test_weighted_f1"] = None if chosen_test is None else chosen_test.get("weighted_f1")
+        elif key and len(idx):
+            other = keras.saving.load_model(manager.fetch(key))
+            probs = predict_split(other, config, data, idx)
+            out[name]["test_weighted_f1"] = weighted_f1(data.arrays.labels[idx], probs.argmax(axis=1))
+    return out
 
 
 def save_predictions(path: Path, data: PreparedData, evaluation: Evaluation) -> None:
@@ -332,6 +402,7 @@ def summarize(store, config: TrainConfig, run_id: str, status: str, data: Prepar
         "verified_test": _headline(evaluation.metrics.get("verified_test")),
         "best_epoch": manager.state["best_epoch"],
         "best_val_weighted_f1": manager.state["best_score"],
+        "model_choice": evaluation.candidates,
         "epochs_run": int(manager.state["epoch"]) - resumed_from,
         "epochs_total": int(manager.state["epoch"]),
         "resumed_from_epoch": resumed_from,
@@ -379,8 +450,9 @@ def _train_once(manager: CheckpointManager, config: TrainConfig, data: PreparedD
     with dtype_policy(runtime.mixed_precision), distribution_scope(config, placement):
         keras.utils.set_random_seed(config.seed)
         start = build_or_resume(manager, manager.load(), config, data, run_id)
-        status = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress,
-                            timer=placement.timer)
+        status, tail = run_phases(start, manager, config, data, jit_compile=runtime.jit_compile, progress=progress,
+                                  timer=placement.timer)
+        record_tail_average(start.model, tail, manager, config, data)
         evaluation = evaluate_best_epoch(manager, config, data)
     return start, status, evaluation
 

@@ -7,21 +7,25 @@
   override that the final training (`derm-train`) takes as is.
 - The objective is `val_weighted_f1`, computed by `dermflow.modeling.callbacks.ValWeightedF1`
   over the WHOLE validation split once per epoch (scikit-learn, not a batch average).
-- Tuners: `random`, `hyperband`, `bayesian`. The first trial of `random`/`bayesian` runs the
-  space's defaults (a known-good recipe), so even a one-trial budget returns a sound config.
+- Tuners: `random`, `hyperband`, `bayesian`. The first trial of every tuner runs the space's
+  defaults (a known-good recipe), so even a one-trial budget returns a sound config, and the
+  best trial replaces the defaults only when it scored higher (`tuning_results.best_config`).
 - Resumable: keras-tuner writes its project to a local directory; `ProjectSync`
   (`dermflow.modeling.tuning_sync`) mirrors it to the search's prefix in the bucket after every
   trial and restores it before a search (`overwrite=False`), so a rerun with the same
   `tuning_id` continues where it stopped.
 - Distributed: keras-tuner's chief/worker mode lives in `dermflow.modeling.tuning_distributed`;
   reading a finished search's trials in `dermflow.modeling.tuning_results`.
-- Time budget: past `deadline` the oracle hands out no new trial and the running trial stops
-  after its current batch (its best epoch so far still counts).
+- Time budget: the tuning window is cut into at most `BUDGET_TRIAL_SLOTS` trial slots; a trial
+  anneals by the end of its slot and stops there. Past `deadline` (or with less than most of a
+  slot left) the oracle hands out no new trial; a trial the deadline cut short is marked
+  `cut_off` and never chosen (`tuning_results`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -40,21 +44,28 @@ from dermflow.config import DEFAULT_TUNING_SHARE, TRAIN_DEFAULTS, ArchitectureNa
 from dermflow.dataset import arrays as data_lib
 from dermflow.errors import DermflowError
 from dermflow.modeling import models, recipe
-from dermflow.modeling.callbacks import TimeBudget, ValWeightedF1, schedule_callbacks
+from dermflow.modeling.callbacks import TimeBudget, ValWeightedF1, phase_callbacks
 from dermflow.modeling.search_space import (
     OBJECTIVE_NAME,
     objective,
     sample_config,
     search_space_signature,
 )
-from dermflow.modeling.tuning_results import best_config, read_trials
+from dermflow.modeling.tuning_results import TRIAL_INFO_FILE, annotate_choice, best_config, read_trials
 from dermflow.modeling.tuning_sync import ProjectSync
 from dermflow.runs import content_hash
 
 log = logging.getLogger("dermflow.modeling.tuning")
 
-# A trial stops after this many epochs without a better validation weighted F1.
+# A trial stops after this many epochs without a better validation weighted F1 (once its
+# schedule has annealed: `AnnealedEarlyStopping`, the rule the final training follows too).
 TRIAL_PATIENCE = 3
+# Under a deadline the tuning window is cut into at most this many equal trial slots: a trial
+# anneals by the end of its slot and stops there, so one slow trial cannot take the window.
+BUDGET_TRIAL_SLOTS = 3
+# A trial's score is the mean validation weighted F1 of its last epochs (annealed, so stable),
+# not its single best epoch: validation swings of +-0.15 make the best epoch a lottery.
+SCORE_EPOCHS = 3
 SEARCH_DEFAULTS = config.SearchOptions()
 # Where searches keep their keras-tuner project directories, under the local cache (a local
 # path; the bucket copy is at `layout.tuning_prefix`).
@@ -94,6 +105,7 @@ class DermHyperModel(keras_tuner.HyperModel):
         deadline: float | None = None,
         data: TrialData | None = None,
         patience: int = TRIAL_PATIENCE,
+        trial_seconds: float | None = None,
     ):
         super().__init__(name=f"derm-{architecture}", tunable=True)
         models.get_spec(architecture)
@@ -106,6 +118,8 @@ class DermHyperModel(keras_tuner.HyperModel):
         self.deadline = deadline
         self.data = data
         self.patience = patience
+        self.trial_seconds = trial_seconds
+        self.last_fit: dict = {}  # how the last trial ended (the tuner writes it to the trial's directory)
 
     def train_config(self, hp: keras_tuner.HyperParameters, epochs: int = 1) -> TrainConfig:
         fixed = dict(architecture=self.architecture, image_size=self.image_size, epochs=max(1, int(epochs)),
@@ -124,10 +138,19 @@ class DermHyperModel(keras_tuner.HyperModel):
         recipe.configure_phase(model, first_phase, config, jit_compile=False)
         return model
 
+    def trial_deadline(self, started: float) -> tuple[float | None, bool]:
+        """(this trial's deadline, whether it is the tuning deadline rather than the trial's slot)."""
+        own = started + self.trial_seconds if self.trial_seconds else None
+        if self.deadline is None or (own is not None and own <= self.deadline):
+            return own, False
+        return self.deadline, True
+
     def fit(self, hp, model, *args, epochs: int = 1, initial_epoch: int = 0, callbacks=None, **kwargs):
         if self.data is None:
             raise TuningError("this hypermodel has no training data bound (a chief only serves the oracle)")
-        config = self.train_config(hp, epochs)
+        started = time.time()
+        deadline, tuning_bound = self.trial_deadline(started)
+        config = self.train_config(hp, epochs).model_copy(update={"deadline": deadline})
         arrays = self.data.arrays
         class_weights = (
             data_lib.class_weights_from_labels(arrays.labels[self.data.train_indices], self.num_classes)
@@ -138,9 +161,7 @@ class DermHyperModel(keras_tuner.HyperModel):
         val_data = data_lib.make_dataset(arrays, self.data.val_indices, config.eval_batch_size, shuffle=False)
         # ValWeightedF1 first: keras-tuner's own callbacks (after it) read the value from the logs.
         f1 = ValWeightedF1(val_data, arrays.labels[self.data.val_indices])
-        stop = keras.callbacks.EarlyStopping(OBJECTIVE_NAME, mode="max", patience=config.patience)
-        budget = TimeBudget(config.deadline)
-        all_callbacks = [f1, *(callbacks or []), stop, budget]
+        budget = TimeBudget(deadline)
         merged: dict[str, list] = {}
         pretrained = models.get_spec(self.architecture).pretrained
         for phase, first, end in recipe.phases_for(config, pretrained):
@@ -148,41 +169,49 @@ class DermHyperModel(keras_tuner.HyperModel):
                 continue
             if phase == "finetune":
                 recipe.configure_phase(model, phase, config, jit_compile=False)
-            # Trials anneal over their own epochs: their share of the tuning deadline is unknown.
-            schedule = schedule_callbacks(config, phase, first, end, deadline=None)
+            # A trial anneals by its last epoch or the end of its slot, whichever comes first.
+            schedule, stop, _ = phase_callbacks(config, phase, first, end, deadline)
             history = model.fit(train_data, initial_epoch=max(first, initial_epoch), epochs=end,
-                                callbacks=[*schedule, *all_callbacks], verbose=0)
+                                callbacks=[*schedule, f1, *(callbacks or []), stop, budget], verbose=0)
             for name, values in history.history.items():
                 merged.setdefault(name, []).extend(values)
-        if not merged.get(OBJECTIVE_NAME):
+        scores = [v for v in merged.get(OBJECTIVE_NAME, []) if not np.isnan(v)]
+        # Cut off: the tuning deadline (not the trial's own slot or epochs) ended it early.
+        self.last_fit = {"cut_off": bool(budget.stopped and tuning_bound), "epochs": len(scores),
+                         "seconds": round(time.time() - started, 1)}
+        if not scores:
             raise keras_tuner.errors.FailedTrialError("no epoch finished (deadline already passed)")
-        return {OBJECTIVE_NAME: float(np.nanmax(merged[OBJECTIVE_NAME]))}
+        return {OBJECTIVE_NAME: float(np.mean(scores[-SCORE_EPOCHS:]))}
 
 
 # --------------------------------------------------------------------------- tuners and oracles
 
 
 class _BudgetedOracle:
-    """Oracle mixin: no new trial past `deadline`; the first trial runs the space's defaults;
-    `after_end_trial` (the chief's bucket sync) runs after every finished trial."""
+    """Oracle mixin: no new trial past `deadline` (nor when less than most of a trial slot is
+    left); the first trial of every tuner runs the space's defaults (a known-good recipe, so
+    even a one-trial budget returns a sound config); `after_end_trial` (the chief's bucket
+    sync) runs after every finished trial."""
 
     deadline: float | None = None
+    trial_seconds: float | None = None
     start_with_defaults: bool = False
     after_end_trial: Callable[[], Any] | None = None
 
     def populate_space(self, trial_id):
-        if self.deadline is not None and time.time() >= self.deadline:
+        left = None if self.deadline is None else self.deadline - time.time()
+        # A trial started with little of its slot left would only be cut off (and not count).
+        if left is not None and (left <= 0 or (self.trial_seconds and left < 0.8 * self.trial_seconds)):
             log.info("tuning deadline reached: no new trial")
             return {"status": TrialStatus.STOPPED, "values": None}
-        if self.start_with_defaults and not self.trials:
-            hps = keras_tuner.HyperParameters()
-            values = {}
-            for hp in self.hyperparameters.space:
-                hps.merge([hp])
-                if hps.is_active(hp):
-                    values[hp.name] = hp.default
-            return {"status": TrialStatus.RUNNING, "values": values}
         return super().populate_space(trial_id)
+
+    def _random_values(self):
+        # Every tuner draws its new points here (random, Bayesian's initial points, Hyperband's
+        # first round): the very first point is the space's defaults.
+        if self.start_with_defaults and not self.trials:
+            return default_values(self.hyperparameters)
+        return super()._random_values()
 
     def end_trial(self, trial):
         result = super().end_trial(trial)
@@ -192,6 +221,18 @@ class _BudgetedOracle:
             except Exception as error:  # noqa: BLE001 - a failed sync must not kill the search
                 log.warning("tuning sync after trial %s failed: %s", trial.trial_id, error)
         return result
+
+
+def default_values(space: keras_tuner.HyperParameters) -> dict:
+    """The default of every active hyperparameter of `space`."""
+    hps = keras_tuner.HyperParameters()
+    values = {}
+    for hp in space.space:
+        hps.merge([hp])
+        if hps.is_active(hp):
+            values[hp.name] = hp.default
+            hps.values[hp.name] = hp.default
+    return values
 
 
 def _oracle_class(kind: str) -> type:
@@ -222,6 +263,14 @@ class _SyncingTunerMixin:
         return super().on_trial_begin(trial)
 
     def on_trial_end(self, trial):
+        # How the trial ended (cut off by the tuning deadline or not), next to keras-tuner's
+        # trial.json, so the trial table can mark it and `best_config` can pass it over.
+        info = getattr(self.hypermodel, "last_fit", None)
+        if info:
+            path = Path(self.get_trial_dir(trial.trial_id)) / TRIAL_INFO_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(info))
+            self.hypermodel.last_fit = {}
         super().on_trial_end(trial)
         if self.project_sync is not None:
             try:
@@ -265,6 +314,7 @@ class SearchSpec(config.ModelInput, config.SearchOptions):
     tuning_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     directory: str = Field(min_length=1, description="local parent of the keras-tuner project directory")
     patience: int = Field(TRIAL_PATIENCE, ge=1)
+    trial_seconds: float | None = Field(None, gt=0, description="each trial's time cap (None: no cap)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchSpec":
@@ -306,7 +356,8 @@ def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSyn
         oracle_kwargs.update(max_trials=spec.max_trials)
     oracle = _oracle_class(spec.tuner)(**oracle_kwargs)
     oracle.deadline = spec.deadline
-    oracle.start_with_defaults = spec.tuner != "hyperband"
+    oracle.trial_seconds = spec.trial_seconds
+    oracle.start_with_defaults = True
     if spec.tuner == "hyperband":
         oracle.max_trials = spec.max_trials
     if sync is not None and dist_role() == "chief":
@@ -314,12 +365,14 @@ def make_tuner(spec: SearchSpec, data: TrialData | None = None, sync: ProjectSyn
     hypermodel = DermHyperModel(
         spec.architecture, spec.num_classes, spec.image_size, spec.weights, batch_size=spec.batch_size,
         seed=spec.seed, deadline=spec.deadline, data=data, patience=spec.patience,
+        trial_seconds=spec.trial_seconds,
     )
     tuner_class = DermHyperband if spec.tuner == "hyperband" else DermTuner
     tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=spec.directory,
                         project_name=spec.tuning_id, overwrite=False)
     # A resumed oracle keeps the state it saved; the budget is this run's.
     tuner.oracle.deadline = spec.deadline
+    tuner.oracle.trial_seconds = spec.trial_seconds
     tuner.oracle.max_trials = spec.max_trials
     tuner.project_sync = sync
     return tuner
@@ -366,7 +419,9 @@ def search(spec: SearchSpec, data: TrialData, sync: ProjectSync | None = None) -
         sync.push()
     trials = read_trials(spec.project_dir, spec.architecture)
     log.info("%s: %d trial(s) (%d this run)", spec.tuning_id, len(trials), len(trials) - before)
-    return {"trials": trials, "best": best_config(trials)}
+    why = annotate_choice(trials)
+    log.info("%s: the final training takes %s", spec.tuning_id, why)
+    return {"trials": trials, "best": best_config(trials), "chosen": why}
 
 
 def default_trial_epochs(epochs: int) -> int:
@@ -427,7 +482,17 @@ def make_spec(store, split_key: str, architecture: str, *, tuner: str = SEARCH_D
         weights=weights, tuner=tuner, max_trials=max_trials,
         trial_epochs=trial_epochs or default_trial_epochs(epochs), batch_size=batch_size, seed=seed,
         deadline=deadline, tuning_id=tuning_id, directory=local_tuning_dir(settings),
+        trial_seconds=trial_slot_seconds(deadline, max_trials),
     )
+
+
+def trial_slot_seconds(deadline: float | None, max_trials: int, now: float | None = None) -> float | None:
+    """Each trial's time cap under a tuning deadline: the window cut into at most
+    `BUDGET_TRIAL_SLOTS` equal slots (None without a deadline)."""
+    if deadline is None:
+        return None
+    now = time.time() if now is None else now
+    return max(1.0, deadline - now) / max(1, min(max_trials, BUDGET_TRIAL_SLOTS))
 
 
 def tuning_deadline(deadline: float | None, share: float = DEFAULT_TUNING_SHARE, now: float | None = None) -> float | None:

@@ -20,6 +20,10 @@ NOT_FOR_CLINICAL_USE = (
     "Research tool only: not a medical device and not for clinical use or diagnosis."
 )
 # --- models ----------------------------------------------------------------------------------
+# On by default, as in the pipeline's own test evaluation (TrainConfig.tta): +0.014 held-out
+# weighted F1 on atlas20 (bench/README.md).
+TTA_HELP = "average with the horizontally flipped images (default; --no-tta: the images alone)"
+
 
 def _model_bundle(args):
     """The model `--model`/`--arch` name (default: the champion), cached locally once."""
@@ -39,7 +43,7 @@ def cmd_predict(args) -> int:
     from dermflow.evaluation.predict import predict_images
 
     bundle = _model_bundle(args)
-    results = predict_images(bundle, args.sources, top_k=args.top_k)
+    results = predict_images(bundle, args.sources, top_k=args.top_k, tta=args.tta)
     if args.explain:
         from dermflow.evaluation.predict import explain_image
 
@@ -202,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--explain", metavar="OUT.png", help="write the first image with its Grad-CAM heatmap")
     predict.add_argument("--json", action="store_true")
+    predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help=TTA_HELP)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="score a model on a labelled set you bring")
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True, help="directory of <md5hash>.<ext> images")
     evaluate.add_argument("--model", help=model_help)
     evaluate.add_argument("--arch", help="architecture of that run (default: the run's best)")
-    evaluate.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help=TTA_HELP)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

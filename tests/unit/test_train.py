@@ -180,9 +180,9 @@ def test_cosine_schedule_follows_epochs_or_the_deadline_whichever_is_further():
     by_epochs._steps = 10
     by_epochs.on_epoch_begin(4)
     assert by_epochs.progress(5) == pytest.approx((2 + 0.5) / 4)
+    assert not by_epochs.annealed()  # early stopping waits for the schedule's end
+    by_epochs.on_epoch_end(5)  # the last epoch (index 5 of 2..6) finished: at the floor
     assert by_epochs.annealed()
-    by_epochs.on_epoch_begin(3)
-    assert not by_epochs.annealed()  # early stopping waits for the second half
     by_time = callbacks.CosineSchedule(1e-3, 0, 100, deadline=time.time() + 10)
     by_time._started = time.time() - 10  # the phase started 10 s ago; 10 s are left
     assert by_time.progress(0) == pytest.approx(0.5, abs=0.01)
@@ -207,3 +207,78 @@ def test_cosine_schedule_sets_the_optimizer_rate_during_fit():
     assert finetune[0].base_rate == 3e-5
     with pytest.raises(ValueError, match="lr_schedule\n  Input should be 'cosine'"):
         TrainConfig(lr_schedule="step")
+
+
+class NoisyValidation(keras.callbacks.Callback):
+    """Fills `val_weighted_f1` like ValWeightedF1 would on a tiny, noisy validation split: an
+    early spike, then nothing better (issue 17: 0.222, 0.296, 0.089, 0.029, ...)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_weighted_f1"] = 0.9 if epoch == 1 else 0.1 + 0.05 * (epoch % 3)
+
+
+class FakeClock(keras.callbacks.Callback):
+    """The callbacks' clock: one second per epoch (a real clock would make the test depend on
+    how busy the machine is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.now += 0.5
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.now += 0.5
+
+
+def fit_noisy(schedule, patience: int, clock: FakeClock, deadline: float):
+    x = np.zeros((8, 4, 4, 3), "float32")
+    y = keras.utils.to_categorical(np.arange(8) % 3, 3)
+    model = tiny_classifier()
+    rates = []
+    reader = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+    stop = callbacks.AnnealedEarlyStopping(patience, schedule[0] if schedule else None)
+    budget = callbacks.TimeBudget(deadline)
+    model.fit(x, y, epochs=1_000, batch_size=8, verbose=0,
+              callbacks=[clock, *schedule, NoisyValidation(), stop, reader, budget])
+    return stop, budget, rates
+
+
+def test_budgeted_training_with_noisy_validation_runs_until_the_schedule_has_annealed(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    config = TrainConfig(learning_rate=1e-2, patience=2)
+    deadline = clock.now + 20  # 20 epochs of one (fake) second
+    schedule = callbacks.schedule_callbacks(config, "full", 0, 1_000, deadline=deadline)
+    stop, budget, rates = fit_noisy(schedule, config.patience, clock, deadline)
+    # Patience ran out at epoch 4, but early stopping waited: training went on until the
+    # deadline, with the rate annealed to (near) its floor in the last epoch.
+    assert budget.stopped and len(rates) == 20 and clock.now == deadline
+    assert max(rates) > 0.5e-2 and rates[-1] < 0.02 * 1e-2
+
+
+def test_a_constant_rate_has_nothing_to_wait_for_so_patience_stops_it(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    stop, budget, rates = fit_noisy([], 2, clock, deadline=clock.now + 20)
+    assert stop.stopped and not budget.stopped and len(rates) == 4
+
+
+def test_tail_average_is_the_mean_of_the_annealed_epochs_weights():
+    model = tiny_classifier()
+    schedule = callbacks.CosineSchedule(1e-3, 0, 4)
+    tail = callbacks.TailAverage(schedule, start_progress=0.5)
+    tail.set_model(model)
+    for epoch in range(4):
+        model.set_weights([np.full_like(w, epoch) for w in model.get_weights()])
+        schedule.on_epoch_end(epoch)  # progress (epoch + 1) / 4
+        tail.on_epoch_end(epoch)
+    # epochs 1, 2, 3 end at progress >= 0.5
+    assert tail.count == 3
+    assert all(np.allclose(w, 2.0) for w in tail.averaged_weights())
+    assert callbacks.TailAverage(None).in_tail() is False

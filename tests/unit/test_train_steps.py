@@ -84,7 +84,7 @@ def test_a_deadline_before_the_first_epoch_is_a_clear_error(setup):
     manager = CheckpointManager(store, "run-b", "baseline_cnn", settings.local_cache_dir / "ckpt", 1)
     start = train.build_or_resume(manager, None, config, data, "run-b")
     assert start.done_epochs == 0 and start.loaded_phase is None
-    assert train.run_phases(start, manager, config, data, jit_compile=False, progress=None) == "deadline"
+    assert train.run_phases(start, manager, config, data, jit_compile=False, progress=None)[0] == "deadline"
     with pytest.raises(TrainingError, match="no epoch finished before the deadline"):
         train.evaluate_best_epoch(manager, config, data)
 
@@ -103,3 +103,18 @@ def test_resume_continues_in_the_phase_the_checkpoint_was_trained_in(setup):
     resumed = train.build_or_resume(manager, previous, config, data, "run-c")
     assert resumed.done_epochs == 1 and resumed.loaded_phase == "full"
     assert resumed.model.output_shape == (None, 3)
+
+
+def test_the_kept_model_is_the_average_of_the_annealed_tail(setup):
+    store, settings = setup
+    run_id = "20260101-000000-run-avg"
+    summary = train.train_architecture(store, SPLIT_KEY, tiny_config(epochs=4), run_id, settings)
+    choice = summary["model_choice"]
+    # epochs 3 and 4 end in the last quarter of the schedule: two epochs averaged
+    assert choice["chosen"] == "average" and choice["average"]["epochs"] == 2 and choice["tta"] is True
+    assert store.exists(layout.averaged_checkpoint_key(run_id, "baseline_cnn"))
+    assert choice["average"]["test_weighted_f1"] == summary["test"]["weighted_f1"]
+    assert choice["best_epoch"]["test_weighted_f1"] is not None  # the other candidate, for the record
+    best = train.train_architecture(store, SPLIT_KEY, tiny_config(epochs=4, model_choice="best_epoch"),
+                                    "20260101-000000-run-best", settings)
+    assert best["model_choice"]["chosen"] == "best_epoch"

@@ -58,13 +58,16 @@ def test_search_space_yields_only_train_config_fields():
     assert "fine_tune_blocks" in pretrained and "arch_options" not in pretrained
 
 
-def test_search_space_matches_the_report_ranges():
+def test_search_space_stays_near_the_known_good_recipe():
     hp = keras_tuner.HyperParameters()
     search_space.sample_config(hp, "baseline_cnn")
     space = {p.name: p for p in hp.space}
-    assert set(space["optimizer"].values) == {"adam", "rmsprop", "sgd"}
-    assert space["learning_rate"].min_value <= 1e-3 and space["learning_rate"].max_value >= 1e-1
+    # Near the known-good recipe (issue 17): the wide ranges spent short budgets on useless points.
+    assert set(space["optimizer"].values) == {"adam", "adamw"}
+    assert space["learning_rate"].min_value == 3e-4 and space["learning_rate"].max_value == 3e-3
     assert space["learning_rate"].sampling == "log"
+    assert space["lr_schedule"].value == "cosine" and space["batch_norm"].value is True
+    assert max(space["width_multiplier"].values) <= 1.0
 
 
 def test_config_from_values_drops_tuner_bookkeeping():
@@ -180,9 +183,63 @@ def test_trial_table_flattens_hyperparameters():
     trials = [{"architecture": "baseline_cnn", "trial_id": "0", "status": "COMPLETED", "score": 0.123456,
                "hyperparameters": {"learning_rate": 0.00123456789, "arch_options": {"depth": 4}}}]
     assert tuning_results.trial_table(trials) == [{"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED",
+                                           "cut_off": False, "default": False, "chosen": False,
                                            "val_weighted_f1": 0.1235, "learning_rate": 0.001235,
                                            "arch_options.depth": 4}]
-    assert tuning_results.best_config([{**trials[0], "status": "FAILED"}]) is None
+    # Trials ran but none finished: the final training takes the space's defaults.
+    defaults = search_space.config_from_values("baseline_cnn", {})
+    assert tuning_results.best_config([{**trials[0], "status": "FAILED"}]) == defaults
+    assert tuning_results.best_config([]) is None
+
+
+def trial(trial_id: str, score: float, **marks) -> dict:
+    return {"architecture": "baseline_cnn", "trial_id": trial_id, "status": "COMPLETED", "score": score,
+            "hyperparameters": {"learning_rate": float(trial_id)}, **marks}
+
+
+def test_a_trial_cut_off_by_the_deadline_is_never_chosen_and_defaults_win_ties():
+    trials = [trial("0", 0.30, default=True), trial("1", 0.50, cut_off=True), trial("2", 0.25)]
+    chosen, why = tuning_results.choose_trial(trials)
+    assert chosen["trial_id"] == "0" and why == "the defaults scored best"
+    assert tuning_results.annotate_choice(trials) == "the defaults scored best"
+    assert [t["chosen"] for t in trials] == [True, False, False]
+    rows = tuning_results.trial_table(trials)
+    assert [r["cut_off"] for r in rows] == [False, True, False] and rows[0]["default"] and rows[0]["chosen"]
+    better = [trial("0", 0.30, default=True), trial("1", 0.31)]
+    assert tuning_results.choose_trial(better)[0]["trial_id"] == "1"
+    tie = [trial("1", 0.30), trial("0", 0.30, default=True)]
+    assert tuning_results.choose_trial(tie) == (tie[1], "no trial beat the defaults")
+    assert tuning_results.choose_trial([trial("1", 0.5, cut_off=True)])[0] is None
+
+
+def test_a_search_cut_off_by_its_deadline_marks_the_trial(tmp_path):
+    data = tuning.trial_data(synthetic_arrays(tmp_path))
+    # No per-trial slot: the tuning deadline, 20 s away, is what ends the 1,000-epoch trial.
+    spec = spec_for(tmp_path, trial_epochs=1_000, deadline=time.time() + 20)
+    result = tuning.search(spec, data)
+    assert len(result["trials"]) == 1 and result["trials"][0]["cut_off"] is True
+    assert result["trials"][0]["default"] is True
+    assert "no trial finished" in result["chosen"]
+    assert result["best"] == search_space.config_from_values("baseline_cnn", {})
+    assert tuning_results.trial_table(result["trials"])[0]["cut_off"] is True
+
+
+@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+def test_every_tuner_tries_the_defaults_first(tmp_path, kind):
+    tuner = tuning.make_tuner(spec_for(tmp_path, tuner=kind, max_trials=3, trial_epochs=3))
+    first = tuner.oracle.create_trial("tuner0")
+    values = {k: v for k, v in first.hyperparameters.values.items() if not k.startswith("tuner/")}
+    assert values == tuning.default_values(tuner.oracle.hyperparameters)
+    assert search_space.config_from_values("baseline_cnn", values) == search_space.config_from_values("baseline_cnn", {})
+
+
+def test_trial_slots_cut_the_tuning_window_in_at_most_three():
+    assert tuning.trial_slot_seconds(None, 10) is None
+    assert tuning.trial_slot_seconds(1_300.0, 10, now=1_000.0) == pytest.approx(100.0)
+    assert tuning.trial_slot_seconds(1_300.0, 2, now=1_000.0) == pytest.approx(150.0)
+    model = tuning.DermHyperModel("baseline_cnn", 3, SIZE, "none", deadline=1_250.0, trial_seconds=100.0)
+    assert model.trial_deadline(1_000.0) == (1_100.0, False)  # its own slot
+    assert model.trial_deadline(1_200.0) == (1_250.0, True)  # the tuning deadline comes first
 
 
 def test_a_chief_that_never_listens_is_a_transient_tuning_error():
