@@ -6,8 +6,10 @@ holding DERMFLOW_ALERT_WEBHOOK) and these Prefect automations:
 - `derm-retrain-failed`: a `derm/retrain` run ended Failed, Crashed or TimedOut, or went Late
   (scheduled, but no worker picked it up: workers down, or the pool paused);
 - `derm-retrain-missing`: no `derm/retrain` run Completed within the schedule's period plus a
-  day (the server was down at the scheduled time, or every run failed; a schedule paused for
-  longer than a period fires it too, which is what it is for);
+  day (the server was down at the scheduled time, or every run failed). It is enabled only
+  while the retrain's schedule is on: the schedule starts paused (README, "Scheduled
+  retraining"), and a user who never turned it on expects no retrain, so no alert;
+  `dermflow schedule resume`/`pause` switch it with the schedule;
 - `derm-partial-failure`: a `derm` run completed, but some architectures failed (the
   `dermflow.run.partial-failure` event of `tasks.runs.report_partial_failure`).
 
@@ -49,7 +51,7 @@ def retrain_period(deployment) -> timedelta:
     return DEFAULT_PERIOD
 
 
-def _retrain_automations(deployment, block_id):
+def _retrain_automations(deployment, block_id, schedule_on: bool):
     from prefect.automations import Automation, EventTrigger, SendNotification
 
     related = {"prefect.resource.id": f"prefect.deployment.{deployment.id}"}
@@ -70,7 +72,7 @@ def _retrain_automations(deployment, block_id):
         )],
     )
     missing = Automation(
-        name=MISSING_AUTOMATION,
+        name=MISSING_AUTOMATION, enabled=schedule_on,
         description=f"Notify when no derm/retrain run completed within {within}",
         trigger=EventTrigger(
             expect={"prefect.flow-run.Completed"}, match_related=related,
@@ -114,6 +116,7 @@ def configure_alerts(settings: Settings) -> bool:
         if not settings.alert_webhook:
             return False
         deployment = client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        schedule_on = retrain_schedule_on(client, deployment)
     # The URL (it may carry a token) lives only in the block's secret field; `url` names it.
     block = CustomWebhookNotificationBlock(
         name=ALERT_BLOCK, url="{{webhook_url}}",
@@ -121,14 +124,31 @@ def configure_alerts(settings: Settings) -> bool:
         json_data={"subject": "{{subject}}", "body": "{{body}}"},
     )
     block_id = block.save(ALERT_BLOCK, overwrite=True)
-    for automation in [*_retrain_automations(deployment, block_id), _partial_failure_automation(block_id)]:
+    for automation in [*_retrain_automations(deployment, block_id, schedule_on), _partial_failure_automation(block_id)]:
         automation.create()
     return True
 
 
+def retrain_schedule_on(client, deployment) -> bool:
+    """Whether the retrain will run on its schedule: the deployment not paused, a schedule on."""
+    schedules = client.read_deployment_schedules(deployment.id)
+    return not deployment.paused and any(schedule.active for schedule in schedules)
+
+
+def follow_schedule(client, schedule_on: bool) -> bool:
+    """Enable the missing-retrain alert while the schedule is on, disable it while it is off;
+    False when alerts are not wired (no automation to switch)."""
+    found = client.read_automations_by_name(MISSING_AUTOMATION)
+    for automation in found:
+        if automation.enabled != schedule_on:
+            (client.resume_automation if schedule_on else client.pause_automation)(automation.id)
+    return bool(found)
+
+
 def alerts_status() -> dict:
-    """{"wired": bool, "automations": {name: enabled}}: wired when every automation exists and is
-    enabled (what `dermflow status` reports); needs the Prefect API."""
+    """{"wired": bool, "automations": {name: enabled}}: wired when every automation exists and
+    is enabled, the missing-retrain one only while the schedule is on (what `dermflow status`
+    reports); needs the Prefect API."""
     from prefect.client.orchestration import get_client
 
     found = {}
@@ -137,4 +157,7 @@ def alerts_status() -> dict:
             automations = client.read_automations_by_name(name)
             if automations:
                 found[name] = all(a.enabled for a in automations)
-    return {"wired": len(found) == len(AUTOMATIONS) and all(found.values()), "automations": found}
+        deployment = client.read_deployment_by_name(RETRAIN_DEPLOYMENT) if found else None
+        schedule_on = retrain_schedule_on(client, deployment) if deployment is not None else False
+    expected = {name: (schedule_on if name == MISSING_AUTOMATION else True) for name in AUTOMATIONS}
+    return {"wired": found == expected, "automations": found, "retrain_schedule_on": schedule_on}

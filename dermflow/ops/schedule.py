@@ -115,6 +115,9 @@ def set_active(client, active: bool) -> dict:
             client.update_deployment_schedule(deployment.id, schedule.id, active=active)
     if active and deployment.paused:
         client.resume_deployment(deployment.id)
+    from dermflow.ops.alerts import follow_schedule
+
+    follow_schedule(client, active)  # the missing-retrain alert watches only a schedule that is on
     return {"deployment": RETRAIN, "active": active, "schedules": len(schedules)}
 
 

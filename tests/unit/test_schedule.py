@@ -28,6 +28,18 @@ class FakeClient:
         self.schedules = [SimpleNamespace(id=uuid.uuid4(), active=active,
                                           schedule=SimpleNamespace(cron="0 3 * * 1", timezone="UTC"))]
         self.exists = exists
+        self.automations = []
+
+    def read_automations_by_name(self, name):
+        return [a for a in self.automations if a.name == name]
+
+    def pause_automation(self, automation_id):
+        [target] = [a for a in self.automations if a.id == automation_id]
+        target.enabled = False
+
+    def resume_automation(self, automation_id):
+        [target] = [a for a in self.automations if a.id == automation_id]
+        target.enabled = True
 
     def read_deployment_by_name(self, name):
         if not self.exists or name != schedule.RETRAIN:
@@ -84,6 +96,20 @@ def test_resume_turns_the_schedule_on_and_unpauses_pause_turns_it_off():
     assert schedule.schedule_state(client, memory_store())["active"]
     schedule.set_active(client, False)
     assert not client.schedules[0].active
+
+
+def test_the_missing_retrain_alert_follows_the_schedule():
+    """A schedule the user never turned on expects no retrain: its missing-retrain alert is off."""
+    from dermflow.ops.alerts import FAILED_AUTOMATION, MISSING_AUTOMATION
+
+    client = FakeClient()
+    missing = SimpleNamespace(id=uuid.uuid4(), name=MISSING_AUTOMATION, enabled=False)
+    failed = SimpleNamespace(id=uuid.uuid4(), name=FAILED_AUTOMATION, enabled=True)
+    client.automations = [missing, failed]
+    schedule.set_active(client, True)
+    assert missing.enabled and failed.enabled
+    schedule.set_active(client, False)
+    assert not missing.enabled and failed.enabled
 
 
 def test_set_from_a_run_stores_a_named_configuration_and_shows_it_in_the_deployment():
