@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The mount namespace of a host process: hide /work and /tmp, mount back the host's folder.
+# The mount namespace of a host process: hide /work, /tmp and the checkout (wherever CI clones
+# it), mount back the host's folder.
 _ENTER = r"""
 set -e
 mount --make-rprivate /
@@ -35,12 +36,16 @@ mount --bind -o ro "$DF_DEPS" "$DF_ROOT/deps"
 mount --rbind "$DF_ROOT" /mnt
 mount -t tmpfs tmpfs /work
 mount -t tmpfs tmpfs /tmp
+mkdir -p "$DF_CHECKOUT" && mount -t tmpfs tmpfs "$DF_CHECKOUT"
 mkdir -p "$DF_ROOT"
 mount --move /mnt "$DF_ROOT"
 hostname "$DF_HOSTNAME"
 cd "$DF_CWD"
 exec "$@"
 """
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _run(*argv: str) -> None:
@@ -82,7 +87,8 @@ class Host:
                 "LANG": "C.UTF-8", "PREFECT_HOME": str(self.home / ".prefect"),
                 "DERMFLOW_PROJECT_ROOT": str(self.work), "DERMFLOW_ENV_FILE": str(self.work / ".env"),
                 "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                "DF_ROOT": str(self.root), "DF_DEPS": str(_deps_dir()), "DF_HOSTNAME": self.name}
+                "DF_ROOT": str(self.root), "DF_DEPS": str(_deps_dir()), "DF_HOSTNAME": self.name,
+                "DF_CHECKOUT": str(CHECKOUT)}
 
     def _argv(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts", "--", "/bin/sh", "-c", _ENTER,

@@ -138,9 +138,11 @@ def test_trial_table_artifact_has_one_row_per_trial_and_every_column(monkeypatch
     assert asyncio.run(tune_tasks.publish_trial_table.fn("20260101_Run", trials)) == "artifact-1"
     assert published["key"] == "tuning-20260101-run"  # artifact keys: lowercase, no underscores
     assert published["table"] == [
-        {"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED", "val_weighted_f1": 0.5123,
-         "learning_rate": 0.001, "arch_options.depth": 4, "fine_tune_blocks": None},
-        {"architecture": "vgg16", "trial": "0", "status": "FAILED", "val_weighted_f1": None,
-         "learning_rate": 0.01, "arch_options.depth": None, "fine_tune_blocks": 2},
+        {"architecture": "baseline_cnn", "trial": "0", "status": "COMPLETED", "cut_off": False, "default": False,
+         "chosen": False, "val_weighted_f1": 0.5123, "learning_rate": 0.001, "arch_options.depth": 4,
+         "fine_tune_blocks": None},
+        {"architecture": "vgg16", "trial": "0", "status": "FAILED", "cut_off": False, "default": False,
+         "chosen": False, "val_weighted_f1": None, "learning_rate": 0.01, "arch_options.depth": None,
+         "fine_tune_blocks": 2},
     ]
     assert asyncio.run(tune_tasks.publish_trial_table.fn("r", [])) is None
