@@ -121,7 +121,10 @@ def test_a_retrain_flow_run_uses_the_champions_run_configuration(harness, bucket
         asyncio.run(derm(mode="retrain", batch_size=8))
     [run_id] = [r for r in _run_ids(bucket) if r != "20261102-100000-champ"]
     used = RunConfig.model_validate(bucket.get_json(layout.run_params_key(run_id))["config"])
-    assert used.mode == "retrain" and used.data.csv == rows and used.data.limit_per_label == 5
+    # the champion's local CSV, staged into the bucket for the other hosts (dermflow.inputs)
+    bucket_name, staged_key = used.data.csv.removeprefix("s3://").split("/", 1)
+    assert used.data.csv.endswith("/rows.csv") and bucket.get_bytes(staged_key) == Path(rows).read_bytes()
+    assert used.mode == "retrain" and used.data.limit_per_label == 5
     assert (used.training.image_size, used.training.epochs, used.training.batch_size) == (64, 2, 8)
 
 

@@ -68,7 +68,7 @@ def test_train_architecture_wires_the_steps_and_writes_the_outputs(setup):
         ("params", "params.json"), ("predictions", "predictions.npz"))}
     assert summary["keys"] == expected and all(store.exists(key) for key in expected.values())
     assert summary["status"] == "completed" and summary["epochs_run"] == 2 and summary["test"]["n"] == 6
-    assert [e["event"] for e in events] == ["phase_start", "epoch_end", "epoch_end", "done"]
+    assert [e["event"] for e in events] == ["placement", "phase_start", "epoch_end", "epoch_end", "done"]
     params = store.get_json(expected["params"])
     assert params["split_sizes"] == {"train": 15, "val": 6, "test": 6, "verified_test": 0}
     assert params["best_epoch"] == summary["best_epoch"] and params["accelerator"] is False
