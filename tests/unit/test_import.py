@@ -177,7 +177,10 @@ def test_a_bad_images_source_fails_the_run_with_its_name(harness, bucket, tmp_pa
     from flows.derm import derm
 
     csv_path = write_csv(tmp_path / "rows.csv", make_rows(2))
-    with pytest.raises(archive.ArchiveError, match="nowhere.zip: no such file"):
+    from dermflow.inputs import InputError
+
+    # refused before any work, naming the parameter and the path (dermflow.inputs checks local paths)
+    with pytest.raises(InputError, match=r"images='.*nowhere\.zip' is a local path that does not exist"):
         asyncio.run(derm(mode="fetch", csv=str(csv_path), images=str(tmp_path / "nowhere.zip"), task_runner="threads"))
 
 
