@@ -274,7 +274,7 @@ def test_a_failed_retrain_posts_an_alert(stack, alerts, tmp_path):
     while not alerts.received and time.monotonic() < deadline:
         time.sleep(2)
     assert alerts.received, "no alert was posted for the failed retrain"
-    assert "derm/retrain failed" in alerts.received[-1]["subject"]
+    assert "derm/retrain Failed" in alerts.received[-1]["subject"]  # the subject names the state
     assert "Failed" in alerts.received[-1]["body"]
 
 

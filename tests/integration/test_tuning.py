@@ -164,7 +164,9 @@ def test_tune_architectures_flow_returns_train_config_overrides(store, tmp_path,
         found = asyncio.run(artifacts())
     object_store.cache_clear()
     assert [t["trial_id"] for t in result["trials"]] == ["0", "1"]
-    assert all(set(t) == {"architecture", "trial_id", "hyperparameters", "score", "status"} for t in result["trials"])
+    assert all(set(t) == {"architecture", "trial_id", "hyperparameters", "score", "status", "default", "cut_off",
+                          "chosen"} for t in result["trials"])
+    assert result["trials"][0]["default"] and sum(t["chosen"] for t in result["trials"]) == 1
     best = result["best"]["baseline_cnn"]
     # As flows/train.py does: the tuned values override the run's parameters.
     config = TrainConfig(**{"architecture": "baseline_cnn", **train_params, **best})
