@@ -183,10 +183,11 @@ def test_rerun_after_sigkill_resumes_at_the_next_epoch(store, settings, s3_env, 
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 2 and summary["epochs_total"] == 4
     history = store.get_json("runs/20260101-000000-crash-run/models/baseline_cnn/history.json")
     assert history["epoch"] == [1, 2, 3, 4]
-    # only the last checkpoint and the best are kept
+    # only the last checkpoint, the best and the tail average (where one was recorded) are kept
     kept = [k for k in store.list_keys("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/") if k.endswith(".keras")]
     final = store.get_json("runs/20260101-000000-crash-run/checkpoints/baseline_cnn/state.json")
-    assert set(kept) == {final["checkpoints"][-1], final["best_key"]}
+    averaged = {final["averaged_key"]} if final.get("averaged_key") else set()
+    assert set(kept) == {final["checkpoints"][-1], final["best_key"], *averaged}
     assert final["checkpoints"][-1].endswith("epoch-004.keras")
 
 
