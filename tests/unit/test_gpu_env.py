@@ -62,12 +62,13 @@ def test_make_installs_the_gpu_extra_only_where_nvidia_smi_lists_a_gpu(tmp_path,
 
 
 def test_the_makefile_passes_the_gpu_constraints_with_the_gpu_extra(tmp_path):
+    # -B: what make would run to install, even where the venv is installed already
     bin_dir = _fake_nvidia_smi(tmp_path / "bin", TWO_GPUS)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    dry = subprocess.run(["make", "-n", "venv", f"PYTHON={sys.executable}", "EXTRAS=dev,gpu"], cwd=ROOT, env=env,
+    dry = subprocess.run(["make", "-n", "-B", "venv", f"PYTHON={sys.executable}", "EXTRAS=dev,gpu"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "-c constraints.txt -c constraints-gpu.txt -e '.[dev,gpu]'" in dry
-    cpu = subprocess.run(["make", "-n", "venv", f"PYTHON={sys.executable}", "EXTRAS=dev"], cwd=ROOT, env=env,
+    cpu = subprocess.run(["make", "-n", "-B", "venv", f"PYTHON={sys.executable}", "EXTRAS=dev"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "-e '.[dev]'" in cpu and "constraints-gpu.txt -e" not in cpu
 
