@@ -240,12 +240,12 @@ def test_a_screenshot_of_the_runs_logs_in_the_ui(stack, fetch_run, browser):  # 
     password = base64.b64encode(stack.env["PREFECT_API_AUTH_STRING"].encode()).decode()
     browser.send("Page.enable")
     browser.send("Page.navigate", url=f"{ui}/")
-    browser.wait_for("Page.loadEventFired", timeout=90)
+    browser.wait_for("Page.loadEventFired", timeout=180)  # the UI's first load is slow on a busy box
     # What the UI's login page stores (base64 of the auth string).
     browser.evaluate(f"localStorage.setItem('prefect-password', '{password}')")
     flow_run_id = SHOTS.get("flow_run_id") or fetch_run  # the subflow run that fetched
     browser.send("Page.navigate", url=f"{ui}/runs/flow-run/{flow_run_id}")
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     while "shard of " not in (browser.evaluate("document.body.innerText") or ""):
         assert time.monotonic() < deadline, "the run's logs page shows no dermflow.ingestion.fetch line"
         time.sleep(1)
