@@ -246,7 +246,7 @@ def test_a_screenshot_of_the_runs_logs_in_the_ui(stack, fetch_run, browser):  # 
     flow_run_id = SHOTS.get("flow_run_id") or fetch_run  # the subflow run that fetched
     browser.send("Page.navigate", url=f"{ui}/runs/flow-run/{flow_run_id}")
     deadline = time.monotonic() + 180
-    while "shard of " not in (browser.evaluate("document.body.innerText") or ""):
+    while "shard of " not in (browser.evaluate("document.body ? document.body.innerText : ''") or ""):
         assert time.monotonic() < deadline, "the run's logs page shows no dermflow.ingestion.fetch line"
         time.sleep(1)
     browser.evaluate("""(() => {  // the core's line in view
