@@ -151,6 +151,12 @@ def model_key(run_id: str, architecture: str, name: str = MODEL_FILE) -> str:
     return model_prefix(run_id, architecture) + name
 
 
+def model_score_key(run_id: str, architecture: str, split_hash: str) -> str:
+    """A model's test score on another run's split (`evaluation.promotion.score_on_split`): how
+    a champion was re-scored on a challenger's split, written by the trainer that scored it."""
+    return model_key(run_id, architecture, f"scores/{split_hash}.json")
+
+
 def checkpoints_prefix(run_id: str) -> str:
     return run_key(run_id, "checkpoints") + "/"
 

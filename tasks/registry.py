@@ -1,20 +1,26 @@
 """Prefect tasks for the model registry: reuse of unchanged trainings, and promotion.
 
 `derm/full` and `derm/retrain` promote by the same rule
-(`dermflow.evaluation.promotion.evaluate_challenger`): the first model of a label set becomes its champion; later ones only if they beat the
-champion's weighted F1 on the same test split.
+(`dermflow.evaluation.promotion.evaluate_challenger`): the first model of a label set becomes
+its champion; later ones only if they beat the champion's weighted F1 on the same test split.
+A champion scored on another split is re-scored on a trainer (`derm-rescore/default`, holding a
+`gpu` slot), never in the orchestrator's process.
 """
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as current_flow_run
 
 from dermflow.evaluation import promotion
-from dermflow.layout import model_key, training_record_key
+from dermflow.layout import model_key, model_score_key, training_record_key
 from dermflow.registry import entries, retention
 from dermflow.runs import content_hash
 from tasks.common import object_store, retry_unless_permanent, settings
+
+RESCORE_DEPLOYMENT = "derm-rescore/default"
 
 
 def training_key(split_hash: str, architecture: str, params: dict) -> str:
@@ -67,6 +73,44 @@ def promotion_markdown(mode: str, best: dict, decision: dict) -> str:
     )
 
 
+@task(name="score-on-split", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+def score_on_split(run_id: str, architecture: str, split_key: str, split_hash: str) -> dict:
+    """Re-score a registered model on the test rows of `split_key`, in this (trainer's) process;
+    the record goes to the bucket for the promotion that asked."""
+    record = promotion.score_on_split(object_store(), run_id, architecture, split_key, split_hash,
+                                      settings().local_cache_dir / "models")
+    get_run_logger().info("%s/%s on split %s: %s %.4f", run_id, architecture, split_hash, record["metric"],
+                          record["score"])
+    return record
+
+
+def rescore_on_a_trainer(store, split_hash: str, gpu_limit: str = "gpu"):
+    """A `promotion.Rescorer` that runs the champion's re-scoring as a `derm-rescore/default`
+    flow run (a subflow of this run in the UI, on the `gpu` queue) and reads its record back.
+    A record already stored for that split (an earlier promotion, a retried run) is reused."""
+
+    def rescore(champion: dict, split_key: str) -> float:
+        key = model_score_key(champion["run_id"], champion["arch"], split_hash)
+        if not store.exists(key):
+            child = run_deployment(
+                RESCORE_DEPLOYMENT,
+                parameters={"run_id": champion["run_id"], "architecture": champion["arch"],
+                            "split_key": split_key, "split_hash": split_hash, "gpu_limit": gpu_limit},
+                flow_run_name=f"rescore-{champion['run_id']}-{champion['arch']}",
+                idempotency_key=f"{current_flow_run.id}-rescore-{champion['run_id']}-{champion['arch']}-{split_hash}",
+                timeout=None, as_subflow=True, _sync=True,
+            )
+            state = child.state
+            if state is None or not state.is_completed() or not store.exists(key):
+                raise entries.RegistryError(
+                    f"re-scoring champion {champion['run_id']}/{champion['arch']} on split {split_hash} "
+                    f"ended {state.name if state else 'unknown'}: {state.message if state else ''}",
+                    transient=True)
+        return store.get_json(key)["score"]
+
+    return rescore
+
+
 @task(name="register-and-promote")
 def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_hash: str,
                       manifest_hash: str, train_params: dict, mode: str) -> dict | None:
@@ -81,6 +125,7 @@ def promote_if_better(run_id: str, outcomes: list[dict], split_key: str, split_h
     decision = promotion.evaluate_challenger(
         store, challenger_run=best["run_id"], challenger_arch=best["architecture"],
         challenger_score=best["test"]["weighted_f1"], split_key=split_key, split_hash=split_hash,
+        rescore=rescore_on_a_trainer(store, split_hash),
     )
     if decision["promoted"]:
         logger.info("promoted %s/%s: %s", best["run_id"], best["architecture"], decision["reason"])

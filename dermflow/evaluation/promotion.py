@@ -4,7 +4,9 @@ The one promotion path is `evaluate_challenger` (used by `derm/full` and `derm/r
 `tasks.registry.promote_if_better`). Scores are test weighted F1 and are only compared on the
 same test split: when the champion was scored on another split, its model is re-scored on the
 challenger's test split first (`rescore_champion`, which needs inference, so promotion lives
-here in evaluation and the registry stays plain storage).
+here in evaluation and the registry stays plain storage). Where that inference runs is the
+caller's choice (`evaluate_challenger(rescore=...)`): the flows pass one that runs
+`score_on_split` on a trainer (`derm-rescore`), so no model is loaded in the orchestrator.
 
 Concurrent promotions of one label set are serialized by the registry's create-only promotion
 records (`entries.record_champion`): a promotion decided against a champion that has since been
@@ -16,11 +18,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dermflow.evaluation.predict import evaluate_split, load_model_bundle
-from dermflow.layout import registered_model_key
+from dermflow.layout import model_key, model_score_key, registered_model_key
 from dermflow.registry.entries import (
     PROMOTION_METRIC,
     ChampionChanged,
@@ -36,6 +38,9 @@ from dermflow.storage import ObjectStore
 _SCORE_TOLERANCE = 1e-9
 # how often a promotion decides again after losing a race to a concurrent one
 _PROMOTION_ATTEMPTS = 8
+
+# (champion pointer, split manifest key) -> the champion's test score on that split
+Rescorer = Callable[[Mapping[str, Any], str], float]
 
 
 def decide_promotion(
@@ -82,9 +87,30 @@ def rescore_champion(
     cache_dir: str | os.PathLike | None = None,
 ) -> float:
     """The champion model's test weighted F1 on the test rows of the split manifest `split_key`
-    (downloads and runs the model)."""
+    (downloads and runs the model here), with test-time augmentation as the model's own test
+    score had it, so that it is compared with the challenger's like for like."""
     bundle = load_model_bundle(store, champion["run_id"], champion["arch"], cache_dir)
-    return evaluate_split(bundle, store, split_key, "test")[PROMOTION_METRIC]
+    tta = bool(bundle.params.get("tta", False))
+    return evaluate_split(bundle, store, split_key, "test", tta=tta)[PROMOTION_METRIC]
+
+
+def score_on_split(
+    store: ObjectStore, run_id: str, architecture: str, split_key: str, split_hash: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Re-score a registered model on the test rows of `split_key` and store the figure at
+    `layout.model_score_key` (what a trainer's `derm-rescore` run does for a promotion); an
+    existing record for that split is returned as is. Returns the record."""
+    key = model_score_key(run_id, architecture, split_hash)
+    if store.exists(key):
+        return store.get_json(key)
+    if not store.exists(model_key(run_id, architecture)):
+        raise RegistryError(f"no model {run_id}/{architecture} to re-score: {model_key(run_id, architecture)} is missing")
+    score = rescore_champion(store, {"run_id": run_id, "arch": architecture}, split_key, cache_dir)
+    record = {"run_id": run_id, "architecture": architecture, "split_key": split_key, "split_hash": split_hash,
+              "metric": f"test.{PROMOTION_METRIC}", "score": score, "scored_at": now_iso()}
+    store.put_json(key, record)
+    return record
 
 
 def promote(
@@ -121,8 +147,7 @@ def promote(
 
 
 def _champion_score_for(
-    store: ObjectStore, champion: Mapping[str, Any] | None, split_hash: str | None,
-    split_key: str | None, cache_dir: str | os.PathLike | None,
+    champion: Mapping[str, Any] | None, split_hash: str | None, split_key: str | None, rescore: Rescorer,
 ) -> tuple[float | None, bool]:
     """The champion's score on the challenger's split -> (score, whether it was re-scored)."""
     score = champion_score_on_split(champion, split_hash)
@@ -133,7 +158,7 @@ def _champion_score_for(
             f"champion {champion['run_id']}/{champion['arch']} was scored on split "
             f"{champion.get('split_hash')!r}, not {split_hash!r}: pass split_key to re-score it"
         )
-    return rescore_champion(store, champion, split_key, cache_dir), True
+    return rescore(champion, split_key), True
 
 
 def _decision_scores(
@@ -162,13 +187,15 @@ def evaluate_challenger(
     split_hash: str | None = None,
     min_improvement: float = 0.0,
     cache_dir: str | os.PathLike | None = None,
+    rescore: Rescorer | None = None,
 ) -> dict:
     """The promotion step of a flow: compare a registered model with its label set's champion
     on the same test split, promote it if it wins, and say why.
 
     The champion's registered score is used when it was scored on `split_hash` (default: the
     challenger's registered split); otherwise the champion model is re-scored on the test rows
-    of `split_key` (the challenger's split manifest); without `split_key` that raises
+    of `split_key` (the challenger's split manifest) by `rescore` (default: `rescore_champion`
+    in this process, models cached under `cache_dir`); without `split_key` that raises
     RegistryError, since scores on different test sets cannot be compared. When another
     promotion is recorded between the decision and its record, the decision is made again
     against the new champion. Returns `{"promoted", "reason", "challenger_run",
@@ -180,10 +207,13 @@ def evaluate_challenger(
     if challenger_score is None:
         challenger_score = (entry.get("score") or {}).get("value")
     split_hash = split_hash if split_hash is not None else entry.get("split_hash")
+    if rescore is None:
+        def rescore(champion: Mapping[str, Any], key: str) -> float:
+            return rescore_champion(store, champion, key, cache_dir)
     for _ in range(_PROMOTION_ATTEMPTS):
         try:
             return _decide_and_promote(store, entry, challenger_score, split_hash, split_key,
-                                       min_improvement, cache_dir)
+                                       min_improvement, rescore)
         except ChampionChanged:
             continue  # another promotion won the race: decide again against its champion
     raise ChampionChanged(
@@ -194,8 +224,7 @@ def evaluate_challenger(
 
 def _decide_and_promote(
     store: ObjectStore, entry: Mapping[str, Any], challenger_score: float | None,
-    split_hash: str | None, split_key: str | None, min_improvement: float,
-    cache_dir: str | os.PathLike | None,
+    split_hash: str | None, split_key: str | None, min_improvement: float, rescore: Rescorer,
 ) -> dict:
     """One decision against the champion as read now, recorded if it promotes (ChampionChanged
     when another promotion was recorded meanwhile)."""
@@ -211,7 +240,7 @@ def _decide_and_promote(
     if champion and (champion["run_id"], champion["arch"]) == (challenger_run, challenger_arch):
         return {**result, "champion_score": champion.get("score"), "champion_rescored": False,
                 "promoted": False, "reason": "this model is already the champion", "champion": champion}
-    champion_score, rescored = _champion_score_for(store, champion, split_hash, split_key, cache_dir)
+    champion_score, rescored = _champion_score_for(champion, split_hash, split_key, rescore)
     promoted, reason = decide_promotion(champion_score, challenger_score, min_improvement)
     if rescored:
         reason += f" (champion re-scored on split {split_hash})"

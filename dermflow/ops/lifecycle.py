@@ -279,7 +279,7 @@ def cmd_up(args) -> int:
     if not args.no_deploy:
         register_deployments(settings, _stack_env(settings))
         print("deployments         derm/full derm/fetch derm/refetch derm/retrain derm-train/default "
-              "derm-tune/worker derm-tune-run/default")
+              "derm-tune/worker derm-tune-run/default derm-rescore/default")
         from dermflow.ops.readiness import call_when_ready
 
         if call_when_ready(lambda: configure_alerts(settings), settings.prefect_api_url):

@@ -249,20 +249,40 @@ def test_load_image_array_crops_the_centre_square_and_resizes():
         load_image_array(b"<html>not an image</html>", 8)
 
 
-def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(saved_model, labelled_set, tmp_path):
+def put_test_split(store, usable, key: str = "manifests/split-new.csv") -> str:
+    """A split manifest whose test rows are the labelled set's usable images."""
     import pandas as pd
 
-    from dermflow.registry.entries import get_champion_history, register_model
-    from dermflow.evaluation.promotion import evaluate_challenger
-
-    _, _, usable = labelled_set
     rows = []
     for path, label, _ in usable:
         md5 = path.name.split(".")[0]
-        saved_model.put_bytes(f"images/{md5}", path.read_bytes())
+        store.put_bytes(f"images/{md5}", path.read_bytes())
         rows.append({"md5hash": md5, "label": label, "fitzpatrick_scale": "3", "fitzpatrick_range": "III-IV",
                      "qc": "", "split": "test", "dup_group": "0", "key": f"images/{md5}"})
-    saved_model.put_dataframe_csv("manifests/split-new.csv", pd.DataFrame(rows))
+    store.put_dataframe_csv(key, pd.DataFrame(rows))
+    return key
+
+
+def test_the_derm_rescore_flow_scores_a_model_on_another_split_and_stores_it(saved_model, labelled_set,
+                                                                              tmp_path, harness):
+    """The flow a trainer runs for a promotion's re-scoring, with a real model and bucket."""
+    from dermflow.layout import model_score_key
+    from flows.rescore import derm_rescore
+
+    split_key = put_test_split(saved_model, labelled_set[2])
+    bundle = load_model_bundle(saved_model, RUN_ID, cache_dir=tmp_path / "cache")
+    expected = evaluate_split(bundle, saved_model, split_key)["weighted_f1"]
+    score = derm_rescore(run_id=RUN_ID, architecture="cnn", split_key=split_key, split_hash="split-new")
+    assert score == pytest.approx(expected)
+    record = saved_model.get_json(model_score_key(RUN_ID, "cnn", "split-new"))
+    assert record["score"] == pytest.approx(expected) and record["split_key"] == split_key
+
+
+def test_challenger_on_a_new_split_is_compared_with_the_champion_rescored_there(saved_model, labelled_set, tmp_path):
+    from dermflow.registry.entries import get_champion_history, register_model
+    from dermflow.evaluation.promotion import evaluate_challenger
+
+    put_test_split(saved_model, labelled_set[2])
     params = {"class_names": CLASSES, "image_size": SIZE, "architecture": "cnn"}
 
     def register(run_id, score, split_hash):

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 DECLARATIONS = [ROOT / "deployments" / "prefect.yaml", ROOT / "deployments" / "k8s" / "prefect.yaml"]
 EXPECTED = {"derm/full", "derm/fetch", "derm/refetch", "derm/retrain", "derm-train/default", "derm-tune/worker",
-            "derm-tune-run/default"}
+            "derm-tune-run/default", "derm-rescore/default"}
 FLOW_NAMES = {"flows/derm.py:derm": "derm", "flows/train.py:derm_train": "derm-train",
-              "flows/tune.py:derm_tune_worker": "derm-tune", "flows/tune.py:derm_tune_run": "derm-tune-run"}
+              "flows/tune.py:derm_tune_worker": "derm-tune", "flows/tune.py:derm_tune_run": "derm-tune-run",
+              "flows/rescore.py:derm_rescore": "derm-rescore"}
 
 
 def _load(path: Path) -> PrefectYamlModel:
@@ -91,7 +92,7 @@ def test_kubernetes_job_variables_fit_the_base_job_template():
         if job_variables["gpu"] >= 1:
             gpu_runs += 1
             assert deployment.entrypoint in ("flows/train.py:derm_train", "flows/tune.py:derm_tune_worker",
-                                             "flows/tune.py:derm_tune_run")
-    assert gpu_runs == 3
+                                             "flows/tune.py:derm_tune_run", "flows/rescore.py:derm_rescore")
+    assert gpu_runs == 4
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"gpu": -1}, variables)

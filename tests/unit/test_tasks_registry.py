@@ -19,10 +19,11 @@ from dermflow.layout import (
     champion_key,
     checkpoint_key,
     model_key,
+    model_score_key,
     registered_model_key,
     training_record_key,
 )
-from dermflow.registry.entries import get_champion_history, label_set_id
+from dermflow.registry.entries import RegistryError, get_champion_history, label_set_id
 from tasks.registry import promote_if_better, reusable_training, training_key
 from tests.support.memory_s3 import memory_store
 
@@ -141,26 +142,76 @@ def test_a_better_challenger_replaces_the_champion_and_extends_the_history(store
     assert [h["run_id"] for h in history] == ["20261126-100000-calm-fox", "20261126-120000-bold-elk"]
 
 
-def test_a_champion_from_another_split_is_rescored_on_the_challengers_split(store, monkeypatch):
-    """Re-scoring the champion needs a real model: `promotion.rescore_champion` is replaced by
-    a stand-in that reports the champion's score on the challenger's split."""
-    promote("20261126-100000-calm-fox", [trained(store, "20261126-100000-calm-fox", "cnn", 0.40)])
-    asked = []
+@pytest.fixture
+def trainer(store, monkeypatch):
+    """`run_deployment` as a trainer answers it: the `derm-rescore` flow's task runs here, with
+    `promotion.rescore_champion` (which needs a real model) reporting 0.50; `trainer.runs`
+    lists the deployments started and `trainer.state` is the state they end in."""
+    fake = SimpleNamespace(runs=[], state="Completed")
 
-    def rescore(store, champion, split_key, cache_dir=None):
-        asked.append((champion["run_id"], split_key))
+    def rescore_champion(store, champion, split_key, cache_dir=None):
         return 0.50
 
-    monkeypatch.setattr(promotion, "rescore_champion", rescore)
+    def run_deployment(name, parameters, **options):
+        fake.runs.append((name, parameters, options))
+        if fake.state == "Completed":
+            registry_tasks.score_on_split.fn(**{k: v for k, v in parameters.items() if k != "gpu_limit"})
+        return SimpleNamespace(name="rescore", state=SimpleNamespace(
+            name=fake.state, message="trainer lost", is_completed=lambda: fake.state == "Completed"))
+
+    monkeypatch.setattr(promotion, "rescore_champion", rescore_champion)
+    monkeypatch.setattr(registry_tasks, "run_deployment", run_deployment)
+    return fake
+
+
+def test_a_champion_from_another_split_is_rescored_on_a_trainer(store, trainer):
+    """The champion's re-scoring is a `derm-rescore/default` flow run (model work on a trainer,
+    never in the orchestrator's process); its stored score decides, and is reused."""
+    promote("20261126-100000-calm-fox", [trained(store, "20261126-100000-calm-fox", "cnn", 0.40)])
+    assert trainer.runs == []  # the first model of a label set needs no re-scoring
     challenger = trained(store, "20261126-110000-shy-owl", "cnn", 0.45)
     decision = promote("20261126-110000-shy-owl", [challenger], split_hash="split-b")
-    assert asked == [("20261126-100000-calm-fox", "split-manifest-split-b")]
+    [(name, parameters, options)] = trainer.runs
+    assert name == "derm-rescore/default" and options["as_subflow"] and options["timeout"] is None
+    assert parameters == {"run_id": "20261126-100000-calm-fox", "architecture": "cnn",
+                          "split_key": "split-manifest-split-b", "split_hash": "split-b", "gpu_limit": "gpu"}
     assert not decision["promoted"] and decision["champion_rescored"] and decision["champion_score"] == 0.50
+    record = store.get_json(model_score_key("20261126-100000-calm-fox", "cnn", "split-b"))
+    assert record["score"] == 0.50 and record["split_key"] == "split-manifest-split-b"
 
     stronger = trained(store, "20261126-120000-bold-elk", "cnn", 0.55)
     decision = promote("20261126-120000-bold-elk", [stronger], split_hash="split-b")
+    assert len(trainer.runs) == 1, "the stored score on split-b is reused, not computed again"
     assert decision["promoted"] and "re-scored on split split-b" in decision["reason"]
     assert store.get_json(champion_key(label_set_id(CLASSES)))["split_hash"] == "split-b"
+
+
+def test_a_failed_rescoring_decides_nothing_and_can_be_retried(store, trainer):
+    promote("20261126-100000-calm-fox", [trained(store, "20261126-100000-calm-fox", "cnn", 0.40)])
+    trainer.state = "Crashed"
+    challenger = trained(store, "20261126-110000-shy-owl", "cnn", 0.95)
+    with pytest.raises(RegistryError, match="ended Crashed: trainer lost") as raised:
+        promote("20261126-110000-shy-owl", [challenger], split_hash="split-b")
+    assert raised.value.transient
+    assert store.get_json(champion_key(label_set_id(CLASSES)))["run_id"] == "20261126-100000-calm-fox"
+    assert not store.exists(model_score_key("20261126-100000-calm-fox", "cnn", "split-b"))
+
+
+def test_a_rescoring_uses_the_models_own_test_time_augmentation(monkeypatch):
+    """A champion whose test score was taken with flip TTA is re-scored with it, like for like."""
+    asked = []
+    for params in ({"tta": True}, {}):
+        bundle = SimpleNamespace(params=params)
+        monkeypatch.setattr(promotion, "load_model_bundle", lambda *a, bundle=bundle: bundle)
+        monkeypatch.setattr(promotion, "evaluate_split",
+                            lambda bundle, store, key, split, tta: asked.append(tta) or {"weighted_f1": 0.3})
+        assert promotion.rescore_champion(None, {"run_id": "r", "arch": "cnn"}, "split-key") == 0.3
+    assert asked == [True, False]
+
+
+def test_scoring_a_model_that_is_gone_names_it(store):
+    with pytest.raises(RegistryError, match="no model 20261126-100000-calm-fox/cnn to re-score"):
+        registry_tasks.score_on_split.fn("20261126-100000-calm-fox", "cnn", "split-manifest-b", "split-b")
 
 
 def test_a_run_without_a_trained_model_decides_nothing(store):
