@@ -186,6 +186,29 @@ def test_retrain_promotes_a_challenger_that_beats_the_champion(stack, full_run, 
     assert decision["promoted"] is True and "beats" in decision["reason"]
 
 
+def test_a_champion_from_another_split_is_rescored_on_a_trainer(stack, full_run, image_source):
+    """Another seed splits the same rows differently, so the champion's score is not comparable:
+    it is re-scored on the new test split by a `derm-rescore` flow run on the `gpu` queue (a
+    subflow of the retrain), and the decision uses the score that run stored."""
+    store = full_run["store"]
+    champion = _champion(store)
+    images, rows = image_source
+    with serve_atlas(images, rows) as server:
+        csv_path = rewrite_csv_host(rows, server.base_url, full_run["csv"].with_name("retrain3.csv"), limit_per_label=8)
+        result = stack.prefect("deployment", "run", "derm/retrain", "-p", f"csv={csv_path}", "-p", "limit_per_label=8",
+                               "-p", "image_size=64", "-p", "epochs=1", "-p", "seed=7",
+                               "-p", 'architectures=["baseline_cnn"]', "--watch", timeout=900)
+    decision = store.get_json(layout.run_metrics_key(_own_run_id(store, result)))["retrain_decision"]
+    assert decision["champion_rescored"] is True and decision["champion_run"] == champion["run_id"]
+    [rescore] = [run for run in _flow_runs(stack, "derm-rescore")
+                 if run.name == f"rescore-{champion['run_id']}-{champion['arch']}"]
+    assert rescore.state.is_completed() and rescore.work_queue_name == "gpu"
+    assert rescore.parent_task_run_id is not None  # shown under the retrain's promotion task
+    [score_key] = store.list_keys(layout.model_prefix(champion["run_id"], champion["arch"]) + "scores/")
+    assert store.get_json(score_key)["score"] == pytest.approx(decision["champion_score"])
+    assert decision["promoted"] == (decision["challenger_score"] > decision["champion_score"])
+
+
 def _train_intervals(stack, run_ids: list[str]) -> list[tuple]:
     """(start, end) of the `train-architecture` task inside each training flow run: the part
     that holds the `gpu` slot."""
