@@ -81,6 +81,7 @@ def check(architecture: str, args, data_parallel: bool = False) -> dict:
     from dermflow.config import TrainConfig
     from dermflow.modeling import models, train
     from dermflow.modeling.checkpoints import CheckpointManager
+    from dermflow.modeling.placement import check_placement
     from tests.support.memory_s3 import memory_store
 
     size = models.effective_image_size(architecture, args.image_size)
@@ -91,7 +92,7 @@ def check(architecture: str, args, data_parallel: bool = False) -> dict:
     data = train.PreparedData(arrays, list(arrays.class_names), size, None)
     run_id = f"20260101-000000-gpu-check-{architecture.replace('_', '-')}"
     manager = CheckpointManager(memory_store(), run_id, architecture, Path(tempfile.mkdtemp()) / "ckpt", keep=1)
-    placement = train.check_placement(config, None)
+    placement = check_placement(config, None)
     runtime = train.Runtime(accelerator=placement.device["accelerator"], mixed_precision=args.mixed_precision,
                             jit_compile=True)
     started = time.perf_counter()

@@ -41,6 +41,7 @@ from dermflow.modeling.callbacks import (
     phase_callbacks,
 )
 from dermflow.modeling.checkpoints import CheckpointManager
+from dermflow.modeling.placement import Placement, check_placement, distribution_scope
 from dermflow.modeling.recipe import (
     TrainingError,
     accelerator_present,
@@ -95,19 +96,6 @@ class Evaluation:
     predictions: list[tuple[str, np.ndarray, np.ndarray]]  # (split, row indices, probabilities)
     inference_images_per_second: float | None = None
     candidates: dict | None = None  # `candidate_scores`: the averaged and the best-epoch model
-
-
-@dataclass
-class Placement:
-    """Where this training ran, how fast, and whether it had to shrink its batch."""
-
-    device: dict  # devices.describe_devices(), plus the warnings and the data-parallel devices
-    timer: EpochTimer
-    oom_retry: dict | None = None
-
-    def throughput(self, train_images: int, evaluation: Evaluation | None) -> dict:
-        return {"train_images_per_second": self.timer.images_per_second(train_images),
-                "inference_images_per_second": evaluation.inference_images_per_second if evaluation else None}
 
 
 # --------------------------------------------------------------------------- the steps
@@ -413,35 +401,7 @@ def summarize(store, config: TrainConfig, run_id: str, status: str, data: Prepar
     }
 
 
-# --------------------------------------------------------------------------- placement and OOM
-
-
-def check_placement(config: TrainConfig, progress: Progress | None) -> Placement:
-    """The devices this process trains on; loud (log + progress event) when it should have a
-    GPU and has none; a GPURequiredError under `require_gpu`, before any work."""
-    info = devices.describe_devices()
-    warnings = devices.check_placement(info, config.require_gpu)
-    for warning in warnings:
-        log.warning("%s: %s", config.architecture, warning)
-    if progress:
-        progress({"event": "placement", "architecture": config.architecture, "device": info, "warnings": warnings})
-    return Placement(device={**info, "warnings": warnings, "data_parallel_devices": None}, timer=EpochTimer())
-
-
-@contextlib.contextmanager
-def distribution_scope(config: TrainConfig, placement: Placement) -> Iterator[None]:
-    """Keras' DataParallel over this process's devices when `data_parallel` asks and the
-    backend is JAX with more than one device; else nothing (one device)."""
-    distribution = None
-    if config.data_parallel and keras.backend.backend() == "jax":
-        distribution = devices.data_parallel()
-    if distribution is None:
-        yield
-        return
-    placement.device["data_parallel_devices"] = [str(d) for d in distribution.device_mesh.devices.flatten()]
-    log.info("%s: data parallel over %s", config.architecture, placement.device["data_parallel_devices"])
-    with distribution.scope():
-        yield
+# --------------------------------------------------------------------------- the OOM retry
 
 
 def _train_once(manager: CheckpointManager, config: TrainConfig, data: PreparedData, run_id: str,

@@ -19,6 +19,7 @@ keras = pytest.importorskip("keras")
 
 from dermflow import layout  # noqa: E402
 from dermflow.modeling import devices, train  # noqa: E402
+from dermflow.modeling.placement import check_placement  # noqa: E402
 from tests.unit.test_train_steps import SPLIT_KEY, put_split, setup, tiny_config  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def test_require_gpu_fails_before_any_data_is_read(tmp_path):
 def test_the_cpu_fallback_is_reported_to_the_progress_callback(monkeypatch):
     monkeypatch.setenv("DERMFLOW_EXPECT_GPU", "1")
     events = []
-    placement = train.check_placement(tiny_config(), events.append)
+    placement = check_placement(tiny_config(), events.append)
     assert placement.device["warnings"] and placement.device["expect_gpu"] is True
     assert [e["event"] for e in events] == ["placement"] and events[0]["warnings"] == placement.device["warnings"]
     assert placement.device["backend"] == keras.backend.backend()
