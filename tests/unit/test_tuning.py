@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 keras_tuner = pytest.importorskip("keras_tuner")
 
 from dermflow.dataset import arrays as data_lib  # noqa: E402
-from dermflow.modeling import search_space, tuning, tuning_results  # noqa: E402
+from dermflow.modeling import search_space, tuners, tuning, tuning_results  # noqa: E402
 from dermflow.errors import is_transient  # noqa: E402
 from dermflow.metrics import weighted_f1  # noqa: E402
 from dermflow.config import TrainConfig  # noqa: E402
@@ -229,7 +229,7 @@ def test_every_tuner_tries_the_defaults_first(tmp_path, kind):
     tuner = tuning.make_tuner(spec_for(tmp_path, tuner=kind, max_trials=3, trial_epochs=3))
     first = tuner.oracle.create_trial("tuner0")
     values = {k: v for k, v in first.hyperparameters.values.items() if not k.startswith("tuner/")}
-    assert values == tuning.default_values(tuner.oracle.hyperparameters)
+    assert values == tuners.default_values(tuner.oracle.hyperparameters)
     assert search_space.config_from_values("baseline_cnn", values) == search_space.config_from_values("baseline_cnn", {})
 
 
