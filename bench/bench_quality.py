@@ -120,7 +120,7 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
 
 def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, workdir: Path, seed: int,
                      tuner: str, max_trials: int, share: float, epochs: int | None = None,
-                     keep_models: Path | None = None) -> dict:
+                     keep_models: Path | None = None, edge_mask: float = 0.0) -> dict:
     from dermflow.modeling import train as train_lib
     from dermflow.modeling import tuning
     from dermflow.modeling.tuning_results import trial_table
@@ -157,13 +157,17 @@ def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, w
         )
         tuning_seconds = time.time() - started
         best = tuned["best"] or {}
-        train_config = config.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline, **best})
+        # `edge_mask` (the watermark check of issue 17) applies to the final training only: the
+        # trials search the recipe as derm-tune does.
+        train_config = config.TrainConfig(**{**train_params, "architecture": "baseline_cnn", "deadline": deadline,
+                                             **best, "edge_mask": edge_mask})
         summary = train_lib.train_architecture(store, split_key, train_config, "20260101-000000-bench", settings=settings)
         if keep_models is not None:  # for bench_watermark.py: the final model outlives the bucket
             keep_models.mkdir(parents=True, exist_ok=True)
-            store.download_file(summary["keys"]["model"], keep_models / f"tuned-seed{seed}.keras")
+            suffix = f"-mask{edge_mask:g}" if edge_mask else ""
+            store.download_file(summary["keys"]["model"], keep_models / f"tuned-seed{seed}{suffix}.keras")
         return {
-            "weighted_f1": summary["test"]["weighted_f1"], "best": best,
+            "weighted_f1": summary["test"]["weighted_f1"], "best": best, "edge_mask": edge_mask,
             "trials": trial_table(tuned["trials"]), "tuning_seconds": round(tuning_seconds, 1),
             "tuning_choice": tuned.get("chosen"), "model_choice": summary.get("model_choice"),
             "final_epochs": summary["epochs_run"], "final_status": summary["status"],
@@ -220,7 +224,8 @@ def run_seed(args, frame, seed: int, workdir: Path, share: float) -> dict:
         print(f"seed {seed} report recipe: weighted F1 {report['weighted_f1']:.4f}", flush=True)
     if args.recipe in ("both", "tuned"):
         out["tuned"] = run_tuned_recipe(frame, args.atlas, args.image_size, budget_s, workdir / f"tuned-{seed}",
-                                        seed, args.tuner, args.max_trials, share, args.epochs, args.keep_models)
+                                        seed, args.tuner, args.max_trials, share, args.epochs, args.keep_models,
+                                        args.edge_mask)
         print(f"seed {seed} tuned recipe: weighted F1 {out['tuned']['weighted_f1']:.4f}", flush=True)
     return out
 
@@ -240,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="measure the report recipe again")
     parser.add_argument("--epochs", type=int, default=None,
                         help="final training epochs (default: as many as the budget allows, as in derm/full)")
+    parser.add_argument("--edge-mask", type=float, default=0.0,
+                        help="the tuned recipe's final training masks this share of the bottom rows "
+                             "(TrainConfig.edge_mask: the watermark check)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-models", type=Path, default=None, help="copy each tuned final model here")
     args = parser.parse_args(argv)

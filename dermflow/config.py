@@ -229,6 +229,9 @@ class TrainConfig(ModelInput):
     head_width: int = Field(256, ge=1)
     dropout: float = Field(0.25, ge=0, lt=1)
     augment: bool = True
+    edge_mask: float = Field(0.0, ge=0, lt=0.5, description="share of the image height at the bottom edge "
+                             "(where the image host's watermark is) set to the image's mean colour, in "
+                             "training and inference; 0: none")
     arch_options: dict[str, Any] = Field(default_factory=dict)
     min_train_images: int = Field(10, ge=1)
     eval_batch_size: int = Field(64, ge=1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from dermflow.config import TRAIN_DEFAULTS
@@ -194,6 +195,40 @@ class RandomRotation(layers.RandomRotation):
         self.supports_jit = _jit_safe_on_this_backend()
 
 
+@keras.saving.register_keras_serializable(package=REGISTERED_PACKAGE)
+class EdgeMask(layers.Layer):
+    """Sets the bottom `fraction` of each image's rows to that image's mean colour, in training
+    and inference alike (it is part of the saved model, so `predict`/`evaluate` mask too).
+
+    The image host of many dataset photos stamps its watermark along the bottom edge; a model
+    that can see it may learn the host instead of the lesion (issue 17's Grad-CAM examples).
+    A flat patch carries neither watermark nor lesion. Inputs are RGB in 0-255."""
+
+    def __init__(self, fraction: float = 0.12, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < fraction < 0.5:
+            raise ValueError(f"edge mask fraction {fraction!r}: expected a share of the height in (0, 0.5)")
+        self.fraction = float(fraction)
+        self.keep = None
+
+    def build(self, input_shape):
+        height = int(input_shape[1])
+        rows = max(1, int(round(height * self.fraction)))
+        self.keep = np.concatenate([np.ones(height - rows), np.zeros(rows)]).reshape(1, height, 1, 1)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        keep = ops.convert_to_tensor(self.keep, dtype=self.compute_dtype)
+        mean = ops.mean(x, axis=(1, 2), keepdims=True)
+        return x * keep + mean * (1.0 - keep)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "fraction": self.fraction}
+
+
 def augmentation_block(seed: int | None = None) -> keras.Sequential:
     """Random flip, contrast, translation and rotation; active only when training."""
     return keras.Sequential(
@@ -299,21 +334,24 @@ def create_model(
     dropout: float = TRAIN_DEFAULTS.dropout,
     augment: bool = True,
     seed: int | None = None,
+    edge_mask: float = TRAIN_DEFAULTS.edge_mask,
     **arch_options,
 ) -> keras.Model:
     """Build architecture `name` for `num_classes` classes on (image_size, image_size, 3) inputs.
 
     `weights`: "imagenet", "none" (or None) or a path to a local backbone weights file;
     ignored by `baseline_cnn`. `arch_options` are architecture specific: `baseline_cnn`
-    takes `width_multiplier`, `depth`, `batch_norm`, `base_filters`.
-    The pretrained backbone is the nested layer named "backbone".
+    takes `width_multiplier`, `depth`, `batch_norm`, `base_filters`. `edge_mask` > 0 masks that
+    share of the bottom rows first (`EdgeMask`). The pretrained backbone is the nested layer
+    named "backbone".
     """
     spec = get_spec(name)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     image_size = effective_image_size(name, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = augmentation_block(seed)(inputs) if augment else inputs
+    x = EdgeMask(edge_mask, name="edge_mask")(inputs) if edge_mask else inputs
+    x = augmentation_block(seed)(x) if augment else x
     if spec.backbone is None:
         x = _baseline_features(x, **arch_options)
     else:

@@ -158,7 +158,8 @@ def build_or_resume(manager: CheckpointManager, previous: dict | None, config: T
         return StartingPoint(model, done_epochs, loaded_phase)
     model = models.create_model(
         config.architecture, len(data.class_names), data.image_size, config.weights, head_width=config.head_width,
-        dropout=config.dropout, augment=config.augment, seed=config.seed, **config.arch_options,
+        dropout=config.dropout, augment=config.augment, seed=config.seed, edge_mask=config.edge_mask,
+        **config.arch_options,
     )
     return StartingPoint(model, 0, None)
 

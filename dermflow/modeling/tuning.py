@@ -129,7 +129,7 @@ class DermHyperModel(keras_tuner.HyperModel):
         model = models.create_model(
             self.architecture, self.num_classes, self.image_size, config.weights,
             head_width=config.head_width, dropout=config.dropout, augment=config.augment,
-            seed=config.seed, **config.arch_options,
+            seed=config.seed, edge_mask=config.edge_mask, **config.arch_options,
         )
         first_phase = "warmup" if models.get_spec(self.architecture).pretrained else "full"
         recipe.configure_phase(model, first_phase, config, jit_compile=False)

@@ -191,3 +191,33 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded.get_layer("preprocessing"), models.ImagePreprocessing)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_edge_mask_flattens_the_bottom_rows_to_the_image_mean_only():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 20, 10, 3)).astype("float32")
+    masked = keras.ops.convert_to_numpy(models.EdgeMask(0.1)(x))
+    np.testing.assert_allclose(masked[:, :18], x[:, :18])  # round(20 * 0.1) = 2 rows masked
+    np.testing.assert_allclose(masked[:, 18:], np.broadcast_to(x.mean(axis=(1, 2), keepdims=True), (2, 2, 10, 3)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="edge mask fraction 0.5"):
+        models.EdgeMask(0.5)
+
+
+def test_a_masked_model_cannot_see_the_watermark_strip_and_keeps_its_mask_when_saved(tmp_path):
+    """What the model predicts does not depend on what is drawn in the masked strip, only on
+    the image's mean colour (here kept equal): in the saved model too, as `predict` loads it."""
+    model = models.create_model("baseline_cnn", 3, 32, weights="none", edge_mask=0.125, augment=False, seed=1)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    stamped = x.copy()
+    strip = stamped[:, 28:]
+    stamped[:, 28:] = strip[:, :, ::-1]  # a different picture in the strip, the same pixels (and mean)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("edge_mask"), models.EdgeMask)
+    for m in (model, loaded):
+        np.testing.assert_allclose(m.predict(stamped, verbose=0), m.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    unmasked = models.create_model("baseline_cnn", 3, 32, weights="none", augment=False, seed=1)
+    assert "edge_mask" not in [layer.name for layer in unmasked.layers]
+    assert not np.allclose(unmasked.predict(stamped, verbose=0), unmasked.predict(x, verbose=0), atol=1e-6)
