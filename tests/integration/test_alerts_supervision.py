@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import PROJECT_ROOT, WebhookReceiver, start_stack
+from tests.integration.stack import PROJECT_ROOT, start_stack
 from tests.integration.test_report_browser import ARTIFACTS, _save_screenshot, browser, chromium  # noqa: F401
 from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 
@@ -39,13 +39,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.in_order]
 
 ATLAS = __import__("tests.conftest", fromlist=["ATLAS_DIR"]).ATLAS_DIR
 SHOTS: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-def alerts():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,10 @@ import re
 import pytest
 
 from dermflow import layout
-from tests.integration.stack import WebhookReceiver, start_stack
+from tests.integration.stack import start_stack
 from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.in_order]
-
-ATLAS = __import__("tests.conftest", fromlist=["ATLAS_DIR"]).ATLAS_DIR
 
 
 def _own_run_id(store, result) -> str:
@@ -36,27 +34,11 @@ def _own_run_id(store, result) -> str:
 
 
 @pytest.fixture(scope="module")
-def alerts():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory, alerts):
     stack = start_stack(tmp_path_factory.mktemp("stack"), gpu_slots=2,
                         extra_env={"DERMFLOW_ALERT_WEBHOOK": alerts.url})
     yield stack
     stack.dermflow("down", check=False, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def image_source(tmp_path_factory):
-    """(images dir, rows.csv) of real atlas20 images, or of a synthetic set."""
-    if (ATLAS / "rows.csv").exists():
-        return ATLAS / "images", ATLAS / "rows.csv"
-    root = synthetic_atlas(tmp_path_factory.mktemp("synthetic"), n_labels=4, per_label=24, size=96)
-    return root / "images", root / "rows.csv"
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import pandas as pd
 import pytest
 
 from tests.integration.stack import start_stack
-from tests.support.image_servers import serve_faults, synthetic_atlas
+from tests.support.image_servers import serve_faults
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ATLAS = __import__("tests.conftest", fromlist=["ATLAS_DIR"]).ATLAS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +20,6 @@ def stack(tmp_path_factory):
     stack = start_stack(tmp_path_factory.mktemp("stack"))
     yield stack
     stack.dermflow("down", check=False, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def image_source(tmp_path_factory):
-    if (ATLAS / "rows.csv").exists():
-        return ATLAS / "images", ATLAS / "rows.csv"
-    root = synthetic_atlas(tmp_path_factory.mktemp("synthetic"), n_labels=4, per_label=24, size=96)
-    return root / "images", root / "rows.csv"
 
 
 def test_full_run_from_an_archive_with_dead_urls(stack, image_source, tmp_path):

@@ -22,19 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.stack import PROJECT_ROOT, WebhookReceiver, start_stack
+from tests.integration.stack import PROJECT_ROOT, start_stack
 
 pytestmark = pytest.mark.integration
 
 LEASE_SECONDS = 60  # the shortest lease Prefect accepts
 REPOSSESSOR_SECONDS = 15  # the server's repossessor loop (Prefect's default)
-
-
-@pytest.fixture(scope="module")
-def alerts():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
 
 
 @pytest.fixture(scope="module")
