@@ -182,10 +182,8 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_stack_commands(sub) -> None:
+    """up, down, status."""
     up = sub.add_parser("up", help="start SeaweedFS, the Prefect server, workers; register deployments")
     up.add_argument("--no-deploy", action="store_true", help="do not (re)register the deployments")
     up.add_argument("--no-supervisor", action="store_true",
@@ -198,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+
+def _add_model_commands(sub) -> None:
+    """predict, evaluate, report."""
     model_help = "a run id (20261126-101500-brave-otter) or the flow run's name; default: the champion"
     predict = sub.add_parser("predict", help="top-5 conditions for images (paths or URLs)")
     predict.add_argument("sources", nargs="+", metavar="IMAGE_OR_URL")
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print metrics.json")
     report.set_defaults(func=cmd_report)
 
+
+def _add_data_commands(sub) -> None:
+    """import, stage, mirror."""
     importer = sub.add_parser("import", help="import the dataset's images from an archive, folder or S3 prefix")
     importer.add_argument("--csv", required=True, help="the dataset CSV (path, https URL or s3:// URI)")
     importer.add_argument("--images", required=True,
@@ -235,14 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("path", type=Path)
     stage.set_defaults(func=cmd_stage)
 
-    k8s.add_parser(sub)
-
     mirror = sub.add_parser("mirror", help="serve a folder of dataset images locally, for runs without internet")
     mirror.add_argument("atlas_dir", type=Path, help="a folder with images/<md5hash>.jpg and rows.csv")
     mirror.add_argument("--port", type=int, default=8765)
     mirror.add_argument("--csv-out", type=Path, help="write a copy of rows.csv whose URLs point at the mirror")
     mirror.add_argument("--limit-per-label", type=int, help="only this many rows per label in --csv-out")
     mirror.set_defaults(func=cmd_mirror)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_stack_commands(sub)
+    _add_model_commands(sub)
+    _add_data_commands(sub)
+    k8s.add_parser(sub)
 
     from dermflow.ops import runlist, schedule
 
