@@ -89,34 +89,70 @@ class DevTools:
         self.socket.close()
 
 
-@pytest.fixture
-def browser(chromium, tmp_path):
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path))
+def _launch_chromium(chromium: Path, profile: Path) -> tuple[subprocess.Popen, str]:
+    """Start Chromium and return it with its first page's DevTools websocket address.
+
+    Chromium writes DevToolsActivePort once it has bound the port, but on a loaded box the HTTP
+    endpoint can still refuse a connection for a moment, or the browser can die right after
+    starting; so the endpoint is polled until a page is listed, and a dead browser fails fast.
+    """
     process = subprocess.Popen(
         [str(chromium), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 90
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ChromiumDied(f"chromium exited with {process.returncode}: "
+                               f"{process.stderr.read().decode()[-500:]}")
+        if port_file.exists() and port_file.read_text().strip():
+            port = int(port_file.read_text().split()[0])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+                    pages = [t for t in json.load(response) if t["type"] == "page"]
+                if pages:
+                    return process, pages[0]["webSocketDebuggerUrl"]
+            except OSError as error:  # refused or reset while Chromium finishes starting
+                last_error = error
+        time.sleep(0.2)
+    _stop(process)
+    raise ChromiumDied(f"chromium did not list a page on its DevTools port within 90 s ({last_error})")
+
+
+class ChromiumDied(RuntimeError):
+    """Chromium exited or never served its DevTools endpoint."""
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
     try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if process.poll() is not None:
-                pytest.fail(f"chromium exited with {process.returncode}: {process.stderr.read().decode()[-500:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("chromium did not open its DevTools port within 60 s")
-            time.sleep(0.2)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-            pages = [t for t in json.load(response) if t["type"] == "page"]
-        devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    failures = []
+    for attempt in range(3):  # a browser that dies while starting on a loaded box gets two more starts
+        profile = Path(tempfile.mkdtemp(prefix=f"chromium-profile-{attempt}-", dir=tmp_path))
+        try:
+            process, websocket_url = _launch_chromium(chromium, profile)
+            break
+        except ChromiumDied as error:
+            failures.append(str(error))
+            shutil.rmtree(profile, ignore_errors=True)
+    else:
+        pytest.fail("chromium did not start three times: " + " | ".join(failures))
+    try:
+        devtools = DevTools(websocket_url)
         yield devtools
         devtools.close()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
         shutil.rmtree(profile, ignore_errors=True)
 
 
