@@ -71,10 +71,12 @@ bench-quality: venv
 	mkdir -p $(dir $(QUALITY_JSON))
 	$(BIN)/python bench/bench_quality.py --out $(QUALITY_JSON) $(ARGS)
 
-# ... and through derm/full on the stack of `DERMFLOW_ALLOWED_HOSTS=127.0.0.1 make up`, scored
-# by `dermflow evaluate` beside the report recipe's figure from $(QUALITY_JSON).
+# ... and through derm/full on the stack of `DERMFLOW_ALLOWED_HOSTS=127.0.0.1 make up`, one run
+# per seed, scored by `dermflow evaluate` beside the report recipe's figure from $(QUALITY_JSON).
 bench-quality-deployment: venv
-	$(BIN)/python bench/bench_quality_deployment.py --report-json $(QUALITY_JSON) $(ARGS)
+	mkdir -p $(dir $(QUALITY_JSON))
+	$(BIN)/python bench/bench_quality_deployment.py --report-json $(QUALITY_JSON) \
+		--out $(dir $(QUALITY_JSON))quality_deployment.json $(ARGS)
 
 clean: down
 	rm -rf .dermflow test-artifacts
