@@ -461,6 +461,9 @@ class Worker:
         if self.limit:
             argv += ["--limit", str(self.limit)]
         env = {**self.env, "PREFECT_API_URL": api_url, "PREFECT_LOGGING_EXTRA_LOGGERS": extra_loggers()}
+        # Prefect's process worker runs each flow run in a fresh temporary folder, so the flow run
+        # is told where its `.env` and cache are: the worker's folder, unless the user chose one.
+        env.setdefault("DERMFLOW_PROJECT_ROOT", os.environ.get("DERMFLOW_PROJECT_ROOT") or str(cwd))
         if auth_string:
             env["PREFECT_API_AUTH_STRING"] = auth_string
         self.process.start(argv, env=env, cwd=cwd)

@@ -22,12 +22,23 @@ def installed_flows_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve().parent
 
 
+def worker_folder() -> Path:
+    """The folder the worker was started from. Prefect's process worker runs each flow run in
+    a fresh temporary folder, so the flow run's own working directory says nothing; `PWD`, which
+    the shell that started the worker exported, does (`dermflow up` sets DERMFLOW_PROJECT_ROOT
+    for its workers instead)."""
+    return Path(os.environ.get("PWD") or os.getcwd())
+
+
 def use_installed_flows() -> dict:
-    """Pull step: keep the worker's folder as the project root of the flow run
-    (`DERMFLOW_PROJECT_ROOT`, unless set: its `.env` and cache stay the worker's), then change
-    into the folder of the installed flows. Returns `{"directory": ...}` like Prefect's
-    `set_working_directory`."""
-    os.environ.setdefault("DERMFLOW_PROJECT_ROOT", os.getcwd())
+    """Pull step: fix the flow run's project root (`DERMFLOW_PROJECT_ROOT`, unless set): by
+    `settings.project_root`'s rule, seen from the worker's folder, so a checkout's `.env` and
+    cache stay the checkout's and an installed host's stay in the folder its worker was started
+    from. Then change into the folder of the installed flows. Returns `{"directory": ...}` like
+    Prefect's `set_working_directory`."""
+    from dermflow.settings import project_root
+
+    os.environ.setdefault("DERMFLOW_PROJECT_ROOT", str(project_root(cwd=worker_folder())))
     directory = installed_flows_dir()
     os.chdir(directory)
     return {"directory": str(directory)}

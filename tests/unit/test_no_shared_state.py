@@ -40,18 +40,47 @@ def test_an_installed_package_never_points_into_site_packages(tmp_path):
 
 
 def test_the_pull_step_keeps_the_workers_folder_and_enters_the_installed_flows(tmp_path, monkeypatch):
+    """Prefect's process worker starts each flow run in a fresh temporary folder: the project
+    root is found from the folder the worker was started from (`PWD`), never from that one."""
     import flows
     from dermflow.ops.steps import use_installed_flows
+    from dermflow.settings import project_root
 
+    worker_dir, run_dir = tmp_path / "worker", tmp_path / "tmp123prefect"
+    worker_dir.mkdir()
+    run_dir.mkdir()
     monkeypatch.delenv("DERMFLOW_PROJECT_ROOT", raising=False)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(worker_dir))
+    monkeypatch.chdir(run_dir)
     try:
         result = use_installed_flows()
         assert Path(result["directory"]) == Path(flows.__file__).resolve().parents[1]
         assert Path.cwd() == Path(result["directory"])
-        assert os.environ["DERMFLOW_PROJECT_ROOT"] == str(tmp_path)
+        # this checkout when imported from one (its .env), else the worker's folder
+        assert os.environ["DERMFLOW_PROJECT_ROOT"] == str(project_root(cwd=worker_dir))
+        assert os.environ["DERMFLOW_PROJECT_ROOT"] != str(run_dir)
     finally:
         os.chdir(tmp_path)
+
+
+def test_dermflow_up_tells_its_workers_flow_runs_where_the_project_is(tmp_path, monkeypatch):
+    """A worker started by `dermflow up` passes its folder on as DERMFLOW_PROJECT_ROOT, so its flow
+    runs (in Prefect's temporary folders) read the `.env` that `make up` wrote: its S3 keys."""
+    from dermflow.ops import stack
+
+    started = {}
+    monkeypatch.setattr(stack.ManagedProcess, "pid", lambda self: None)
+    monkeypatch.setattr(stack.ManagedProcess, "start",
+                        lambda self, argv, env=None, cwd=None: started.update(argv=argv, env=env, cwd=cwd) or 1)
+    monkeypatch.delenv("DERMFLOW_PROJECT_ROOT", raising=False)
+    worker = stack.Worker("orchestrator", "dermflow", ["default"], tmp_path / "run", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert worker.start("http://127.0.0.1:4200/api", tmp_path / "project")
+    assert started["cwd"] == tmp_path / "project"
+    assert started["env"]["DERMFLOW_PROJECT_ROOT"] == str(tmp_path / "project")
+    assert started["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.setenv("DERMFLOW_PROJECT_ROOT", str(tmp_path / "chosen"))  # the user's choice wins
+    worker.start("http://127.0.0.1:4200/api", tmp_path / "project")
+    assert started["env"]["DERMFLOW_PROJECT_ROOT"] == str(tmp_path / "chosen")
 
 
 def test_the_oracle_host_is_a_setting(monkeypatch):
