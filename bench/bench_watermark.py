@@ -29,6 +29,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.bench_quality import ATLAS_DIR, manifest  # noqa: E402
+from dermflow.evaluation.saliency import WATERMARK_STRIP  # noqa: E402
 
 
 def masked(images, strip: float, where: str):
@@ -52,22 +53,14 @@ def masked(images, strip: float, where: str):
 
 def strip_mass(model, images, strip: float, limit: int) -> dict:
     """Mean share of Grad-CAM mass inside the bottom strip over `limit` images, and that
-    share divided by the strip's share of the area."""
-    import numpy as np
+    share divided by the strip's share of the area (`saliency.strip_saliency`, the arithmetic
+    the run report's watermark check uses)."""
+    from dermflow.evaluation.saliency import grad_cam, strip_saliency
 
-    from dermflow.evaluation.saliency import grad_cam
-
-    shares = []
-    for image in images[:limit]:
-        heat = grad_cam(model, image)
-        total = float(heat.sum())
-        if total <= 0:
-            continue
-        rows = max(1, int(round(heat.shape[0] * strip)))
-        shares.append(float(heat[-rows:, :].sum()) / total)
-    share = float(np.mean(shares)) if shares else float("nan")
-    area = max(1, int(round(images.shape[1] * strip))) / images.shape[1]
-    return {"images": len(shares), "strip_share": share, "ratio_to_area": share / area}
+    check = strip_saliency((grad_cam(model, image) for image in images[:limit]), strip)
+    if check is None:
+        return {"images": 0, "strip_share": float("nan"), "ratio_to_area": float("nan")}
+    return check
 
 
 def score(model, images, labels) -> float:
@@ -84,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--atlas", type=Path, default=ATLAS_DIR)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--strip", type=float, default=0.12, help="bottom strip / corner size, share of the side")
+    parser.add_argument("--strip", type=float, default=WATERMARK_STRIP, help="bottom strip / corner size, share of the side")
     parser.add_argument("--cam-images", type=int, default=80)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -3,7 +3,9 @@
 Built only from what the pipeline already has (the data summary, each architecture's test
 predictions and training history, tuning trials, the retrain decision), so it never trains.
 Every number comes from `dermflow.metrics` (`classification_metrics`, `top_k_accuracy`); the
-only extra computed here is the expected calibration error, which that module does not have.
+only extras computed here are the expected calibration error, which that module does not have,
+and the watermark check: the share of the best model's Grad-CAM heat in the bottom strip where
+the image host's watermark sits, over its example images.
 
 `build_report(inputs)` -> `Report` (html, figures, metrics, summary_markdown, table_rows);
 `write_report(report, store, run_id)` uploads it under `runs/<run_id>/`.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 
 from dermflow import layout
-from dermflow.evaluation.report_figures import build_figures
+from dermflow.evaluation.report_figures import build_figures, watermark_check
 from dermflow.evaluation.report_html import render_html
 from dermflow.evaluation.report_inputs import (
     ArchResult, Predictions, Report, ReportInputError, ReportInputs, predictions_from_npz,
@@ -41,6 +43,7 @@ __all__ = [
 def build_report(inputs: ReportInputs, *, report_uri: str | None = None) -> Report:
     """Metrics, figures, the HTML page, and the markdown/table artifacts of one run."""
     metrics = compute_metrics(inputs)
+    metrics["watermark_check"] = watermark_check(inputs, metrics["best_architecture"])
     figures = build_figures(inputs, metrics)
     return Report(
         html=render_html(inputs, metrics, figures),

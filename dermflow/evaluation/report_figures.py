@@ -1,5 +1,6 @@
 """Which figures a run report draws, from which results (the drawing itself is in
-`dermflow.evaluation.figures`), and the data summary in one shape (`data_view`)."""
+`dermflow.evaluation.figures`), the data summary in one shape (`data_view`), and the watermark
+check over the example images' Grad-CAM maps (`watermark_check`)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,26 @@ def example_md5hashes(result: ArchResult) -> list[str]:
     confusions, correct = example_rows(result)
     rows = [int(i) for _, idx in confusions for i in idx] + [i for _, i in correct]
     return list(dict.fromkeys(str(result.test.md5hash[i]) for i in rows))
+
+
+def watermark_check(inputs: ReportInputs, best: str | None) -> dict | None:
+    """Whether the best model's Grad-CAM heat gathers in the watermark's bottom strip, over the
+    images of its example galleries (`saliency.strip_saliency`); None without maps."""
+    from dermflow.evaluation.saliency import strip_saliency
+
+    if not best or inputs.saliency is None or inputs.architectures[best].test is None:
+        return None
+    maps = []
+    for md5 in example_md5hashes(inputs.architectures[best]):
+        try:
+            heatmap = inputs.saliency(md5)
+        except Exception as error:  # noqa: BLE001 - a missing map leaves the others to judge by
+            logger.warning("report: no saliency for %s: %s", md5, error)
+            continue
+        if heatmap is not None:
+            maps.append(heatmap)
+    check = strip_saliency(maps)
+    return {"architecture": best, **check} if check else None
 
 
 def _example_figures(inputs: ReportInputs, result: ArchResult, best: str) -> dict[str, bytes]:

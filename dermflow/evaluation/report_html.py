@@ -21,7 +21,7 @@ import numpy as np
 
 from dermflow.evaluation.report_figures import confusion_counts, confusion_pairs, data_view
 from dermflow.evaluation.report_inputs import ArchResult, ReportInputs
-from dermflow.evaluation.report_metrics import DISCLAIMER_TEXT, LICENCE_TEXT, format_value, table_rows
+from dermflow.evaluation.report_metrics import DISCLAIMER_TEXT, LICENCE_TEXT, format_value, table_rows, watermark_sentence
 from dermflow.metrics import RANGE_ORDER
 
 TEMPLATE = "report.html.j2"
@@ -383,6 +383,8 @@ def page_view(inputs: ReportInputs, metrics: Mapping, figures: Mapping[str, byte
         "confusion_pairs": confusion_pairs_table(inputs, metrics),
         "has_image_loader": bool(inputs.load_image),
         "has_saliency": bool(inputs.saliency),
+        "watermark": watermark_sentence(metrics["watermark_check"]) if metrics.get("watermark_check") else None,
+        "watermark_flagged": bool((metrics.get("watermark_check") or {}).get("leans_on_strip")),
         "per_class": per_class_table(inputs, metrics),
         "tuning": tuning_table(inputs),
         "retrain": retrain_section(metrics),

@@ -167,6 +167,8 @@ def summary_markdown(metrics: Mapping[str, Any], report_uri: str | None = None) 
         lines.append("")
     else:
         lines.append("**No architecture finished successfully.**")
+    if metrics.get("watermark_check"):
+        lines += [f"**Watermark check:** {watermark_sentence(metrics['watermark_check'])}", ""]
     decision = metrics.get("retrain_decision")
     if decision:
         verdict = "promoted" if decision.get("promoted") else "not promoted"
@@ -177,6 +179,17 @@ def summary_markdown(metrics: Mapping[str, Any], report_uri: str | None = None) 
         lines.append(f"**Full report:** {report_uri}")
     lines += ["", f"_{DISCLAIMER_TEXT}_"] if lines[-1] else [f"_{DISCLAIMER_TEXT}_"]
     return "\n".join(lines)
+
+
+def watermark_sentence(check: Mapping[str, Any]) -> str:
+    """The watermark check in words (`report_figures.watermark_check`), for the page and the artifact."""
+    where = (f"{check['strip_share']:.0%} of {check['architecture']}'s Grad-CAM heat over its "
+             f"{check['images']} example images lies in the bottom {check['strip']:.0%} of the image, "
+             f"where the image host's watermark sits: {check['ratio_to_area']:.2f}x that strip's share of the area")
+    if check["leans_on_strip"]:
+        return (f"{where}. The model may lean on the watermark rather than the lesion; look at the examples' "
+                "heatmaps, and consider training with the strip masked (edge_mask).")
+    return f"{where}, so the heat does not gather on the watermark."
 
 
 def _md_cell(text: str | None) -> str:

@@ -4,12 +4,14 @@
 nest a `keras.applications` backbone as a single layer: it captures the chosen feature
 layer's output during an ordinary forward pass instead of rebuilding the graph, so the
 model's structure does not matter. `overlay_heatmap` renders the map over the image as PNG.
+`strip_saliency` is the watermark check: how much of a set of maps' heat lies in the bottom
+strip where the image host stamps its watermark, against that strip's share of the area.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -217,3 +219,46 @@ def overlay_heatmap(
     buffer = io.BytesIO()
     Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --- the watermark check ----------------------------------------------------------------------
+# The image host stamps its "SFS" watermark along the bottom edge of many Fitzpatrick 17k
+# photos: a model that learned the host rather than the lesion puts its Grad-CAM heat there.
+WATERMARK_STRIP = 0.12  # share of the height at the bottom edge that the watermark falls in
+LEANS_ON_STRIP_RATIO = 1.5  # strip heat at this multiple of its area share (or more) is flagged
+
+
+def strip_rows(height: int, strip: float = WATERMARK_STRIP) -> int:
+    """How many bottom rows of an image `height` rows tall the strip covers (at least one)."""
+    if not 0.0 < strip < 1.0:
+        raise SaliencyError(f"strip must be in (0, 1), got {strip}")
+    return max(1, int(round(height * strip)))
+
+
+def strip_share(heatmap: np.ndarray, strip: float = WATERMARK_STRIP) -> float | None:
+    """The share of a heatmap's mass inside its bottom strip; None for an all-zero map."""
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float64)), 0.0, None)
+    if heat.ndim != 2:
+        raise SaliencyError(f"heatmap must be (H, W); got shape {heat.shape}")
+    total = float(heat.sum())
+    if total <= 0:
+        return None
+    return float(heat[-strip_rows(heat.shape[0], strip):, :].sum()) / total
+
+
+def strip_saliency(heatmaps: Iterable[np.ndarray], strip: float = WATERMARK_STRIP) -> dict | None:
+    """Mean Grad-CAM share in the bottom strip over `heatmaps`, against the strip's share of the
+    area: a ratio near 1 is heat spread like the image; at `LEANS_ON_STRIP_RATIO` or more the
+    heat gathers on the watermark's strip. None when no map has any mass."""
+    shares, areas = [], []
+    for heatmap in heatmaps:
+        share = strip_share(heatmap, strip)
+        if share is not None:
+            shares.append(share)
+            areas.append(strip_rows(np.shape(heatmap)[0], strip) / np.shape(heatmap)[0])
+    if not shares:
+        return None
+    share, area = float(np.mean(shares)), float(np.mean(areas))
+    ratio = share / area
+    return {"strip": strip, "images": len(shares), "strip_share": share, "area_share": area,
+            "ratio_to_area": ratio, "leans_on_strip": ratio >= LEANS_ON_STRIP_RATIO}

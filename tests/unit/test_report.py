@@ -418,3 +418,31 @@ def test_build_time_at_full_size_is_reasonable():
     assert len(report.metrics["architectures"]) == 6
     # 5-6 s on an idle 2-core box, ~20 s while four other test suites share it: catches a 10x regression
     assert elapsed < 60, f"report took {elapsed:.1f} s"
+
+
+def test_the_watermark_check_reads_the_best_models_example_heatmaps():
+    """Heat along the bottom edge is flagged on the page and in the summary artifact; heat on the
+    image's upper part is not; without maps there is no check."""
+    from dataclasses import replace
+
+    def bottom_heavy(md5: str) -> np.ndarray:
+        heat = np.full((20, 20), 0.02)
+        heat[-3:, :] = 1.0
+        return heat
+
+    flagged = build_report(replace(make_inputs(seed=3), saliency=bottom_heavy))
+    check = flagged.metrics["watermark_check"]
+    assert check["architecture"] == flagged.metrics["best_architecture"] and check["leans_on_strip"]
+    assert check["images"] >= 1 and check["ratio_to_area"] > 3
+    assert "Watermark check:" in flagged.summary_markdown and "may lean on the watermark" in flagged.summary_markdown
+    assert 'class="bad" id="watermark-check"' in flagged.html and "edge_mask" in flagged.html
+
+    calm = build_report(make_inputs(seed=3))  # the fixture's maps peak in the upper half
+    assert not calm.metrics["watermark_check"]["leans_on_strip"]
+    assert "does not gather on the watermark" in calm.summary_markdown
+    assert 'class="muted" id="watermark-check"' in calm.html
+
+    none = build_report(make_inputs(seed=3, with_images=False))
+    assert none.metrics["watermark_check"] is None and "Watermark check" not in none.summary_markdown
+    assert 'id="watermark-check"' not in none.html
+    json.dumps(flagged.metrics, allow_nan=False)  # metrics.json stays strict JSON

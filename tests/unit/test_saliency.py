@@ -137,3 +137,33 @@ def test_overlay_is_a_png_of_the_image_size():
     assert pixels[1, 1, 0] > pixels[31, 31, 0]
     with pytest.raises(ValueError):
         overlay_heatmap(image, np.zeros((2, 2, 2)))
+
+
+# --- the watermark check: pure arithmetic on heatmaps ---------------------------------------------
+def test_strip_share_is_the_bottom_rows_share_of_the_mass():
+    from dermflow.evaluation.saliency import strip_rows, strip_share
+
+    heat = np.zeros((50, 40))
+    heat[-6:, :] = 1.0  # all mass in the bottom 6 rows = the 12 % strip of 50 rows
+    assert strip_rows(50) == 6 and strip_share(heat) == pytest.approx(1.0)
+    assert strip_share(np.ones((50, 40))) == pytest.approx(6 / 50)  # spread like the image: the area share
+    assert strip_share(np.zeros((50, 40))) is None
+    assert strip_rows(3) == 1  # always at least one row
+    with pytest.raises(SaliencyError, match="strip"):
+        strip_rows(50, strip=0.0)
+    with pytest.raises(SaliencyError, match="heatmap"):
+        strip_share(np.ones((4, 4, 3)))
+
+
+def test_strip_saliency_flags_heat_that_gathers_on_the_strip():
+    from dermflow.evaluation.saliency import LEANS_ON_STRIP_RATIO, strip_saliency
+
+    y = np.arange(50)[:, None] * np.ones((1, 40))
+    on_lesion = np.exp(-((y - 25) ** 2) / 50.0)  # a centred blob: nearly nothing in the strip
+    on_strip = np.where(y >= 44, 1.0, 0.02)  # the heat sits along the bottom edge
+    calm = strip_saliency([on_lesion, on_lesion, np.zeros((50, 40))])
+    assert calm["images"] == 2 and calm["ratio_to_area"] < 0.1 and not calm["leans_on_strip"]
+    flagged = strip_saliency([on_strip, on_lesion])
+    assert flagged["ratio_to_area"] >= LEANS_ON_STRIP_RATIO and flagged["leans_on_strip"]
+    assert flagged["area_share"] == pytest.approx(6 / 50) and flagged["strip"] == pytest.approx(0.12)
+    assert strip_saliency([]) is None and strip_saliency([np.zeros((5, 5))]) is None
