@@ -71,8 +71,8 @@ Seed = Annotated[int, Field(description=(
 BudgetMinutes = Annotated[float | None, Field(gt=0, description=(
     "Wall-clock bound of the whole run in minutes (> 0), from its start, fetching included; tuning gets "
     f"{DEFAULT_TUNING_SHARE:.0%} of what is left when it starts (in trial slots of at most a third), "
-    "the final training all the time then left, its learning rate annealed by the deadline. "
-    "null (empty): no bound."))]
+    "the final training all the time then left, its learning rate annealed by the deadline; its "
+    "evaluation, the registration and the report follow the deadline (seconds). null (empty): no bound."))]
 ModeParam = Annotated[Mode, Field(description=(
     "One of full (everything: fetch, split, train, register, promote if better, report), fetch "
     "(fetch only), refetch (retry the failed rows of the latest fetch), retrain (fetch what is "
