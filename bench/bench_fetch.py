@@ -142,16 +142,17 @@ def run_dermflow(store, settings_kwargs: dict, csv_path: Path, concurrency: int,
     return result
 
 
-def atlas_zip(csv_path: Path, work: Path) -> tuple[Path, Path]:
-    """(the atlas images as one zip, the rows without URLs): every image must come from the archive."""
+def atlas_zip(csv_path: Path, work: Path, images: Path) -> tuple[Path, Path]:
+    """(the rows' images from `images` as one zip, the rows without URLs): every image must come
+    from the archive."""
     import csv
     import zipfile
 
     archive = work / "atlas20.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as handle:
-        for path in sorted((ATLAS / "images").glob("*.jpg")):
-            handle.write(path, f"atlas20/{path.name}")
     rows = list(csv.DictReader(csv_path.open()))
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as handle:
+        for md5hash in sorted({row["md5hash"] for row in rows}):
+            handle.write(images / f"{md5hash}.jpg", f"atlas20/{md5hash}.jpg")
     no_urls = work / "rows-no-urls.csv"
     with no_urls.open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
@@ -160,10 +161,10 @@ def atlas_zip(csv_path: Path, work: Path) -> tuple[Path, Path]:
     return archive, no_urls
 
 
-def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: str) -> dict:
+def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: str, images: Path) -> dict:
     """The `derm` flow in mode fetch, as `prefect deployment run derm/fetch` runs it, with its
     default parameters (`runner` "flow"), `task_runner=threads` ("flow-threads"), or importing
-    every image from a zip of the atlas with no URLs ("import"). Runs under the caller's
+    every image from a zip of the atlas with no URLs ("import", "import-threads"). Runs under the caller's
     temporary Prefect server; its start is not timed."""
     import asyncio
 
@@ -180,10 +181,10 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     from flows.derm import derm
 
     parameters = {"mode": "fetch", "csv": str(csv_path)}
-    if runner == "flow-threads":
+    if runner.endswith("-threads"):
         parameters["task_runner"] = "threads"
-    if runner == "import":
-        archive, no_urls = atlas_zip(csv_path, csv_path.parent)
+    if runner.startswith("import"):
+        archive, no_urls = atlas_zip(csv_path, csv_path.parent, images)
         parameters.update(csv=str(no_urls), images=str(archive))
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, seaweed0, wall0 = time.process_time(), cpu_seconds(seaweed_pid), time.perf_counter()
@@ -196,7 +197,8 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0
     summary = result["fetch"]["summary"]
     name = {"flow": "dermflow derm/fetch (defaults)", "flow-threads": "dermflow derm/fetch (threads)",
-            "import": "dermflow derm/fetch, zip import"}[runner]
+            "import": "dermflow derm/fetch, zip import",
+            "import-threads": "dermflow derm/fetch, zip import (threads)"}[runner]
     return report(name, summary["ok"], summary["bytes"], wall, cpu,
                   f"[SeaweedFS CPU {seaweed_cpu:.2f} s; {summary['failed']} failed]")
 
@@ -228,23 +230,59 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=2, help="shards at once (img2dataset: processes)")
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="serve each row K times (new md5hash and imageId, the same bytes), for "
+                             "fetches larger than the atlas; applied after --limit")
     parser.add_argument("--runners", default="flow,processes,import",
                         help="dermflow sides: flow (derm/fetch, defaults), flow-threads (derm/fetch, "
                              "task_runner=threads), threads (shards in one process), processes (warm "
-                             "workers), import (derm/fetch from a zip of the atlas, no URLs)")
+                             "workers), import (derm/fetch from a zip of the atlas, no URLs, defaults), "
+                             "import-threads (the same, task_runner=threads)")
     parser.add_argument("--skip-img2dataset", action="store_true")
     return parser.parse_args()
 
 
+def _copied_rows(rows_csv: Path, copies: int, work: Path) -> tuple[Path, Path]:
+    """`copies` rows per row of `rows_csv`, each with its own md5hash and imageId, served from a
+    folder of links to the same files: (rows CSV, images folder). The bytes repeat, so this
+    measures throughput, not deduplication."""
+    import csv
+    import hashlib
+
+    images = work / "copied-images"
+    images.mkdir(parents=True, exist_ok=True)
+    with open(rows_csv, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    out_rows = []
+    for row in rows:
+        image_id = row["url"].rsplit("imageId=", 1)[1]
+        for copy in range(copies):
+            md5hash = row["md5hash"] if copy == 0 else hashlib.md5(f"{row['md5hash']}-{copy}".encode()).hexdigest()
+            (images / f"{md5hash}.jpg").symlink_to(ATLAS / "images" / f"{row['md5hash']}.jpg")
+            out_rows.append({**row, "md5hash": md5hash,
+                             "url": row["url"].replace(f"imageId={image_id}", f"imageId={image_id}c{copy}")})
+    out = work / "rows-copied.csv"
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(out_rows)
+    return out, images
+
+
 def _start_image_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, Path, str]:
-    """The atlas served with `args.latency` per request: (server process, rows CSV, base URL)."""
-    rows_csv = ATLAS / "rows.csv"
+    """The atlas served with `args.latency` per request: (server process, rows CSV, base URL).
+    Sets `args.images`, the folder the served rows' images are in."""
+    rows_csv, images = ATLAS / "rows.csv", ATLAS / "images"
     if args.limit:
         rows_csv = work / "rows-limited.csv"
         lines = (ATLAS / "rows.csv").read_text().splitlines(keepends=True)
         rows_csv.write_text("".join(lines[: args.limit + 1]))
+    if args.copies > 1:
+        rows_csv, images = _copied_rows(rows_csv, args.copies, work)
+    args.images = images
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT, str(ATLAS / "images"), str(rows_csv), str(args.latency)],
+        [sys.executable, "-c", SERVER_SCRIPT, str(images), str(rows_csv), str(args.latency)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
     )
@@ -261,7 +299,7 @@ def _run_dermflow_runners(args: argparse.Namespace, seaweed, csv_path: Path, res
     seaweed_pid = seaweed.process.pid()
     runners = args.runners.split(",")
     with contextlib.ExitStack() as stack:
-        if any(runner.startswith("flow") or runner == "import" for runner in runners):
+        if any(runner.startswith(("flow", "import")) for runner in runners):
             stack.enter_context(prefect_test_harness(server_startup_timeout=300))
         for runner in runners:
             _run_one_side(runner, args, seaweed, seaweed_pid, csv_path, results)
@@ -276,8 +314,8 @@ def _run_one_side(runner: str, args: argparse.Namespace, seaweed, seaweed_pid: i
                            aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{runner}")
     store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=args.parallel * 40)
     store.ensure_bucket()
-    if runner.startswith("flow") or runner == "import":
-        results[f"dermflow ({runner})"] = run_flow(settings_kwargs, csv_path, seaweed_pid, runner)
+    if runner.startswith(("flow", "import")):
+        results[f"dermflow ({runner})"] = run_flow(settings_kwargs, csv_path, seaweed_pid, runner, args.images)
     else:
         results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, args.concurrency,
                                                        args.parallel, args.shard_size, seaweed_pid, runner)
