@@ -198,7 +198,9 @@ def ingest_and_fetch(config: RunConfig, run_id: str) -> tuple[dict | None, dict]
     refetch = config.mode == "refetch"
     dataset = None if refetch else ingest_dataset(config.data.csv, config.data.limit_per_label, config.seed)
     shards = None if refetch else -(-dataset["rows"] // config.fetch.shard_size)
-    runner, parallel_shards = fetch_runner(config.fetch.task_runner, config.fetch.dask_address, shards=shards)
+    runner, parallel_shards = fetch_runner(config.fetch.task_runner, config.fetch.dask_address, shards=shards,
+                                           rows=None if refetch else dataset["rows"],
+                                           importing=bool(config.data.images) and not refetch)
     fetch = fetch_images.with_options(task_runner=runner)
     options = {"shard_size": config.fetch.shard_size, "host_concurrency": config.fetch.host_concurrency,
                "host_rate_limit": config.fetch.host_rate_limit, "shard_parallelism": parallel_shards}

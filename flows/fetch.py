@@ -2,7 +2,8 @@
 URL, one task run per shard (both on the same task runner).
 
 A subflow of `derm`, so the task runner can be chosen per run: `auto` (the default: Prefect's
-process pool, one worker per core, when there is more than one core, else threads), `processes`,
+process pool, one worker per core, where the fetch is long enough to win back the pool's start on
+more than one core, else threads; see `dermflow.ingestion.parallelism`), `processes`,
 `threads`, or a Dask cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a
 local cluster). Decoding and hashing are CPU-bound, so threads use one core at most.
 """
@@ -26,6 +27,7 @@ from dermflow.config import (
     describe_parameters,
 )
 from dermflow.ingestion.importer import merge_fallback
+from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays
 from dermflow.runs import check_run_id
 from tasks.data import (
     fetch_shard,
@@ -146,15 +148,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8, shards: int | None = None):
+def fetch_runner(task_runner: str, dask_address: str | None, dask_shards: int = 8, shards: int | None = None,
+                 rows: int | None = None, importing: bool = False):
     """The task runner for the fetch subflow (Prefect's own runners only) and how many shards
     it runs at once. On an existing Dask cluster, `dask_shards` is the caller's estimate.
-    `auto` takes processes only where they pay: more than one core and more than one shard
-    (`shards`, None when unknown); starting the pool costs seconds of CPU a single shard
-    would not win back."""
+    `auto` takes processes only where they pay (`parallelism.pool_pays`, with the import's
+    costs when the rows come from an image source): starting the pool costs seconds that a
+    fetch of fewer rows than `break_even_rows` never wins back. `rows` and `shards` are None
+    when unknown (a refetch)."""
     if task_runner == "auto":
-        several_shards = shards is None or shards > 1
-        task_runner = "processes" if usable_cores() > 1 and several_shards else "threads"
+        costs = IMPORT_COSTS if importing else FETCH_COSTS
+        task_runner = "processes" if pool_pays(rows, shards, usable_cores(), costs) else "threads"
     if task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 

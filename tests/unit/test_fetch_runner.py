@@ -4,24 +4,65 @@ import pytest
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 import flows.fetch as fetch_flow
+from dermflow.ingestion import parallelism
+from dermflow.ingestion.parallelism import break_even_rows, pool_pays
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(("cores", "shards", "expected"), [
-    (2, 5, ProcessPoolTaskRunner),   # several cores, several shards: processes
-    (2, None, ProcessPoolTaskRunner),  # a refetch does not know its shards yet
-    (2, 1, ThreadPoolTaskRunner),    # one shard would not win back the pool's start
-    (1, 5, ThreadPoolTaskRunner),    # one core: threads
+@pytest.mark.parametrize(("cores", "rows", "shards", "expected"), [
+    (2, 16_577, 65, ProcessPoolTaskRunner),  # the whole dataset on 2 cores: processes
+    (2, 2_076, 9, ThreadPoolTaskRunner),     # atlas20 on 2 cores: the pool's start is not won back
+    (16, 2_076, 9, ProcessPoolTaskRunner),   # the same on 16 cores: 9 workers win it back
+    (16, 16_577, 1, ThreadPoolTaskRunner),   # one shard keeps one worker busy: no gain
+    (2, None, None, ThreadPoolTaskRunner),   # a refetch: failed rows, mostly waiting, not CPU
+    (1, 16_577, 65, ThreadPoolTaskRunner),   # one core: threads
 ])
-def test_auto_takes_processes_only_with_several_cores_and_shards(monkeypatch, cores, shards, expected):
+def test_auto_takes_processes_only_where_they_pay(monkeypatch, cores, rows, shards, expected):
     monkeypatch.setattr(fetch_flow, "usable_cores", lambda: cores)
-    runner, parallel = fetch_flow.fetch_runner("auto", None, shards=shards)
+    runner, parallel = fetch_flow.fetch_runner("auto", None, shards=shards, rows=rows)
     assert isinstance(runner, expected)
     assert parallel == (cores if expected is ProcessPoolTaskRunner else fetch_flow.SHARD_PARALLELISM)
 
 
-def test_an_explicit_runner_is_kept_whatever_the_shards(monkeypatch):
+def test_an_explicit_runner_is_kept_whatever_the_rows(monkeypatch):
     monkeypatch.setattr(fetch_flow, "usable_cores", lambda: 2)
-    assert isinstance(fetch_flow.fetch_runner("processes", None, shards=1)[0], ProcessPoolTaskRunner)
-    assert isinstance(fetch_flow.fetch_runner("threads", None, shards=9)[0], ThreadPoolTaskRunner)
+    assert isinstance(fetch_flow.fetch_runner("processes", None, shards=1, rows=10)[0], ProcessPoolTaskRunner)
+    assert isinstance(fetch_flow.fetch_runner("threads", None, shards=99, rows=99_999)[0], ThreadPoolTaskRunner)
+
+
+@pytest.mark.parametrize("cores", [2, 3, 4, 8, 64])
+def test_the_pool_pays_from_the_break_even_on(cores):
+    rows = break_even_rows(cores)
+    shards = cores  # a shard per worker
+    assert not pool_pays(rows - 1, shards, cores)
+    assert pool_pays(rows, shards, cores)
+
+
+def test_the_break_even_falls_as_cores_are_added():
+    evens = [break_even_rows(cores) for cores in (2, 4, 8, 16)]
+    assert evens == sorted(evens, reverse=True)
+    assert break_even_rows(1) is None
+    # the measured 2-core crossover (bench/README): 2,840 rows by the fitted lines
+    assert 2_500 < break_even_rows(2) < 3_300
+
+
+def test_the_model_follows_its_constants():
+    # a pool that started instantly would pay at once on 2 cores; one as slow as threads, never
+    instant = parallelism.RunnerCosts(threads_images_per_s=90, pool_images_per_s_per_core=60, pool_start_s=0)
+    assert pool_pays(10, 2, 2, instant)
+    no_faster = parallelism.RunnerCosts(threads_images_per_s=90, pool_images_per_s_per_core=45, pool_start_s=8)
+    assert not pool_pays(10**7, 2, 2, no_faster)
+    assert break_even_rows(2, no_faster) is None
+
+
+def test_an_import_takes_its_own_costs(monkeypatch):
+    # on 2 cores threads import faster than the pool at every size measured; on 8 the pool wins
+    monkeypatch.setattr(fetch_flow, "usable_cores", lambda: 2)
+    assert isinstance(fetch_flow.fetch_runner("auto", None, shards=65, rows=16_577, importing=True)[0],
+                      ThreadPoolTaskRunner)
+    assert break_even_rows(2, parallelism.IMPORT_COSTS) is None
+    monkeypatch.setattr(fetch_flow, "usable_cores", lambda: 8)
+    assert isinstance(fetch_flow.fetch_runner("auto", None, shards=65, rows=16_577, importing=True)[0],
+                      ProcessPoolTaskRunner)
+    assert break_even_rows(8, parallelism.IMPORT_COSTS) < 16_577

@@ -1,0 +1,67 @@
+"""Threads or processes for the fetch and import shards: the choice `task_runner=auto` makes.
+
+Decoding, hashing and putting an image are CPU work. Threads share one interpreter: Pillow and
+NumPy release the GIL for part of it, so a thread runner gets about one and a half cores and no
+more. A process pool uses every core, but first starts its workers (spawned interpreters that
+import Prefect, NumPy, Pillow and boto3) and pays for pickling each shard's rows and results: a
+cost that a small fetch never wins back. So `auto` takes the pool only where it pays, by a cost
+model whose constants come from `make bench-fetch` runs (`bench/README.md`, "Threads or
+processes by default"):
+
+    threads:   wall ≈ rows / threads_images_per_s
+    processes: wall ≈ pool_start_s + rows / (pool_images_per_s_per_core × min(cores, shards))
+
+The constants were measured on 2 cores, where the pool also shares its cores with the S3 server
+and the orchestrator. More cores are extrapolated: the pool's rate grows with its workers, the
+threads' does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunnerCosts:
+    """What threads and a process pool cost per image, for one kind of shard work."""
+
+    threads_images_per_s: float
+    pool_images_per_s_per_core: float
+    pool_start_s: float
+
+
+# derm/fetch by URL on 2 cores, 1,038 to 6,228 atlas images, 50 ms per request, two runs per
+# size: threads fit 1.0 s + rows / 89.9 images/s, the pool of two workers 9.1 s + rows / 121.
+FETCH_COSTS = RunnerCosts(threads_images_per_s=90.0, pool_images_per_s_per_core=60.0, pool_start_s=8.1)
+# derm/fetch importing the same images from a zip, no URLs: threads 5.6 s + rows / 165, the
+# pool 9.5 s + rows / 141. No GET to wait on, so threads keep more of both cores busy, and on
+# 2 cores the pool never catches up.
+IMPORT_COSTS = RunnerCosts(threads_images_per_s=165.0, pool_images_per_s_per_core=70.0, pool_start_s=3.9)
+
+
+def pool_pays(rows: int | None, shards: int | None, cores: int, costs: RunnerCosts = FETCH_COSTS) -> bool:
+    """Whether a process pool of one worker per core would finish `rows` images, in `shards`
+    task runs, sooner than threads. A pool runs at most one shard per worker, so fewer shards
+    than cores leave workers idle. Rows or shards None (a refetch, which does not know them
+    before it starts): threads, since a refetch retries the rows that failed, mostly URLs that
+    do not answer, whose cost is waiting rather than CPU."""
+    if rows is None or shards is None or cores < 2:
+        return False
+    pool_rate = costs.pool_images_per_s_per_core * min(cores, shards)
+    return costs.pool_start_s + rows / pool_rate < rows / costs.threads_images_per_s
+
+
+def break_even_rows(cores: int, costs: RunnerCosts = FETCH_COSTS) -> int | None:
+    """The fewest rows for which the pool pays on `cores` cores, given a shard per core at
+    least (None: never, as on one core, or where the pool is no faster per image)."""
+    gain_per_row = 1 / costs.threads_images_per_s - 1 / (costs.pool_images_per_s_per_core * cores)
+    if cores < 2 or gain_per_row <= 0:
+        return None
+    rows = math.ceil(costs.pool_start_s / gain_per_row)
+    # the exact integer under pool_pays' own floating-point arithmetic
+    while not pool_pays(rows, cores, cores, costs):
+        rows += 1
+    while pool_pays(rows - 1, cores, cores, costs):
+        rows -= 1
+    return rows
