@@ -181,8 +181,8 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     from flows.derm import derm
 
     parameters = {"mode": "fetch", "csv": str(csv_path)}
-    if runner.endswith("-threads"):
-        parameters["task_runner"] = "threads"
+    if runner.endswith(("-threads", "-processes")):
+        parameters["task_runner"] = runner.rsplit("-", 1)[1]
     if runner.startswith("import"):
         archive, no_urls = atlas_zip(csv_path, csv_path.parent, images)
         parameters.update(csv=str(no_urls), images=str(archive))
@@ -197,6 +197,7 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     seaweed_cpu = cpu_seconds(seaweed_pid) - seaweed0
     summary = result["fetch"]["summary"]
     name = {"flow": "dermflow derm/fetch (defaults)", "flow-threads": "dermflow derm/fetch (threads)",
+            "flow-processes": "dermflow derm/fetch (processes)",
             "import": "dermflow derm/fetch, zip import",
             "import-threads": "dermflow derm/fetch, zip import (threads)"}[runner]
     return report(name, summary["ok"], summary["bytes"], wall, cpu,
@@ -235,7 +236,7 @@ def _parse_args() -> argparse.Namespace:
                              "fetches larger than the atlas; applied after --limit")
     parser.add_argument("--runners", default="flow,processes,import",
                         help="dermflow sides: flow (derm/fetch, defaults), flow-threads (derm/fetch, "
-                             "task_runner=threads), threads (shards in one process), processes (warm "
+                             "task_runner=threads), flow-processes (task_runner=processes), threads (shards in one process), processes (warm "
                              "workers), import (derm/fetch from a zip of the atlas, no URLs, defaults), "
                              "import-threads (the same, task_runner=threads)")
     parser.add_argument("--skip-img2dataset", action="store_true")

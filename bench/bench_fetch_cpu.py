@@ -99,7 +99,7 @@ def measure_gets(n_images: int, work: Path) -> float:
     from dermflow.ingestion.http import make_async_client, read_async
     from tests.support.image_servers import rewrite_csv_host
 
-    server, rows_csv, base_url = _start_image_server(argparse.Namespace(latency=0.0, limit=n_images), work)
+    server, rows_csv, base_url = _start_image_server(argparse.Namespace(latency=0.0, limit=n_images, copies=1), work)
     try:
         with rewrite_csv_host(rows_csv, base_url, work / "rows.csv").open() as handle:
             urls = [row["url"] for row in csv.DictReader(handle)]
