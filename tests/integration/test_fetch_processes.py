@@ -1,0 +1,43 @@
+"""The fetch subflow's shards in Prefect's process pool (`task_runner=processes`, what `auto`
+takes for long fetches on several cores): spawned workers that read their settings from the
+environment and put into the same S3."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _children_cpu_s() -> float:
+    """CPU of this process's ended and waited-for children: the pool's workers, once they exit."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_fetch_shards_run_in_prefects_process_pool(store, s3_env, tmp_path, monkeypatch):
+    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect.testing.utilities import prefect_test_harness
+
+    from dermflow.ingestion.ingest import load_dataset
+    from flows.fetch import fetch_images, fetch_runner
+    from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
+
+    monkeypatch.setenv("DERMFLOW_ALLOWED_HOSTS", "127.0.0.1")  # before the workers start: they inherit it
+    runner, parallel = fetch_runner("processes", None, shards=5, rows=24)
+    assert isinstance(runner, ProcessPoolTaskRunner)
+    root = synthetic_atlas(tmp_path / "atlas", n_labels=3, per_label=8, size=64)
+    with serve_atlas(root / "images", root / "rows.csv") as server, prefect_test_harness(server_startup_timeout=120):
+        dataset = load_dataset(str(rewrite_csv_host(root / "rows.csv", server.base_url, tmp_path / "rows.csv")))
+        store.put_dataframe_csv("manifests/datasets/pool.csv", dataset)
+        children_before = _children_cpu_s()
+        result = fetch_images.with_options(task_runner=runner)(
+            "manifests/datasets/pool.csv", "20990101-000000-pool", shard_size=5, shard_parallelism=parallel)
+        workers_cpu = _children_cpu_s() - children_before
+    # spawned workers import Prefect, NumPy, Pillow and boto3: seconds of CPU, in other processes
+    assert workers_cpu > 0.5
+    assert sum(server.hits.values()) == len(dataset)
+    assert result["summary"]["ok"] == len(dataset) == 24
+    assert len(store.list_keys("images/")) == 24
