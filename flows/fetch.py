@@ -5,7 +5,8 @@ A subflow of `derm`, so the task runner can be chosen per run: `auto` (the defau
 process pool, one worker per core, where the fetch is long enough to win back the pool's start on
 more than one core, else threads; see `dermflow.ingestion.parallelism`), `processes`,
 `threads`, or a Dask cluster (`task_runner="dask"`, `dask_address=tcp://scheduler:8786`, or a
-local cluster). Decoding and hashing are CPU-bound, so threads use one core at most.
+local cluster). Decoding and hashing are CPU-bound: threads get a little over one core (Pillow
+and NumPy release the GIL for part of it), processes every core once they have started.
 """
 
 from __future__ import annotations
