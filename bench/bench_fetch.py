@@ -302,24 +302,32 @@ def _run_dermflow_runners(args: argparse.Namespace, seaweed, csv_path: Path, res
     with contextlib.ExitStack() as stack:
         if any(runner.startswith(("flow", "import")) for runner in runners):
             stack.enter_context(prefect_test_harness(server_startup_timeout=300))
-        for runner in runners:
-            _run_one_side(runner, args, seaweed, seaweed_pid, csv_path, results)
+        for index, runner in enumerate(runners):
+            _run_one_side(runner, index, args, seaweed, seaweed_pid, csv_path, results)
 
 
-def _run_one_side(runner: str, args: argparse.Namespace, seaweed, seaweed_pid: int, csv_path: Path,
+def _run_one_side(runner: str, index: int, args: argparse.Namespace, seaweed, seaweed_pid: int, csv_path: Path,
                   results: dict) -> None:
+    """One side into a bucket of its own: a runner named twice fetches everything again instead
+    of finding the first run's objects (a resume), and its result is kept under its own name."""
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
     settings_kwargs = dict(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
-                           aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{runner}")
+                           aws_secret_access_key=seaweed.secret_key, bucket=f"bench-{index}-{runner}")
     store = ObjectStore.from_settings(load_settings(**settings_kwargs), max_pool_connections=args.parallel * 40)
     store.ensure_bucket()
     if runner.startswith(("flow", "import")):
-        results[f"dermflow ({runner})"] = run_flow(settings_kwargs, csv_path, seaweed_pid, runner, args.images)
+        results[_side_name(runner, results)] = run_flow(settings_kwargs, csv_path, seaweed_pid, runner, args.images)
     else:
-        results[f"dermflow ({runner})"] = run_dermflow(store, settings_kwargs, csv_path, args.concurrency,
+        results[_side_name(runner, results)] = run_dermflow(store, settings_kwargs, csv_path, args.concurrency,
                                                        args.parallel, args.shard_size, seaweed_pid, runner)
+
+
+def _side_name(runner: str, results: dict) -> str:
+    name = f"dermflow ({runner})"
+    repeats = sum(1 for key in results if key == name or key.startswith(name + " #"))
+    return name if repeats == 0 else f"{name} #{repeats + 1}"
 
 
 def _img2dataset_output(store, output: str) -> tuple[list, int, list[dict]]:

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     bucket: str = "dermflow"
     # Path style works with every S3-compatible server; AWS users may choose "virtual".
     s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    # The client of the fetcher's and importer's image puts: obstore costs a sixth of boto3's
+    # CPU per put and frees the GIL while it waits (dermflow.storage.ImagePuts); "boto3" for an
+    # endpoint only boto3 reaches (e.g. a CA bundle or proxy set up for botocore alone).
+    image_put_client: Literal["obstore", "boto3"] = "obstore"
 
     # --- Prefect ---
     prefect_api_url: str = Field(

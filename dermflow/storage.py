@@ -2,14 +2,22 @@
 
 Every stage passes `s3://bucket/key` URIs or keys; bytes stay in the store. Works with the
 embedded SeaweedFS, AWS S3 or any S3 endpoint, configured by `Settings` alone.
+
+boto3 is the S3 API everywhere, except for one hot path: the fetcher's and importer's image
+puts go through obstore (`ImagePuts`) where `Settings.image_put_client` says so (the default),
+because a boto3 put costs about six times its CPU and holds the GIL the shard's other threads
+need (bench/README.md: +28-39 % images/s). Both check the stored bytes against the MD5 the
+fetcher holds: boto3 by Content-MD5, obstore by the ETag the store returns.
 """
 
 from __future__ import annotations
 
 import base64
 
+import hashlib
 import io
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +68,89 @@ def make_s3_client(settings: Settings, *, max_pool_connections: int = 32):
     )
 
 
+class ImagePuts:
+    """Single-request puts through obstore (Rust), for the image bodies of fetch and import.
+
+    obstore's `put` returns the object's ETag, which for a single-part put is the MD5 of the
+    bytes the store kept (S3 and SeaweedFS alike; not under SSE-KMS or SSE-C encryption):
+    `put` returns whether it equals the MD5 the caller holds. Built from the same `Settings`
+    as the boto3 client; the obstore store is made on first use in each process (never pickled).
+    """
+
+    def __init__(self, settings: Settings, bucket: str) -> None:
+        self.settings = settings
+        self.bucket = bucket
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "bucket": self.bucket}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["settings"], state["bucket"])
+
+    def _obstore(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                self._store = make_obstore(self.settings, self.bucket)
+            return self._store
+
+    def put(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> bool:
+        """Put `data` at `key` in one request; True when the returned ETag is `md5_hex`.
+        Raises `StorageError` (permanent for refused credentials or a missing bucket)."""
+        import obstore
+        from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
+
+        attributes = {"Content-Type": content_type} if content_type else None
+        try:
+            result = obstore.put(self._obstore(), key, data, attributes=attributes, use_multipart=False)
+        except (PermissionDeniedError, UnauthenticatedError, NotFoundError) as error:
+            raise StorageError(f"cannot put s3://{self.bucket}/{key}: {error}", transient=False) from error
+        except Exception as error:  # noqa: BLE001 - obstore's connection and server errors, after its retries
+            raise StorageError(f"cannot put s3://{self.bucket}/{key}: {error}") from error
+        return (result.get("e_tag") or "").strip('"').lower() == md5_hex.lower()
+
+
+def make_obstore(settings: Settings, bucket: str) -> Any:
+    """An obstore S3Store for `bucket`, configured like `make_s3_client`'s boto3 client."""
+    from datetime import timedelta
+
+    import obstore.store
+
+    endpoint = settings.aws_endpoint_url or None
+    config: dict[str, Any] = {"region": settings.aws_default_region,
+                              "virtual_hosted_style_request": settings.s3_addressing_style == "virtual"
+                              or (settings.s3_addressing_style == "auto" and endpoint is None)}
+    if endpoint:
+        config["endpoint"] = endpoint
+    options: dict[str, Any] = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=60),
+                               "allow_http": bool(endpoint and endpoint.startswith("http://"))}
+    # obstore retries 5xx and dropped connections briefly; the fetcher's own retries span restarts
+    retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        config["access_key_id"] = settings.aws_access_key_id
+        config["secret_access_key"] = settings.aws_secret_access_key.get_secret_value()
+        return obstore.store.S3Store(bucket, config=config, client_options=options, retry_config=retry)
+    from obstore.auth.boto3 import Boto3CredentialProvider  # boto3's chain: profiles, SSO, roles
+
+    return obstore.store.S3Store(bucket, config=config, client_options=options, retry_config=retry,
+                                 credential_provider=Boto3CredentialProvider(boto3.session.Session()))
+
+
 @dataclass
 class ObjectStore:
-    """A bucket and a boto3 client. Thread-safe (boto3 clients are)."""
+    """A bucket and a boto3 client, plus `image_puts` for checked image puts. Thread-safe
+    (boto3 clients and obstore stores are)."""
 
     bucket: str
     client: Any
+    image_puts: ImagePuts | None = None  # None: every put through boto3
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **client_options) -> "ObjectStore":
         settings = settings or get_settings()
-        return cls(settings.bucket, make_s3_client(settings, **client_options))
+        image_puts = ImagePuts(settings, settings.bucket) if settings.image_put_client == "obstore" else None
+        return cls(settings.bucket, make_s3_client(settings, **client_options), image_puts)
 
     # --- addresses ---
     def uri(self, key: str) -> str:
@@ -97,13 +177,28 @@ class ObjectStore:
 
     # --- objects ---
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None, md5_hex: str | None = None) -> str:
-        """Put `data` at `key`. With `md5_hex` (the MD5 of `data`, already computed) the server
-        checks the bytes it received against it (Content-MD5)."""
+        """Put `data` at `key`. With `md5_hex` (the MD5 of `data`, already computed) the stored
+        bytes are checked against it: by the ETag through `image_puts`, else by Content-MD5
+        (the server refuses other bytes: BadDigest)."""
+        if md5_hex and self.image_puts is not None:
+            self._put_checked_by_etag(key, data, content_type, md5_hex)
+            return self.uri(self.key_of(key))
         extra = {"ContentType": content_type} if content_type else {}
         if md5_hex:
             extra["ContentMD5"] = base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
         self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
         return self.uri(self.key_of(key))
+
+    def _put_checked_by_etag(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> None:
+        """An `image_puts` put; where the ETag is not the MD5, the object is read back: other
+        bytes are a transient error (the caller puts again); the same bytes mean this store's
+        ETags are not MD5s (an encrypted bucket), so its later puts go through Content-MD5."""
+        if self.image_puts.put(self.key_of(key), data, content_type, md5_hex):
+            return
+        stored = hashlib.md5(self.get_bytes(key)).hexdigest()
+        if stored != md5_hex.lower():
+            raise StorageError(f"{self.uri(self.key_of(key))}: stored bytes have MD5 {stored}, not {md5_hex}")
+        self.image_puts = None
 
     def create_json(self, key: str, obj: Any) -> bool:
         """Write `obj` at `key` only if no object is there (S3 `If-None-Match: *`): False when

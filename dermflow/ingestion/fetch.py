@@ -155,6 +155,10 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, facts: ImageFacts, 
                                                                                    "BadDigest"):
                 raise StorageError(f"cannot put {store.uri(key)}: {error}") from error
             last: Exception = error
+        except StorageError as error:  # from obstore's puts: permanent ones are not retried
+            if not error.transient:
+                raise
+            last = error
         except Exception as error:  # noqa: BLE001 - connection-level errors from botocore/urllib3
             last = error
         if attempt >= options.store_attempts or time.monotonic() >= deadline:

@@ -38,3 +38,99 @@ def test_parse_s3_uri():
     assert parse_s3_uri("s3://bucket/a/b.csv") == ("bucket", "a/b.csv")
     with pytest.raises(ValueError):
         parse_s3_uri("http://x/y")
+
+
+# --------------------------------------------------------------------------------------------
+# image puts through obstore (dermflow.storage.ImagePuts), checked by the ETag
+
+
+def _jpeg(seed: int) -> tuple[bytes, str]:
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue(), hashlib.md5(buffer.getvalue()).hexdigest()
+
+
+def test_image_puts_go_through_obstore_and_store_the_bytes(store: ObjectStore, monkeypatch):
+    from dermflow.storage import ImagePuts
+
+    calls = []
+    real_put = ImagePuts.put
+    monkeypatch.setattr(ImagePuts, "put", lambda self, *args: calls.append(args[0]) or real_put(self, *args))
+    body, md5 = _jpeg(0)
+    uri = store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)
+    assert uri == store.uri("images/" + md5) and calls == ["images/" + md5]
+    assert store.get_bytes("images/" + md5) == body
+    head = store.client.head_object(Bucket=store.bucket, Key="images/" + md5)
+    assert head["ContentType"] == "image/jpeg" and head["ETag"].strip('"') == md5
+    store.put_bytes("manifest.csv", b"a,b\n", "text/csv")  # no md5: boto3, as before
+    assert calls == ["images/" + md5] and store.get_bytes("manifest.csv") == b"a,b\n"
+
+
+def test_boto3_is_the_image_put_client_when_settings_say_so(s3_env, monkeypatch):
+    from dermflow.settings import load_settings
+
+    monkeypatch.setenv("DERMFLOW_IMAGE_PUT_CLIENT", "boto3")
+    store = ObjectStore.from_settings(load_settings())
+    assert store.image_puts is None
+    body, md5 = _jpeg(1)
+    store.put_bytes("images/x", body, "image/jpeg", md5_hex=md5)
+    assert store.get_bytes("images/x") == body
+    with pytest.raises(Exception, match="BadDigest|Content-MD5|digest"):  # the server checks Content-MD5
+        store.put_bytes("images/y", body, "image/jpeg", md5_hex="0" * 32)
+
+
+def test_a_store_whose_etags_are_not_md5s_falls_back_to_content_md5(store: ObjectStore, monkeypatch):
+    """An encrypted bucket's ETags are not MD5s: the object is read back once, and where its
+    bytes are right, later puts go through boto3 with Content-MD5 instead."""
+    from dermflow.storage import ImagePuts
+
+    real_put = ImagePuts.put
+    monkeypatch.setattr(ImagePuts, "put", lambda self, *args: real_put(self, *args) and False)
+    body, md5 = _jpeg(2)
+    store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)
+    assert store.get_bytes("images/" + md5) == body and store.image_puts is None
+    other, other_md5 = _jpeg(3)
+    store.put_bytes("images/" + other_md5, other, "image/jpeg", md5_hex=other_md5)
+    assert store.get_bytes("images/" + other_md5) == other
+
+
+def test_stored_bytes_that_differ_from_the_md5_are_a_transient_error(store: ObjectStore):
+    body, md5 = _jpeg(4)
+    wrong = "f" * 32  # the bytes stored are not the ones the caller hashed
+    with pytest.raises(StorageError, match="stored bytes have MD5") as caught:
+        store.put_bytes("images/z", body, "image/jpeg", md5_hex=wrong)
+    assert caught.value.transient and store.image_puts is not None
+
+
+def test_refused_keys_on_an_image_put_are_permanent_and_not_retried(seaweed, s3_env, monkeypatch):
+    import time
+
+    from dermflow.ingestion.fetch import FetchOptions, _put_retrying
+    from dermflow.ingestion.images import verify_image
+    from dermflow.settings import load_settings
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    bad = ObjectStore.from_settings(load_settings())
+    body, md5 = _jpeg(5)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        _put_retrying(bad, "images/" + md5, body, verify_image(body), FetchOptions(store_attempts=5))
+    assert not caught.value.transient, caught.value
+    assert time.monotonic() - started < 10  # no backoff between attempts: refused at once
+
+
+def test_image_puts_pickle_without_their_client(store: ObjectStore):
+    import pickle
+
+    body, md5 = _jpeg(6)
+    store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)  # builds the obstore store
+    copy = pickle.loads(pickle.dumps(store.image_puts))
+    assert copy._store is None and copy.bucket == store.bucket
+    assert copy.put("images/again", body, "image/jpeg", md5)
