@@ -164,7 +164,8 @@ def atlas_zip(csv_path: Path, work: Path, images: Path) -> tuple[Path, Path]:
 def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: str, images: Path) -> dict:
     """The `derm` flow in mode fetch, as `prefect deployment run derm/fetch` runs it, with its
     default parameters (`runner` "flow"), `task_runner=threads` ("flow-threads"), or importing
-    every image from a zip of the atlas with no URLs ("import", "import-threads"). Runs under the caller's
+    every image from a zip of the atlas with no URLs ("import", "import-threads"); "-boto3"
+    sides put images through boto3 (`DERMFLOW_IMAGE_PUT_CLIENT=boto3`) instead of obstore. Runs under the caller's
     temporary Prefect server; its start is not timed."""
     import asyncio
 
@@ -176,6 +177,10 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
            "AWS_SECRET_ACCESS_KEY": settings_kwargs["aws_secret_access_key"],
            "DERMFLOW_BUCKET": settings_kwargs["bucket"], "DERMFLOW_ALLOWED_HOSTS": "127.0.0.1"}
     os.environ.update(env)  # the flow's tasks (and its worker processes) read the settings
+    # "-boto3": the defaults, with every image put through boto3 (Content-MD5) instead of obstore
+    os.environ.pop("DERMFLOW_IMAGE_PUT_CLIENT", None)
+    if runner.endswith("-boto3"):
+        os.environ["DERMFLOW_IMAGE_PUT_CLIENT"] = "boto3"
     get_settings.cache_clear()
     tasks.common.object_store.cache_clear()
     from flows.derm import derm
@@ -199,7 +204,9 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     name = {"flow": "dermflow derm/fetch (defaults)", "flow-threads": "dermflow derm/fetch (threads)",
             "flow-processes": "dermflow derm/fetch (processes)",
             "import": "dermflow derm/fetch, zip import",
-            "import-threads": "dermflow derm/fetch, zip import (threads)"}[runner]
+            "import-threads": "dermflow derm/fetch, zip import (threads)",
+            "flow-boto3": "dermflow derm/fetch (defaults, boto3 puts)",
+            "import-boto3": "dermflow derm/fetch, zip import (boto3 puts)"}[runner]
     return report(name, summary["ok"], summary["bytes"], wall, cpu,
                   f"[SeaweedFS CPU {seaweed_cpu:.2f} s; {summary['failed']} failed]")
 
@@ -238,7 +245,8 @@ def _parse_args() -> argparse.Namespace:
                         help="dermflow sides: flow (derm/fetch, defaults), flow-threads (derm/fetch, "
                              "task_runner=threads), flow-processes (task_runner=processes), threads (shards in one process), processes (warm "
                              "workers), import (derm/fetch from a zip of the atlas, no URLs, defaults), "
-                             "import-threads (the same, task_runner=threads)")
+                             "import-threads (the same, task_runner=threads); flow-boto3, import-boto3: "
+                             "the defaults with image puts through boto3 instead of obstore")
     parser.add_argument("--skip-img2dataset", action="store_true")
     return parser.parse_args()
 
