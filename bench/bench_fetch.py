@@ -205,6 +205,7 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
             "flow-processes": "dermflow derm/fetch (processes)",
             "import": "dermflow derm/fetch, zip import",
             "import-threads": "dermflow derm/fetch, zip import (threads)",
+            "import-processes": "dermflow derm/fetch, zip import (processes)",
             "flow-boto3": "dermflow derm/fetch (defaults, boto3 puts)",
             "import-boto3": "dermflow derm/fetch, zip import (boto3 puts)"}[runner]
     return report(name, summary["ok"], summary["bytes"], wall, cpu,
@@ -245,7 +246,7 @@ def _parse_args() -> argparse.Namespace:
                         help="dermflow sides: flow (derm/fetch, defaults), flow-threads (derm/fetch, "
                              "task_runner=threads), flow-processes (task_runner=processes), threads (shards in one process), processes (warm "
                              "workers), import (derm/fetch from a zip of the atlas, no URLs, defaults), "
-                             "import-threads (the same, task_runner=threads); flow-boto3, import-boto3: "
+                             "import-threads, import-processes (the same, task_runner=threads|processes); flow-boto3, import-boto3: "
                              "the defaults with image puts through boto3 instead of obstore")
     parser.add_argument("--skip-img2dataset", action="store_true")
     return parser.parse_args()
