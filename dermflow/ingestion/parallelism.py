@@ -3,7 +3,7 @@
 Decoding, hashing and putting an image are CPU work. Threads share one interpreter: Pillow and
 NumPy release the GIL for part of it, so a thread runner gets a little over one core (1.3 cores
 measured on imports) and no more. A process pool uses every core, but first starts its workers (spawned interpreters that
-import Prefect, NumPy, Pillow and boto3) and pays for pickling each shard's rows and results: a
+import Prefect, NumPy, Pillow, boto3 and obstore) and pays for pickling each shard's rows and results: a
 cost that a small fetch never wins back. So `auto` takes the pool only where it pays, by a cost
 model whose constants come from `make bench-fetch` runs (`bench/README.md`, "Threads or
 processes by default"):
@@ -12,8 +12,9 @@ processes by default"):
     processes: wall ≈ pool_start_s + rows / (pool_images_per_s_per_core × min(cores, shards))
 
 The constants were measured on 2 cores, where the pool also shares its cores with the S3 server
-and the orchestrator. More cores are extrapolated: the pool's rate grows with its workers, the
-threads' does not.
+and the orchestrator; there, the pool is no faster per image than threads, so `auto` keeps
+threads. More cores are extrapolated: the pool's rate grows with its workers, the threads' does
+not.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ class RunnerCosts:
     pool_start_s: float
 
 
-# derm/fetch by URL on 2 cores, 1,038 to 6,228 atlas images, 50 ms per request, two runs per
-# size: threads fit 1.0 s + rows / 89.9 images/s, the pool of two workers 9.1 s + rows / 121.
-FETCH_COSTS = RunnerCosts(threads_images_per_s=90.0, pool_images_per_s_per_core=60.0, pool_start_s=8.1)
-# derm/fetch importing the same images from a zip, no URLs: threads 5.6 s + rows / 165, the
-# pool 9.5 s + rows / 141. No GET to wait on, so threads keep more of both cores busy, and on
-# 2 cores the pool never catches up.
-IMPORT_COSTS = RunnerCosts(threads_images_per_s=165.0, pool_images_per_s_per_core=70.0, pool_start_s=3.9)
+# derm/fetch by URL on 2 cores, 2,076 and 6,228 atlas images, 50 ms per request, two runs per
+# size, image puts through obstore: threads fit rows / 116 images/s, the pool of two workers
+# rows / 116 too (obstore freed the GIL the threads waited on: with boto3 puts threads were
+# 90/s, the pool 121/s). The pool's start, 8 s, is the spawning of its workers; it was measured
+# as 8.1 s (by URL, boto3 puts) and 7.9 s (import, obstore) between the fitted lines.
+FETCH_COSTS = RunnerCosts(threads_images_per_s=116.0, pool_images_per_s_per_core=58.0, pool_start_s=8.0)
+# derm/fetch importing the same images from a zip, no URLs: threads rows / 175, the pool
+# rows / 166. No GET to wait on, so threads keep more of both cores busy.
+IMPORT_COSTS = RunnerCosts(threads_images_per_s=175.0, pool_images_per_s_per_core=83.0, pool_start_s=8.0)
 
 
 def pool_pays(rows: int | None, shards: int | None, cores: int, costs: RunnerCosts = FETCH_COSTS) -> bool:
