@@ -6,8 +6,8 @@ embedded SeaweedFS, AWS S3 or any S3 endpoint, configured by `Settings` alone.
 boto3 is the S3 API everywhere, except for one hot path: the fetcher's and importer's image
 puts go through obstore (`ImagePuts`) where `Settings.image_put_client` says so (the default),
 because a boto3 put costs about six times its CPU and holds the GIL the shard's other threads
-need (bench/README.md: +26-36 % images/s in A/B runs). Both check the stored bytes against the MD5 the
-fetcher holds: boto3 by Content-MD5, obstore by the ETag the store returns.
+need (bench/README.md: +26-36 % images/s in A/B runs). Both check the stored bytes against the
+MD5 the fetcher holds: boto3 by Content-MD5, obstore by the ETag the store returns.
 """
 
 from __future__ import annotations
