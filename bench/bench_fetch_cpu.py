@@ -83,12 +83,12 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
         # (the default), and through boto3 with Content-MD5 (image_put_client=boto3)
         facts = {id(data): hashlib.md5(data).hexdigest() for data in datas}
         boto3_store = ObjectStore(store.bucket, client)
-        for name, target in (("put (ObjectStore.put_bytes: obstore, ETag checked)", store),
-                             ("put (ObjectStore.put_bytes: boto3, Content-MD5)", boto3_store)):
+        for name, prefix, target in (("put (ObjectStore.put_bytes: obstore, ETag checked)", "obstore", store),
+                                     ("put (ObjectStore.put_bytes: boto3, Content-MD5)", "boto3", boto3_store)):
             keys = iter(range(10**9))
-            target.put_bytes("warm-md5", datas[0], "image/jpeg", md5_hex=facts[id(datas[0])])
-            results[name] = per_image_ms(lambda data, target=target, name=name: target.put_bytes(
-                f"{name[27:34]}-{next(keys)}", data, "image/jpeg", md5_hex=facts[id(data)]), datas)
+            target.put_bytes(f"{prefix}-warm", datas[0], "image/jpeg", md5_hex=facts[id(datas[0])])
+            results[name] = per_image_ms(lambda data, prefix=prefix, target=target: target.put_bytes(
+                f"{prefix}-{next(keys)}", data, "image/jpeg", md5_hex=facts[id(data)]), datas)
         return results
     finally:
         seaweed.stop()

@@ -77,22 +77,25 @@ class ImagePuts:
     as the boto3 client; the obstore store is made on first use in each process (never pickled).
     """
 
-    def __init__(self, settings: Settings, bucket: str) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.bucket = bucket
         self._store: Any = None
         self._lock = threading.Lock()
 
+    @property
+    def bucket(self) -> str:
+        return self.settings.bucket
+
     def __getstate__(self) -> dict:
-        return {"settings": self.settings, "bucket": self.bucket}
+        return {"settings": self.settings}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["settings"], state["bucket"])
+        self.__init__(state["settings"])
 
     def _obstore(self) -> Any:
         with self._lock:
             if self._store is None:
-                self._store = make_obstore(self.settings, self.bucket)
+                self._store = make_obstore(self.settings)
             return self._store
 
     def put(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> bool:
@@ -111,8 +114,8 @@ class ImagePuts:
         return (result.get("e_tag") or "").strip('"').lower() == md5_hex.lower()
 
 
-def make_obstore(settings: Settings, bucket: str) -> Any:
-    """An obstore S3Store for `bucket`, configured like `make_s3_client`'s boto3 client."""
+def make_obstore(settings: Settings) -> Any:
+    """An obstore S3Store for `settings.bucket`, configured like `make_s3_client`'s boto3 client."""
     from datetime import timedelta
 
     import obstore.store
@@ -130,10 +133,10 @@ def make_obstore(settings: Settings, bucket: str) -> Any:
     if settings.aws_access_key_id and settings.aws_secret_access_key:
         config["access_key_id"] = settings.aws_access_key_id
         config["secret_access_key"] = settings.aws_secret_access_key.get_secret_value()
-        return obstore.store.S3Store(bucket, config=config, client_options=options, retry_config=retry)
+        return obstore.store.S3Store(settings.bucket, config=config, client_options=options, retry_config=retry)
     from obstore.auth.boto3 import Boto3CredentialProvider  # boto3's chain: profiles, SSO, roles
 
-    return obstore.store.S3Store(bucket, config=config, client_options=options, retry_config=retry,
+    return obstore.store.S3Store(settings.bucket, config=config, client_options=options, retry_config=retry,
                                  credential_provider=Boto3CredentialProvider(boto3.session.Session()))
 
 
@@ -149,7 +152,7 @@ class ObjectStore:
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **client_options) -> "ObjectStore":
         settings = settings or get_settings()
-        image_puts = ImagePuts(settings, settings.bucket) if settings.image_put_client == "obstore" else None
+        image_puts = ImagePuts(settings) if settings.image_put_client == "obstore" else None
         return cls(settings.bucket, make_s3_client(settings, **client_options), image_puts)
 
     # --- addresses ---

@@ -2,9 +2,9 @@
 
 Decoding, hashing and putting an image are CPU work. Threads share one interpreter: Pillow and
 NumPy release the GIL for part of it, so a thread runner gets a little over one core (1.3 cores
-measured on imports) and no more. A process pool uses every core, but first starts its workers (spawned interpreters that
-import Prefect, NumPy, Pillow, boto3 and obstore) and pays for pickling each shard's rows and results: a
-cost that a small fetch never wins back. So `auto` takes the pool only where it pays, by a cost
+measured on imports) and no more. A process pool uses every core, but first starts its workers
+(spawned interpreters that import Prefect, NumPy, Pillow, boto3 and obstore) and pays for
+pickling each shard's rows and results: a cost that a small fetch never wins back. So `auto` takes the pool only where it pays, by a cost
 model whose constants come from `make bench-fetch` runs (`bench/README.md`, "Threads or
 processes by default"):
 
