@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from dermflow.errors import DermflowError
 from dermflow.settings import Settings, get_settings
@@ -36,6 +36,24 @@ class StorageError(DermflowError, RuntimeError):
     """The object store is unreachable, misconfigured, or an object is missing."""
 
     transient = True
+
+
+# 4xx answers that the same request may get past later: throttling, timeouts, and BadDigest
+# (the bytes changed on the way, so sending them again is the cure)
+_RETRYABLE_4XX_CODES = frozenset({"SlowDown", "RequestTimeout", "BadDigest", "RequestTimeTooSkewed"})
+
+
+def s3_error(error: ClientError | BotoCoreError, what: str) -> StorageError:
+    """A boto3 error as a `StorageError` that says whether retrying may help: a 4xx refusal
+    (denied keys, a missing bucket or object, a bad request) is permanent, except throttling,
+    timeouts and BadDigest; 5xx answers and connection errors are transient, and so are
+    missing credentials (a credential source may answer later). `what` names the call."""
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        refused = 400 <= status < 500 and status not in (408, 429) and code not in _RETRYABLE_4XX_CODES
+        return StorageError(f"{what}: {error}", transient=not refused)
+    return StorageError(f"{what}: {error}", transient=not isinstance(error, ParamValidationError))
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -182,14 +200,18 @@ class ObjectStore:
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None, md5_hex: str | None = None) -> str:
         """Put `data` at `key`. With `md5_hex` (the MD5 of `data`, already computed) the stored
         bytes are checked against it: by the ETag through `image_puts`, else by Content-MD5
-        (the server refuses other bytes: BadDigest)."""
+        (the server refuses other bytes: BadDigest). Whichever client puts, a failure is a
+        `StorageError` whose `transient` says whether to put again."""
         if md5_hex and self.image_puts is not None:
             self._put_checked_by_etag(key, data, content_type, md5_hex)
             return self.uri(self.key_of(key))
         extra = {"ContentType": content_type} if content_type else {}
         if md5_hex:
             extra["ContentMD5"] = base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
-        self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
+        except (ClientError, BotoCoreError) as error:
+            raise s3_error(error, f"cannot put {self.uri(self.key_of(key))}") from error
         return self.uri(self.key_of(key))
 
     def _put_checked_by_etag(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> None:

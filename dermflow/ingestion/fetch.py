@@ -135,9 +135,8 @@ def backoff_delay(attempt: int, base: float, maximum: float, rng: random.Random 
 
 
 def _put_retrying(store: ObjectStore, key: str, body: bytes, facts: ImageFacts, options: FetchOptions) -> None:
-    """Put with our own retries on top of boto3's, so a store restart mid-fetch is survived."""
-    from botocore.exceptions import ClientError
-
+    """Put with our own retries on top of the client's, so a store restart mid-fetch is
+    survived; a permanent refusal (`StorageError.transient` false) is raised at once."""
     from dermflow.storage import StorageError
 
     deadline = time.monotonic() + options.store_deadline
@@ -147,22 +146,12 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, facts: ImageFacts, 
         try:
             store.put_bytes(key, body, facts.content_type, md5_hex=facts.md5)
             return
-        except ClientError as error:
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            code = error.response.get("Error", {}).get("Code", "")
-            # BadDigest: the bytes changed on the way (Content-MD5), a retry sends them again
-            if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout",
-                                                                                   "BadDigest"):
-                raise StorageError(f"cannot put {store.uri(key)}: {error}") from error
-            last: Exception = error
-        except StorageError as error:  # from obstore's puts: permanent ones are not retried
+        except StorageError as error:
             if not error.transient:
                 raise
             last = error
-        except Exception as error:  # noqa: BLE001 - connection-level errors from botocore/urllib3
-            last = error
         if attempt >= options.store_attempts or time.monotonic() >= deadline:
-            raise StorageError(f"cannot put {store.uri(key)} after {attempt} attempts: {last}") from last
+            raise StorageError(f"{last} (gave up after {attempt} attempts)") from last
         pause = backoff_delay(attempt, 0.5, 5.0) + 0.2
         logger.warning("put %s failed (%s), retrying in %.1fs", key, last, pause)
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))

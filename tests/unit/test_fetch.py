@@ -39,7 +39,8 @@ pytestmark = pytest.mark.unit
 
 
 class MemoryStore:
-    """The slice of ObjectStore the fetcher uses; `fail_puts` puts raise a connection error first."""
+    """The slice of ObjectStore the fetcher uses; the first `fail_puts` puts fail as a dropped
+    connection does in `ObjectStore.put_bytes` (a transient StorageError)."""
 
     bucket = "memory"
 
@@ -53,13 +54,13 @@ class MemoryStore:
         return f"s3://{self.bucket}/{key}"
 
     def put_bytes(self, key, data, content_type=None, md5_hex=None):
-        from botocore.exceptions import EndpointConnectionError
+        from dermflow.storage import StorageError
 
         with self.lock:
             self.put_calls += 1
             if self.fail_puts > 0:
                 self.fail_puts -= 1
-                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+                raise StorageError(f"cannot put {self.uri(key)}: Could not connect to the endpoint URL")
             self.objects[key] = bytes(data)
         return self.uri(key)
 
@@ -442,6 +443,23 @@ def test_store_outage_is_retried_then_raises():
     with pytest.raises(StorageError, match="cannot put"):
         run([row("a" * 32, "https://img.example/x")], MemoryStore(fail_puts=100), handler,
             opts=options(store_attempts=2))
+
+
+def test_a_refused_put_is_raised_at_once_not_retried():
+    from dermflow.ingestion.fetch import _put_retrying
+    from dermflow.ingestion.images import verify_image
+    from dermflow.storage import StorageError
+
+    class RefusingStore(MemoryStore):
+        def put_bytes(self, key, data, content_type=None, md5_hex=None):
+            self.put_calls += 1
+            raise StorageError(f"cannot put {self.uri(key)}: AccessDenied", transient=False)
+
+    body = jpeg(9)
+    store = RefusingStore()
+    with pytest.raises(StorageError, match="AccessDenied") as caught:
+        _put_retrying(store, "images/x", body, verify_image(body), options(store_attempts=5))
+    assert store.put_calls == 1 and not caught.value.transient
 
 
 def test_fetch_shard_rejects_rows_without_a_valid_md5hash():
