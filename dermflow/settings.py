@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key")
     )
+    # Temporary credentials (STS, SSO exports) come with a session token; both S3 clients get it.
+    aws_session_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("AWS_SESSION_TOKEN", "aws_session_token")
+    )
     aws_default_region: str = Field(
         "us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "aws_default_region")
     )

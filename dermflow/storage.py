@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from pydantic import SecretStr
 
 from dermflow.errors import DermflowError
 from dermflow.settings import Settings, get_settings
@@ -64,13 +65,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
+
+
 def make_s3_client(settings: Settings, *, max_pool_connections: int = 32):
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
     return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.aws_endpoint_url or None,
         aws_access_key_id=settings.aws_access_key_id or None,
-        aws_secret_access_key=secret,
+        aws_secret_access_key=_secret(settings.aws_secret_access_key),
+        aws_session_token=_secret(settings.aws_session_token),
         region_name=settings.aws_default_region,
         config=Config(
             s3={"addressing_style": settings.s3_addressing_style},
@@ -151,6 +156,8 @@ def make_obstore(settings: Settings) -> Any:
     if settings.aws_access_key_id and settings.aws_secret_access_key:
         config["access_key_id"] = settings.aws_access_key_id
         config["secret_access_key"] = settings.aws_secret_access_key.get_secret_value()
+        if settings.aws_session_token:
+            config["session_token"] = settings.aws_session_token.get_secret_value()
         return obstore.store.S3Store(settings.bucket, config=config, client_options=options, retry_config=retry)
     from obstore.auth.boto3 import Boto3CredentialProvider  # boto3's chain: profiles, SSO, roles
 

@@ -70,3 +70,56 @@ def test_programming_errors_are_not_dressed_as_storage_errors():
     with pytest.raises(TypeError):
         store.put_bytes("images/x", b"data")
 
+
+# --- credentials: both put clients sign with the same ones -------------------------------------
+
+
+@pytest.fixture
+def header_recorder():
+    """A local HTTP server that answers every PUT 200 with an ETag and records the headers."""
+    import http.server
+    import threading
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            self.send_response(200)
+            self.send_header("ETag", '"0"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("client", ["boto3", "obstore"])
+def test_temporary_credentials_sign_every_put(header_recorder, monkeypatch, client: str):
+    from dermflow.settings import Settings
+    from dermflow.storage import ObjectStore
+
+    endpoint, seen = header_recorder
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    settings = Settings(aws_endpoint_url=endpoint, aws_access_key_id="AKIDTEMP", aws_secret_access_key="secret",
+                        aws_session_token="the-session-token", image_put_client=client)
+    store = ObjectStore.from_settings(settings)
+    store.put_bytes("images/x", b"data", "image/jpeg",
+                    md5_hex="0" if client == "obstore" else "8d777f385d3dfec8815d20f7496026dc")
+    assert seen and seen[-1].get("x-amz-security-token") == "the-session-token"
+    assert "AKIDTEMP/" in seen[-1]["authorization"]
+
+
+def test_the_session_token_is_read_from_the_environment(monkeypatch):
+    from dermflow.settings import load_settings
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "from-env")
+    assert load_settings().aws_session_token.get_secret_value() == "from-env"
