@@ -8,6 +8,8 @@ bucket keys and are not spelled here.
 images/<md5hash>                          original image bytes (complete, decodable)
 private/datasets/<fingerprint12>.csv      ingested dataset rows, their URLs unredacted (refetch)
 private/runs/<run_id>/config.json         a run's configuration unredacted (replay), if it differs
+private/runs/<run_id>/fetch/<stage>-<NNNNN>.rows.json | .results.json
+                                          a fetch's shards, handed between task runs (deleted after)
 private/inputs/<sha256-16>/<name>[/...]   a run's local input (csv, images, weights) staged for other hosts
 manifests/fetch.csv                       latest fetch manifest; manifests/fetch.json: its dataset
 manifests/fetch/<run_id>.csv              fetch manifest history
@@ -78,6 +80,34 @@ def private_run_config_key(run_id: str) -> str:
     """A run's configuration with its URLs as given (credentials included), for replaying the
     run; `run_params_key` holds the redacted one that reports show."""
     return f"{PRIVATE_PREFIX}runs/{run_id}/config.json"
+
+
+def fetch_work_prefix(run_id: str) -> str:
+    """A run's fetch in progress: each shard's rows and its manifest rows, handed between task
+    runs by key instead of as parameters. Private (the rows hold the dataset's URLs as given);
+    deleted once the run's fetch manifest is written."""
+    return f"{PRIVATE_PREFIX}runs/{run_id}/fetch/"
+
+
+FETCH_STAGES = ("import", "fetch")
+
+
+def shard_rows_key(run_id: str, stage: str, index: int) -> str:
+    """The rows shard `index` of a fetch `stage` (import from an image source, or by URL) is to do."""
+    return f"{fetch_work_prefix(run_id)}{_stage(stage)}-{index:05d}.rows.json"
+
+
+def shard_results_key(rows_key: str) -> str:
+    """Where the manifest rows of the shard whose rows are at `rows_key` go."""
+    if not rows_key.endswith(".rows.json"):
+        raise ValueError(f"not a shard's rows key: {rows_key!r}")
+    return rows_key[: -len(".rows.json")] + ".results.json"
+
+
+def _stage(stage: str) -> str:
+    if stage not in FETCH_STAGES:
+        raise ValueError(f"fetch stage {stage!r} is not one of {FETCH_STAGES}")
+    return stage
 
 
 def fetch_manifest_history_key(run_id: str) -> str:

@@ -27,7 +27,6 @@ from dermflow.config import (
     ShardSize,
     describe_parameters,
 )
-from dermflow.ingestion.importer import merge_fallback
 from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays
 from dermflow.runs import check_run_id
 from tasks.data import (
@@ -66,53 +65,67 @@ def fetch_images(
     manifest. `host_concurrency` and `host_rate_limit` are per host for the whole fetch: each
     of the shards running at once gets its share."""
     check_run_id(run_id)  # an API caller's id becomes the manifest history's key
-    logger = get_run_logger()
-    imported, import_summary = import_images(dataset_key, images, shard_size, shard_parallelism) if images else ([], None)
-    shards = plan_fetch(dataset_key, shard_size, only_failed=only_failed)
-    total = sum(len(shard) for shard in shards)
-    progress_id = create_progress_artifact(
-        progress=0.0 if total else 100.0, key="derm-fetch-progress",
-        description=f"images fetched: 0 / {total} rows" if total else "nothing to fetch",
-    )
+    imported_keys, import_summary = (import_images(dataset_key, run_id, images, shard_size, shard_parallelism)
+                                     if images else ([], None))
+    shards = plan_fetch(dataset_key, run_id, shard_size, only_failed=only_failed)
     per_shard_concurrency = max(1, math.ceil(host_concurrency / shard_parallelism))
     per_shard_rate = host_rate_limit / shard_parallelism if host_rate_limit else None
-    futures = [fetch_shard.submit(shard, per_shard_concurrency, per_shard_rate) for shard in shards]
-    results: list[dict] = []
-    crashed: list[str] = []
-    for future in as_completed(futures):
-        try:
-            results.extend(future.result())
-        except Exception as error:  # noqa: BLE001 - a shard that failed after its retries
-            crashed.append(repr(error))
-        update_progress_artifact(progress_id, progress=100.0 * len(results) / max(total, 1),
-                                 description=f"rows done: {len(results)} / {total}")
-    if crashed:
-        logger.warning("%d shard(s) failed after retries; their rows stay unfetched: %s",
-                       len(crashed), crashed[:3])
-    fetched = write_fetch_manifest(dataset_key, merge_fallback(imported, results), run_id)
+    fetched_keys = run_shards(
+        [fetch_shard.submit(shard["key"], per_shard_concurrency, per_shard_rate) for shard in shards],
+        total=sum(shard["rows"] for shard in shards))
+    fetched = write_fetch_manifest(dataset_key, run_id, imported_keys, fetched_keys)
     if import_summary is not None:
         fetched["summary"]["import"] = import_summary
     report_failures(fetched["summary"], images)
     return fetched
 
 
-def import_images(dataset_key: str, images: str, shard_size: int, parallelism: int) -> tuple[list[dict], dict]:
-    """Import the rows `images` holds, one task run per shard; (their manifest rows, the
-    import's summary). A crashed shard's rows are left to the URL fetch."""
-    logger = get_run_logger()
-    plan = plan_import(dataset_key, images, shard_size, parallelism)
-    futures = [import_shard.submit(shard, images) for shard in plan["shards"]]
-    rows: list[dict] = []
+def run_shards(futures: list, total: int) -> list[str]:
+    """Wait for the shards' task runs, showing the rows done in the `derm-fetch-progress`
+    artifact; the keys of their manifest rows. A shard that failed after its retries is
+    logged and left out: its rows stay unfetched (`not_fetched` in the manifest)."""
+    progress_id = create_progress_artifact(
+        progress=0.0 if total else 100.0, key="derm-fetch-progress",
+        description=f"images fetched: 0 / {total} rows" if total else "nothing to fetch",
+    )
+    keys: list[str] = []
+    done = 0
+    crashed: list[str] = []
     for future in as_completed(futures):
         try:
-            rows.extend(future.result())
+            part = future.result()
+            keys.append(part["key"])
+            done += part["rows"]
+        except Exception as error:  # noqa: BLE001 - a shard that failed after its retries
+            crashed.append(repr(error))
+        update_progress_artifact(progress_id, progress=100.0 * done / max(total, 1),
+                                 description=f"rows done: {done} / {total}")
+    if crashed:
+        get_run_logger().warning("%d shard(s) failed after retries; their rows stay unfetched: %s",
+                                 len(crashed), crashed[:3])
+    return keys
+
+
+def import_images(dataset_key: str, run_id: str, images: str, shard_size: int,
+                  parallelism: int) -> tuple[list[str], dict]:
+    """Import the rows `images` holds, one task run per shard; (the keys of their manifest
+    rows, the import's summary). A crashed shard's rows are left to the URL fetch."""
+    logger = get_run_logger()
+    plan = plan_import(dataset_key, run_id, images, shard_size, parallelism)
+    futures = [import_shard.submit(shard["key"], images) for shard in plan["shards"]]
+    keys: list[str] = []
+    ok = unusable = 0
+    for future in as_completed(futures):
+        try:
+            part = future.result()
+            keys.append(part["key"])
+            ok += part["ok"]
+            unusable += part["rows"] - part["ok"]
         except Exception as error:  # noqa: BLE001 - its rows fall back to their URLs
             logger.warning("an import shard failed after retries (%r); its rows are fetched by URL", error)
     release_import_source(images)
-    ok = sum(row["status"] == "ok" for row in rows)
-    logger.info("imported %d image(s) from %s; %d member(s) unusable, fetched by URL instead", ok, images,
-                len(rows) - ok)
-    return rows, plan["summary"]
+    logger.info("imported %d image(s) from %s; %d member(s) unusable, fetched by URL instead", ok, images, unusable)
+    return keys, plan["summary"]
 
 
 def failure_report(summary: dict, images: str | None) -> str | None:

@@ -2,7 +2,7 @@
 
 Thin wrappers: the work is in `dermflow.ingestion` (ingest, fetch, manifest) and
 `dermflow.dataset.split`; every bucket key comes from `dermflow.layout`. Tasks exchange bucket
-keys and small row lists, never images.
+keys and counts: shards and their manifest rows are stored objects, handed over by key.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def latest_dataset_key() -> str:
 
 
 @task(name="plan-fetch")
-def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> list[list[dict]]:
-    """Shards of the rows still to fetch: one paginated listing of `images/`, not a HEAD each.
-    With `only_failed`, the rows that failed in the latest manifest."""
+def plan_fetch(dataset_key: str, run_id: str, shard_size: int, only_failed: bool = False) -> list[dict]:
+    """Shards of the rows still to fetch, each stored under `layout.shard_rows_key`: their
+    keys and row counts. One paginated listing of `images/`, not a HEAD each. With
+    `only_failed`, the rows that failed in the latest manifest."""
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
@@ -59,7 +60,25 @@ def plan_fetch(dataset_key: str, shard_size: int, only_failed: bool = False) -> 
         "%d rows, %d already stored, %d shards to fetch",
         len(rows), len(stored & set(rows["md5hash"])), len(shards),
     )
-    return shards
+    return _store_shards(store, run_id, "fetch", shards)
+
+
+def _store_shards(store, run_id: str, stage: str, shards: list[list[dict]]) -> list[dict]:
+    """Each shard's rows under its key; [{"key", "rows"}]. Task runs hand shards over by key:
+    a Prefect task parameter holding rows is walked item by item on every submit."""
+    handles = []
+    for index, shard in enumerate(shards):
+        key = layout.shard_rows_key(run_id, stage, index)
+        store.put_json(key, shard)
+        handles.append({"key": key, "rows": len(shard)})
+    return handles
+
+
+def _store_results(store, rows_key: str, results: list[dict]) -> dict:
+    """A shard's manifest rows under `layout.shard_results_key`; their key and counts."""
+    key = layout.shard_results_key(rows_key)
+    store.put_json(key, results)
+    return {"key": key, "rows": len(results), "ok": sum(row["status"] == "ok" for row in results)}
 
 
 def _latest_manifest_of(store, dataset_key: str):
@@ -73,24 +92,37 @@ def _latest_manifest_of(store, dataset_key: str):
 
 
 @task(name="fetch-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
-def fetch_shard(rows: list[dict], host_concurrency: int, host_rate_limit: float | None) -> list[dict]:
-    """Download one shard concurrently; a Prefect retry covers a crashed worker."""
+def fetch_shard(rows_key: str, host_concurrency: int, host_rate_limit: float | None) -> dict:
+    """Download the shard at `rows_key` concurrently; a Prefect retry covers a crashed worker.
+    Returns the key of its manifest rows and their counts."""
     options = fetch.FetchOptions.from_settings(
         settings(), host_concurrency=host_concurrency, host_rate_limit=host_rate_limit
     )
-    return fetch.fetch_shard(rows, object_store(), options)
+    store = object_store()
+    return _store_results(store, rows_key, fetch.fetch_shard(store.get_json(rows_key), store, options))
 
 
 @task(name="write-fetch-manifest", retries=1, retry_condition_fn=retry_unless_permanent)
-def write_fetch_manifest(dataset_key: str, results: list[dict], run_id: str) -> dict:
-    """The complete manifest (one row per dataset row), history and latest copies, then the
-    pointer to it (`layout.FETCH_STATE_KEY`), last: readers follow the pointer, so a run killed
-    between these writes leaves the previous fetch's manifest and dataset, consistent."""
+def write_fetch_manifest(dataset_key: str, run_id: str, imported_keys: list[str], fetched_keys: list[str]) -> dict:
+    """The complete manifest (one row per dataset row) from the shards' results at
+    `imported_keys` and `fetched_keys`: history and latest copies, then the pointer to it
+    (`layout.FETCH_STATE_KEY`), last: readers follow the pointer, so a run killed between
+    these writes leaves the previous fetch's manifest and dataset, consistent. The run's
+    shard objects are deleted after."""
+    from dermflow.ingestion.importer import merge_fallback
+
     store = object_store()
+    imported = [row for key in imported_keys for row in store.get_json(key)]
+    fetched = [row for key in fetched_keys for row in store.get_json(key)]
     history_key, manifest = fetch_manifest.write_latest_fetch(
-        store, store.get_dataframe_csv(dataset_key), dataset_key, results, run_id)
+        store, store.get_dataframe_csv(dataset_key), dataset_key, merge_fallback(imported, fetched), run_id)
     summary = fetch_manifest.summarize_manifest(manifest)
-    get_run_logger().info("fetch manifest: %s", summary)
+    logger = get_run_logger()
+    logger.info("fetch manifest: %s", summary)
+    try:
+        store.delete_prefix(layout.fetch_work_prefix(run_id))
+    except Exception as error:  # noqa: BLE001 - the manifest is written; leftovers are only untidy
+        logger.warning("could not delete the fetch's shard objects: %s", error)
     return {"manifest_key": history_key, "summary": summary, "hash": content_hash(
         manifest.sort_values("md5hash")[["md5hash", "status", "label", "fitzpatrick_range", "qc", "phash"]]
         .to_dict("list"))}
@@ -127,9 +159,9 @@ def split_dataset(manifest_key: str, seed: int, dup_threshold: int, exclude_wron
 
 
 @task(name="plan-import", retries=1, retry_condition_fn=retry_unless_permanent)
-def plan_import(dataset_key: str, images: str, shard_size: int, stripes: int) -> dict:
+def plan_import(dataset_key: str, run_id: str, images: str, shard_size: int, stripes: int) -> dict:
     """Match the source's members to the dataset's rows: shards of rows to import (rows already
-    stored are left out) and what the source holds that is not used."""
+    stored are left out), stored like `plan_fetch`'s, and what the source holds that is not used."""
     from dermflow.ingestion import archive, importer
 
     store = object_store()
@@ -142,17 +174,20 @@ def plan_import(dataset_key: str, images: str, shard_size: int, stripes: int) ->
         "image source %s: %d member(s), %d match CSV rows (%d already stored), %d to import in %d shard(s); "
         "not used: %s", images, plan.members, plan.matched, plan.already_stored, summary["to_import"],
         len(plan.shards), plan.unused["counts"])
-    return {"shards": plan.shards, "summary": summary}
+    return {"shards": _store_shards(store, run_id, "import", plan.shards), "summary": summary}
 
 
 @task(name="import-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
-def import_shard(rows: list[dict], images: str) -> list[dict]:
-    """Verify and store one shard's members (the fetcher's checks); a damaged member's row
-    comes back failed, with `archive_reason`, to be fetched by URL."""
+def import_shard(rows_key: str, images: str) -> dict:
+    """Verify and store the members of the shard at `rows_key` (the fetcher's checks); a
+    damaged member's row comes back failed, with `archive_reason`, to be fetched by URL.
+    Returns the key of its manifest rows and their counts."""
     from dermflow.ingestion import importer
 
     options = fetch.FetchOptions.from_settings(settings())
-    return importer.import_shard_from(rows, images, object_store(), options)
+    store = object_store()
+    return _store_results(store, rows_key, importer.import_shard_from(store.get_json(rows_key), images, store,
+                                                                      options))
 
 
 @task(name="release-import-source")

@@ -8,6 +8,8 @@ import resource
 
 import pytest
 
+from dermflow import layout
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -41,6 +43,7 @@ def test_fetch_shards_run_in_prefects_process_pool(store, s3_env, tmp_path, monk
     assert sum(server.hits.values()) == len(dataset)
     assert result["summary"]["ok"] == len(dataset) == 24
     assert len(store.list_keys("images/")) == 24
+    assert store.list_keys(layout.fetch_work_prefix("20990101-000000-pool")) == []  # the shards' hand-overs
 
 
 def test_import_shards_run_in_prefects_process_pool(store, s3_env, tmp_path, monkeypatch):

@@ -36,6 +36,19 @@ def store(monkeypatch):
         yield memory
 
 
+def write_manifest(store, dataset_key: str, results: list[dict], run_id: str) -> dict:
+    """`write_fetch_manifest` over `results`, stored as one fetch shard's results would be."""
+    key = layout.shard_results_key(layout.shard_rows_key(run_id, "fetch", 0))
+    store.put_json(key, results)
+    return data_tasks.write_fetch_manifest.fn(dataset_key, run_id, [], [key])
+
+
+def planned_md5s(store, dataset_key: str, run_id: str = "20261203-100000-plan", **kwargs) -> list[str]:
+    """The md5hashes of the shards `plan_fetch` stores, sorted."""
+    shards = data_tasks.plan_fetch.fn(dataset_key, run_id, **kwargs)
+    return sorted(row["md5hash"] for shard in shards for row in store.get_json(shard["key"]))
+
+
 def write_dataset_csv(tmp_path, rows: int = 24):
     lines = ["md5hash,fitzpatrick_scale,label,url,qc"]
     lines += [f"{md5_of(i)},{1 + i % 6},{LABELS[i % 2]},https://example.org/{i}.jpg," for i in range(rows)]
@@ -104,13 +117,55 @@ def test_fetch_manifest_is_written_under_the_layout_keys(store, tmp_path):
     assert not retry_unless_permanent(None, None, Failed(data=none_yet.value))
 
     results = [{"md5hash": md5_of(0), "status": "failed", "reason": "http_404", "url": "https://example.org/0.jpg"}]
-    written = data_tasks.write_fetch_manifest.fn("inputs/dataset.csv", results, run_id="run-1")
+    written = write_manifest(store, "inputs/dataset.csv", results, "run-1")
     assert written["manifest_key"] == layout.fetch_manifest_history_key("run-1")
     assert store.exists(layout.FETCH_MANIFEST_KEY) and written["summary"]["rows"] == 4
     assert data_tasks.latest_dataset_key() == "inputs/dataset.csv"
     # refetch plans the failed rows only, with the dataset's real URLs
-    shards = data_tasks.plan_fetch.fn("inputs/dataset.csv", shard_size=10, only_failed=True)
-    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(4))
+    assert planned_md5s(store, "inputs/dataset.csv", shard_size=10, only_failed=True) == sorted(
+        md5_of(i) for i in range(4))
+
+
+def test_shards_go_between_task_runs_by_key_and_are_deleted_with_the_manifest(store, tmp_path):
+    """Task runs hand shards and their manifest rows over as private objects, not parameters;
+    the manifest task merges the import's and the URL fetch's rows, then deletes them."""
+    from dermflow.ingestion.manifest import manifest_row
+
+    dataset = load_dataset(write_dataset_csv(tmp_path, rows=3))
+    store.put_dataframe_csv("inputs/dataset.csv", dataset)
+    run_id = "20261203-100000-keys"
+    shards = data_tasks.plan_fetch.fn("inputs/dataset.csv", run_id, shard_size=2)
+    assert [shard["rows"] for shard in shards] == [2, 1]
+    assert all(shard["key"].startswith(layout.fetch_work_prefix(run_id)) for shard in shards)
+    assert layout.fetch_work_prefix(run_id).startswith(layout.PRIVATE_PREFIX)  # the rows' URLs as given
+    planned = [row for shard in shards for row in store.get_json(shard["key"])]
+    assert sorted(row["url"] for row in planned) == [f"https://example.org/{i}.jpg" for i in range(3)]
+
+    rows = {row["md5hash"]: row for row in dataset.to_dict("records")}
+    ok = {"status": "ok", "reason": "", "phash": "0" * 48, "bytes": 10}
+    imported_key = layout.shard_results_key(layout.shard_rows_key(run_id, "import", 0))
+    store.put_json(imported_key, [manifest_row(rows[md5_of(0)], **ok, source="archive"),
+                                  manifest_row(rows[md5_of(1)], reason="damaged_member", source="archive",
+                                               archive_reason="damaged_member")])
+    fetched_key = layout.shard_results_key(shards[0]["key"])
+    store.put_json(fetched_key, [manifest_row(rows[md5_of(1)], **ok)])
+    written = data_tasks.write_fetch_manifest.fn("inputs/dataset.csv", run_id, [imported_key], [fetched_key])
+
+    manifest = store.get_dataframe_csv(written["manifest_key"]).set_index("md5hash")
+    assert manifest.loc[md5_of(0), ["status", "source"]].tolist() == ["ok", "archive"]
+    assert manifest.loc[md5_of(1), ["status", "source", "archive_reason"]].tolist() == ["ok", "url", "damaged_member"]
+    assert manifest.loc[md5_of(2), ["status", "reason"]].tolist() == ["failed", "not_fetched"]
+    assert store.list_keys(layout.fetch_work_prefix(run_id)) == []
+
+
+def test_a_shard_key_names_its_stage():
+    key = layout.shard_rows_key("20261203-100000-keys", "import", 7)
+    assert key.endswith("/import-00007.rows.json")
+    assert layout.shard_results_key(key).endswith("/import-00007.results.json")
+    with pytest.raises(ValueError, match="fetch stage 'copy'"):
+        layout.shard_rows_key("20261203-100000-keys", "copy", 0)
+    with pytest.raises(ValueError, match="not a shard's rows key"):
+        layout.shard_results_key("private/runs/x/fetch/import-00007.results.json")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +203,7 @@ def test_a_fetch_killed_between_manifest_writes_leaves_the_previous_fetch_consis
     first = load_dataset(write_dataset_csv(tmp_path, rows=4))
     store.put_dataframe_csv("inputs/first.csv", first)
     failed_first = [{"md5hash": md5_of(1), "status": "failed", "reason": "http_503", "url": "https://example.org/1.jpg"}]
-    data_tasks.write_fetch_manifest.fn("inputs/first.csv", failed_first, run_id="20261126-100000-first")
+    write_manifest(store, "inputs/first.csv", failed_first, "20261126-100000-first")
 
     second = first.assign(md5hash=[md5_of(i) for i in range(10, 14)])  # another dataset, other images
     store.put_dataframe_csv("inputs/second.csv", second)
@@ -163,25 +218,25 @@ def test_a_fetch_killed_between_manifest_writes_leaves_the_previous_fetch_consis
     failed_second = [{"md5hash": md5_of(12), "status": "failed", "reason": "http_503",
                       "url": "https://example.org/12.jpg"}]
     with pytest.raises(KilledBetweenWrites):
-        data_tasks.write_fetch_manifest.fn("inputs/second.csv", failed_second, run_id="20261126-110000-second")
+        write_manifest(store, "inputs/second.csv", failed_second, "20261126-110000-second")
     monkeypatch.setattr(store, "put_bytes", real_put_bytes)
 
     # a refetch now retries the first fetch's failures (every row: none was stored), of the
     # first dataset
     assert data_tasks.latest_dataset_key() == "inputs/first.csv"
-    shards = data_tasks.plan_fetch.fn(data_tasks.latest_dataset_key(), shard_size=10, only_failed=True)
-    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(4))
+    assert planned_md5s(store, data_tasks.latest_dataset_key(), shard_size=10, only_failed=True) == sorted(
+        md5_of(i) for i in range(4))
     # the killed fetch, run again, completes and becomes the latest
-    data_tasks.write_fetch_manifest.fn("inputs/second.csv", failed_second, run_id="20261126-120000-second")
+    write_manifest(store, "inputs/second.csv", failed_second, "20261126-120000-second")
     assert data_tasks.latest_dataset_key() == "inputs/second.csv"
-    shards = data_tasks.plan_fetch.fn("inputs/second.csv", shard_size=10, only_failed=True)
-    assert sorted(row["md5hash"] for shard in shards for row in shard) == sorted(md5_of(i) for i in range(10, 14))
+    assert planned_md5s(store, "inputs/second.csv", shard_size=10, only_failed=True) == sorted(
+        md5_of(i) for i in range(10, 14))
 
 
 def test_a_refetch_of_a_dataset_the_latest_fetch_is_not_of_is_refused(store, tmp_path):
     dataset = load_dataset(write_dataset_csv(tmp_path, rows=4))
     store.put_dataframe_csv("inputs/first.csv", dataset)
     store.put_dataframe_csv("inputs/other.csv", dataset)
-    data_tasks.write_fetch_manifest.fn("inputs/first.csv", [], run_id="20261126-100000-first")
+    write_manifest(store, "inputs/first.csv", [], "20261126-100000-first")
     with pytest.raises(ManifestError, match="not of dataset inputs/other.csv"):
-        data_tasks.plan_fetch.fn("inputs/other.csv", shard_size=10, only_failed=True)
+        data_tasks.plan_fetch.fn("inputs/other.csv", "20261126-120000-other", shard_size=10, only_failed=True)
