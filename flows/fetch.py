@@ -67,7 +67,7 @@ def fetch_images(
     check_run_id(run_id)  # an API caller's id becomes the manifest history's key
     imported_keys, import_summary = (import_images(dataset_key, run_id, images, shard_size, shard_parallelism)
                                      if images else ([], None))
-    shards = plan_fetch(dataset_key, run_id, shard_size, only_failed=only_failed)
+    shards = plan_fetch(dataset_key, run_id, shard_size, only_failed=only_failed, parallel=shard_parallelism)
     per_shard_concurrency = max(1, math.ceil(host_concurrency / shard_parallelism))
     per_shard_rate = host_rate_limit / shard_parallelism if host_rate_limit else None
     fetched_keys = run_shards(

@@ -46,16 +46,16 @@ def latest_dataset_key() -> str:
 
 
 @task(name="plan-fetch")
-def plan_fetch(dataset_key: str, run_id: str, shard_size: int, only_failed: bool = False) -> list[dict]:
-    """Shards of the rows still to fetch, each stored under `layout.shard_rows_key`: their
-    keys and row counts. One paginated listing of `images/`, not a HEAD each. With
-    `only_failed`, the rows that failed in the latest manifest."""
+def plan_fetch(dataset_key: str, run_id: str, shard_size: int, only_failed: bool = False, parallel: int = 1) -> list[dict]:
+    """Shards of the rows still to fetch (whole waves of `parallel` shards), each stored under
+    `layout.shard_rows_key`: their keys and row counts. One paginated listing of `images/`, not
+    a HEAD each. With `only_failed`, the rows that failed in the latest manifest."""
     store = object_store()
     rows = store.get_dataframe_csv(dataset_key)
     if only_failed:
         rows = fetch_manifest.failed_rows(_latest_manifest_of(store, dataset_key), rows)
     stored = fetch_manifest.stored_image_md5s(store)
-    shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size)
+    shards = fetch_manifest.plan_shards(rows, stored, shard_size=shard_size, parallel=parallel)
     get_run_logger().info(
         "%d rows, %d already stored, %d shards to fetch",
         len(rows), len(stored & set(rows["md5hash"])), len(shards),

@@ -88,8 +88,11 @@ def _interleave_by_host(records: list[dict]) -> list[dict]:
     return mixed
 
 
-def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> list[list[dict]]:
-    """Rows whose image is not stored yet, one per md5hash, cut into shards of `shard_size`.
+def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256, parallel: int = 1) -> list[list[dict]]:
+    """Rows whose image is not stored yet, one per md5hash, cut into shards of at most
+    `shard_size` rows, of near-equal sizes, as many as a multiple of `parallel` (the shards run
+    at once): the last shards finish together instead of a small one running alone on its
+    share of a host's concurrency.
 
     Each row is a dict of `SHARD_FIELDS` (those the frame has) with blanks as "".
     """
@@ -112,8 +115,22 @@ def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256) -> 
             continue
         seen.add(md5hash)
         records.append(record)
-    records = _interleave_by_host(records)
-    return [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
+    return _even_cuts(_interleave_by_host(records), shard_size, parallel)
+
+
+def _even_cuts(records: list[dict], shard_size: int, parallel: int) -> list[list[dict]]:
+    """`records` in the fewest near-equal runs of at most `shard_size`, a multiple of `parallel` of them."""
+    if not records:
+        return []
+    count = -(-len(records) // shard_size)
+    count = min(-(-count // max(parallel, 1)) * max(parallel, 1), len(records))
+    size, longer = divmod(len(records), count)
+    cuts, start = [], 0
+    for index in range(count):
+        end = start + size + (index < longer)
+        cuts.append(records[start:end])
+        start = end
+    return cuts
 
 
 # --------------------------------------------------------------------------------------------

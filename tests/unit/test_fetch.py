@@ -197,12 +197,28 @@ def test_plan_shards_skips_stored_dedupes_and_interleaves_hosts():
     })
     shards = plan_shards(frame, stored={f"{1:032x}"}, shard_size=4)
     flat = [r["md5hash"] for shard in shards for r in shard]
-    assert [len(s) for s in shards] == [4, 4, 1]
+    assert [len(s) for s in shards] == [3, 3, 3]  # at most 4, near-equal
     assert sorted(flat) == sorted({f"{i:032x}" for i in range(10)} - {f"{1:032x}"})
-    assert [r["url"][7] for r in shards[0]] == ["a", "b", "a", "b"]
+    assert [r["url"][7] for r in shards[0]] == ["a", "b", "a"]
     assert shards[0][0]["qc"] == ""
     with pytest.raises(ValueError, match="url"):
         plan_shards(frame.drop(columns=["url"]), set())
+
+
+@pytest.mark.parametrize(("rows", "shard_size", "parallel", "sizes"), [
+    (2076, 256, 4, [173] * 12),  # 9 shards would leave one running alone at the end
+    (16608, 256, 4, [245] * 16 + [244] * 52),
+    (10, 256, 4, [3, 3, 2, 2]),
+    (3, 256, 4, [1, 1, 1]),  # never an empty shard
+    (9, 4, 1, [3, 3, 3]),
+    (8, 4, 2, [4, 4]),
+])
+def test_shards_come_in_whole_waves_of_near_equal_size(rows, shard_size, parallel, sizes):
+    frame = pd.DataFrame({"md5hash": [f"{i:032x}" for i in range(rows)],
+                          "url": [f"http://h{i % 3}.example/{i}" for i in range(rows)]})
+    shards = plan_shards(frame, set(), shard_size=shard_size, parallel=parallel)
+    assert [len(shard) for shard in shards] == sizes
+    assert sum(sizes) == rows and max(sizes) <= shard_size
 
 
 # ------------------------------------------------------------------ the SSRF guard
