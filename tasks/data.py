@@ -46,7 +46,8 @@ def latest_dataset_key() -> str:
 
 
 @task(name="plan-fetch")
-def plan_fetch(dataset_key: str, run_id: str, shard_size: int, only_failed: bool = False, parallel: int = 1) -> list[dict]:
+def plan_fetch(dataset_key: str, run_id: str, shard_size: int, only_failed: bool = False,
+               parallel: int = 1) -> list[dict]:
     """Shards of the rows still to fetch (whole waves of `parallel` shards), each stored under
     `layout.shard_rows_key`: their keys and row counts. One paginated listing of `images/`, not
     a HEAD each. With `only_failed`, the rows that failed in the latest manifest."""

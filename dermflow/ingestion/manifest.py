@@ -88,7 +88,8 @@ def _interleave_by_host(records: list[dict]) -> list[dict]:
     return mixed
 
 
-def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256, parallel: int = 1) -> list[list[dict]]:
+def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256,
+                parallel: int = 1) -> list[list[dict]]:
     """Rows whose image is not stored yet, one per md5hash, cut into shards of at most
     `shard_size` rows, of near-equal sizes, as many as a multiple of `parallel` (the shards run
     at once): the last shards finish together instead of a small one running alone on its
