@@ -165,7 +165,7 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
     """The `derm` flow in mode fetch, as `prefect deployment run derm/fetch` runs it, with its
     default parameters (`runner` "flow"), `task_runner=threads` ("flow-threads"), or importing
     every image from a zip of the atlas with no URLs ("import", "import-threads"); "-boto3"
-    sides put images through boto3 (`DERMFLOW_IMAGE_PUT_CLIENT=boto3`) instead of obstore. Runs under the caller's
+    sides put images through boto3 (`DERMFLOW_BULK_S3_CLIENT=boto3`) instead of obstore. Runs under the caller's
     temporary Prefect server; its start is not timed."""
     import asyncio
 
@@ -178,9 +178,9 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
            "DERMFLOW_BUCKET": settings_kwargs["bucket"], "DERMFLOW_ALLOWED_HOSTS": "127.0.0.1"}
     os.environ.update(env)  # the flow's tasks (and its worker processes) read the settings
     # "-boto3": the defaults, with every image put through boto3 (Content-MD5) instead of obstore
-    os.environ.pop("DERMFLOW_IMAGE_PUT_CLIENT", None)
+    os.environ.pop("DERMFLOW_BULK_S3_CLIENT", None)
     if runner.endswith("-boto3"):
-        os.environ["DERMFLOW_IMAGE_PUT_CLIENT"] = "boto3"
+        os.environ["DERMFLOW_BULK_S3_CLIENT"] = "boto3"
     get_settings.cache_clear()
     tasks.common.object_store.cache_clear()
     from flows.derm import derm

@@ -80,7 +80,7 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
                 lambda data: s3.put_object(Bucket="bench-cpu", Key=f"{name[:12]}{next(keys)}", Body=data,
                                            ContentType="image/jpeg"), datas)
         # as the fetcher puts (the MD5 it already holds): through obstore, checked by the ETag
-        # (the default), and through boto3 with Content-MD5 (image_put_client=boto3)
+        # (the default), and through boto3 with Content-MD5 (bulk_s3_client=boto3)
         facts = {id(data): hashlib.md5(data).hexdigest() for data in datas}
         boto3_store = ObjectStore(store.bucket, client)
         for name, prefix, target in (("put (ObjectStore.put_bytes: obstore, ETag checked)", "obstore", store),

@@ -4,7 +4,7 @@ Every stage passes `s3://bucket/key` URIs or keys; bytes stay in the store. Work
 embedded SeaweedFS, AWS S3 or any S3 endpoint, configured by `Settings` alone.
 
 boto3 is the S3 API everywhere, except for one hot path: the fetcher's and importer's image
-puts go through obstore (`ImagePuts`) where `Settings.image_put_client` says so (the default),
+puts go through obstore (`BulkCalls`) where `Settings.bulk_s3_client` says so (the default),
 because a boto3 put costs about six times its CPU and holds the GIL the shard's other threads
 need (bench/README.md: +26-36 % images/s in A/B runs). Both check the stored bytes against the
 MD5 the fetcher holds: boto3 by Content-MD5, obstore by the ETag the store returns.
@@ -91,7 +91,7 @@ def make_s3_client(settings: Settings, *, max_pool_connections: int = 32):
     )
 
 
-class ImagePuts:
+class BulkCalls:
     """Single-request puts through obstore (Rust), for the image bodies of fetch and import.
 
     obstore's `put` returns the object's ETag, which for a single-part put is the MD5 of the
@@ -167,18 +167,18 @@ def make_obstore(settings: Settings) -> Any:
 
 @dataclass
 class ObjectStore:
-    """A bucket and a boto3 client, plus `image_puts` for checked image puts. Thread-safe
+    """A bucket and a boto3 client, plus `bulk` for checked image puts. Thread-safe
     (boto3 clients and obstore stores are)."""
 
     bucket: str
     client: Any
-    image_puts: ImagePuts | None = None  # None: every put through boto3
+    bulk: BulkCalls | None = None  # None: every put through boto3
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **client_options) -> "ObjectStore":
         settings = settings or get_settings()
-        image_puts = ImagePuts(settings) if settings.image_put_client == "obstore" else None
-        return cls(settings.bucket, make_s3_client(settings, **client_options), image_puts)
+        bulk = BulkCalls(settings) if settings.bulk_s3_client == "obstore" else None
+        return cls(settings.bucket, make_s3_client(settings, **client_options), bulk)
 
     # --- addresses ---
     def uri(self, key: str) -> str:
@@ -206,10 +206,10 @@ class ObjectStore:
     # --- objects ---
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None, md5_hex: str | None = None) -> str:
         """Put `data` at `key`. With `md5_hex` (the MD5 of `data`, already computed) the stored
-        bytes are checked against it: by the ETag through `image_puts`, else by Content-MD5
+        bytes are checked against it: by the ETag through `bulk`, else by Content-MD5
         (the server refuses other bytes: BadDigest). Whichever client puts, a failure is a
         `StorageError` whose `transient` says whether to put again."""
-        if md5_hex and self.image_puts is not None:
+        if md5_hex and self.bulk is not None:
             self._put_checked_by_etag(key, data, content_type, md5_hex)
             return self.uri(self.key_of(key))
         extra = {"ContentType": content_type} if content_type else {}
@@ -222,15 +222,15 @@ class ObjectStore:
         return self.uri(self.key_of(key))
 
     def _put_checked_by_etag(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> None:
-        """An `image_puts` put; where the ETag is not the MD5, the object is read back: other
+        """An `bulk` put; where the ETag is not the MD5, the object is read back: other
         bytes are a transient error (the caller puts again); the same bytes mean this store's
         ETags are not MD5s (an encrypted bucket), so its later puts go through Content-MD5."""
-        if self.image_puts.put(self.key_of(key), data, content_type, md5_hex):
+        if self.bulk.put(self.key_of(key), data, content_type, md5_hex):
             return
         stored = hashlib.md5(self.get_bytes(key)).hexdigest()
         if stored != md5_hex.lower():
             raise StorageError(f"{self.uri(self.key_of(key))}: stored bytes have MD5 {stored}, not {md5_hex}")
-        self.image_puts = None
+        self.bulk = None
 
     def create_json(self, key: str, obj: Any) -> bool:
         """Write `obj` at `key` only if no object is there (S3 `If-None-Match: *`): False when

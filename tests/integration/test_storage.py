@@ -41,7 +41,7 @@ def test_parse_s3_uri():
 
 
 # --------------------------------------------------------------------------------------------
-# image puts through obstore (dermflow.storage.ImagePuts), checked by the ETag
+# image puts through obstore (dermflow.storage.BulkCalls), checked by the ETag
 
 
 def _jpeg(seed: int) -> tuple[bytes, str]:
@@ -58,11 +58,11 @@ def _jpeg(seed: int) -> tuple[bytes, str]:
 
 
 def test_image_puts_go_through_obstore_and_store_the_bytes(store: ObjectStore, monkeypatch):
-    from dermflow.storage import ImagePuts
+    from dermflow.storage import BulkCalls
 
     calls = []
-    real_put = ImagePuts.put
-    monkeypatch.setattr(ImagePuts, "put", lambda self, *args: calls.append(args[0]) or real_put(self, *args))
+    real_put = BulkCalls.put
+    monkeypatch.setattr(BulkCalls, "put", lambda self, *args: calls.append(args[0]) or real_put(self, *args))
     body, md5 = _jpeg(0)
     uri = store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)
     assert uri == store.uri("images/" + md5) and calls == ["images/" + md5]
@@ -76,9 +76,9 @@ def test_image_puts_go_through_obstore_and_store_the_bytes(store: ObjectStore, m
 def test_boto3_is_the_image_put_client_when_settings_say_so(s3_env, monkeypatch):
     from dermflow.settings import load_settings
 
-    monkeypatch.setenv("DERMFLOW_IMAGE_PUT_CLIENT", "boto3")
+    monkeypatch.setenv("DERMFLOW_BULK_S3_CLIENT", "boto3")
     store = ObjectStore.from_settings(load_settings())
-    assert store.image_puts is None
+    assert store.bulk is None
     body, md5 = _jpeg(1)
     store.put_bytes("images/x", body, "image/jpeg", md5_hex=md5)
     assert store.get_bytes("images/x") == body
@@ -89,13 +89,13 @@ def test_boto3_is_the_image_put_client_when_settings_say_so(s3_env, monkeypatch)
 def test_a_store_whose_etags_are_not_md5s_falls_back_to_content_md5(store: ObjectStore, monkeypatch):
     """An encrypted bucket's ETags are not MD5s: the object is read back once, and where its
     bytes are right, later puts go through boto3 with Content-MD5 instead."""
-    from dermflow.storage import ImagePuts
+    from dermflow.storage import BulkCalls
 
-    real_put = ImagePuts.put
-    monkeypatch.setattr(ImagePuts, "put", lambda self, *args: real_put(self, *args) and False)
+    real_put = BulkCalls.put
+    monkeypatch.setattr(BulkCalls, "put", lambda self, *args: real_put(self, *args) and False)
     body, md5 = _jpeg(2)
     store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)
-    assert store.get_bytes("images/" + md5) == body and store.image_puts is None
+    assert store.get_bytes("images/" + md5) == body and store.bulk is None
     other, other_md5 = _jpeg(3)
     store.put_bytes("images/" + other_md5, other, "image/jpeg", md5_hex=other_md5)
     assert store.get_bytes("images/" + other_md5) == other
@@ -106,7 +106,7 @@ def test_stored_bytes_that_differ_from_the_md5_are_a_transient_error(store: Obje
     wrong = "f" * 32  # the bytes stored are not the ones the caller hashed
     with pytest.raises(StorageError, match="stored bytes have MD5") as caught:
         store.put_bytes("images/z", body, "image/jpeg", md5_hex=wrong)
-    assert caught.value.transient and store.image_puts is not None
+    assert caught.value.transient and store.bulk is not None
 
 
 def test_refused_keys_on_an_image_put_are_permanent_and_not_retried(seaweed, s3_env, monkeypatch):
@@ -126,11 +126,11 @@ def test_refused_keys_on_an_image_put_are_permanent_and_not_retried(seaweed, s3_
     assert time.monotonic() - started < 10  # no backoff between attempts: refused at once
 
 
-def test_image_puts_pickle_without_their_client(store: ObjectStore):
+def test_bulk_calls_pickle_without_their_client(store: ObjectStore):
     import pickle
 
     body, md5 = _jpeg(6)
     store.put_bytes("images/" + md5, body, "image/jpeg", md5_hex=md5)  # builds the obstore store
-    copy = pickle.loads(pickle.dumps(store.image_puts))
+    copy = pickle.loads(pickle.dumps(store.bulk))
     assert copy._store is None and copy.bucket == store.bucket
     assert copy.put("images/again", body, "image/jpeg", md5)

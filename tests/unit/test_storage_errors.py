@@ -110,7 +110,7 @@ def test_temporary_credentials_sign_every_put(header_recorder, monkeypatch, clie
     endpoint, seen = header_recorder
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     settings = Settings(aws_endpoint_url=endpoint, aws_access_key_id="AKIDTEMP", aws_secret_access_key="secret",
-                        aws_session_token="the-session-token", image_put_client=client)
+                        aws_session_token="the-session-token", bulk_s3_client=client)
     store = ObjectStore.from_settings(settings)
     store.put_bytes("images/x", b"data", "image/jpeg",
                     md5_hex="0" if client == "obstore" else "8d777f385d3dfec8815d20f7496026dc")
