@@ -30,8 +30,9 @@ def test_wrong_secret_is_refused(seaweed, s3_env, monkeypatch):
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     bad = ObjectStore.from_settings(load_settings())
-    with pytest.raises(ClientError):
+    with pytest.raises(StorageError, match="cannot put s3://.*/x") as caught:
         bad.put_bytes("x", b"1")
+    assert isinstance(caught.value.__cause__, ClientError) and not caught.value.transient  # not retried
 
 
 def test_parse_s3_uri():
