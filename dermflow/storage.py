@@ -92,7 +92,8 @@ def make_s3_client(settings: Settings, *, max_pool_connections: int = 32):
 
 
 class BulkCalls:
-    """Single-request puts through obstore (Rust), for the image bodies of fetch and import.
+    """The bulk S3 calls through obstore (Rust): single-request image puts for fetch and import,
+    and listings of many keys (parsed in Rust: about a twentieth of boto3's CPU per key).
 
     obstore's `put` returns the object's ETag, which for a single-part put is the MD5 of the
     bytes the store kept (S3 and SeaweedFS alike; not under SSE-KMS or SSE-C encryption):
@@ -137,6 +138,22 @@ class BulkCalls:
         return (result.get("e_tag") or "").strip('"').lower() == md5_hex.lower()
 
 
+    def key_names(self, folder: str) -> list[str] | None:
+        """The names of the keys under `folder` (ending with "/") as obstore lists them, or None
+        on an error (the caller lists through boto3, which raises it classified). object_store
+        reads keys as paths: a control character comes back as U+FFFD and a trailing "/" is
+        dropped, so these names are for membership checks, never to address an object."""
+        import obstore
+
+        if not folder.endswith("/"):
+            raise ValueError(f"a listing of names is of a folder (ending with '/'), not {folder!r}")
+        try:
+            return [meta["path"] for batch in obstore.list(self._obstore(), folder, chunk_size=1000)
+                    for meta in batch]
+        except Exception:  # noqa: BLE001 - boto3 lists again and raises what is wrong, classified
+            return None
+
+
 def make_obstore(settings: Settings) -> Any:
     """An obstore S3Store for `settings.bucket`, configured like `make_s3_client`'s boto3 client."""
     from datetime import timedelta
@@ -167,12 +184,13 @@ def make_obstore(settings: Settings) -> Any:
 
 @dataclass
 class ObjectStore:
-    """A bucket and a boto3 client, plus `bulk` for checked image puts. Thread-safe
+    """A bucket and a boto3 client, plus `bulk` for image puts and long listings. Thread-safe
     (boto3 clients and obstore stores are)."""
 
     bucket: str
     client: Any
-    bulk: BulkCalls | None = None  # None: every put through boto3
+    bulk: BulkCalls | None = None  # None: every call through boto3
+    etags_are_md5: bool = True  # False once a put's ETag proved not to be the MD5 (encrypted bucket)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **client_options) -> "ObjectStore":
@@ -209,7 +227,7 @@ class ObjectStore:
         bytes are checked against it: by the ETag through `bulk`, else by Content-MD5
         (the server refuses other bytes: BadDigest). Whichever client puts, a failure is a
         `StorageError` whose `transient` says whether to put again."""
-        if md5_hex and self.bulk is not None:
+        if md5_hex and self.bulk is not None and self.etags_are_md5:
             self._put_checked_by_etag(key, data, content_type, md5_hex)
             return self.uri(self.key_of(key))
         extra = {"ContentType": content_type} if content_type else {}
@@ -230,7 +248,7 @@ class ObjectStore:
         stored = hashlib.md5(self.get_bytes(key)).hexdigest()
         if stored != md5_hex.lower():
             raise StorageError(f"{self.uri(self.key_of(key))}: stored bytes have MD5 {stored}, not {md5_hex}")
-        self.bulk = None
+        self.etags_are_md5 = False
 
     def create_json(self, key: str, obj: Any) -> bool:
         """Write `obj` at `key` only if no object is there (S3 `If-None-Match: *`): False when
@@ -298,8 +316,16 @@ class ObjectStore:
                 return False
             raise
 
+    def key_names(self, folder: str) -> list[str]:
+        """The keys under `folder` for membership checks (are these images stored?), through
+        `bulk` where set: 16,577 keys cost 0.13 s of CPU there, 2.3 s through boto3. Keys of
+        printable characters without a trailing "/" come back exact (every key dermflow
+        writes); never address objects by these names: `iter_keys` lists exactly."""
+        names = self.bulk.key_names(folder) if self.bulk is not None else None
+        return names if names is not None else self.list_keys(folder)
+
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
-        """All keys under `prefix`: one paginated listing (1,000 keys a request)."""
+        """All keys under `prefix`, exactly: one paginated listing (1,000 keys a request)."""
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):

@@ -68,7 +68,7 @@ def _clean(value: Any) -> Any:
 
 def stored_image_md5s(store: ObjectStore) -> set[str]:
     """md5hashes with an object under `images/` (one paginated listing)."""
-    md5s = (layout.md5_of_image_key(key) for key in store.iter_keys(layout.IMAGES_PREFIX))
+    md5s = (layout.md5_of_image_key(key) for key in store.key_names(layout.IMAGES_PREFIX))
     return {md5 for md5 in md5s if md5}
 
 

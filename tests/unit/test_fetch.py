@@ -70,6 +70,9 @@ class MemoryStore:
     def iter_keys(self, prefix=""):
         return iter(sorted(k for k in self.objects if k.startswith(prefix)))
 
+    def key_names(self, folder):
+        return list(self.iter_keys(folder))
+
     def delete_prefix(self, prefix):
         keys = [k for k in self.objects if k.startswith(prefix)]
         for key in keys:
