@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from dermflow.layout import (
     checkpoint_epoch,
     checkpoints_prefix,
+    fetch_work_prefix,
     registered_run_prefix,
     run_active_key,
     run_prefix,
@@ -73,8 +74,10 @@ def protected_runs(store: ObjectStore) -> set[str]:
 
 
 def delete_run(store: ObjectStore, run_id: str) -> int:
-    """Delete a run's objects and its registry entries; returns the number of objects deleted."""
-    return store.delete_prefix(run_prefix(run_id)) + store.delete_prefix(registered_run_prefix(run_id))
+    """Delete a run's objects, its registry entries and what a fetch it crashed in left
+    (`layout.fetch_work_prefix`); returns the number of objects deleted."""
+    return (store.delete_prefix(run_prefix(run_id)) + store.delete_prefix(registered_run_prefix(run_id))
+            + store.delete_prefix(fetch_work_prefix(run_id)))
 
 
 def stale_checkpoints(store: ObjectStore, run_id: str, keep_checkpoints: int) -> list[str]:

@@ -8,7 +8,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from dermflow.layout import checkpoint_key, checkpoint_state_key, model_key, run_params_key, run_prefix
+from dermflow.layout import (
+    checkpoint_key,
+    checkpoint_state_key,
+    fetch_work_prefix,
+    model_key,
+    run_params_key,
+    run_prefix,
+    shard_rows_key,
+)
 from dermflow.registry.retention import (
     ACTIVE_MARKER_MAX_AGE,
     apply_retention,
@@ -63,13 +71,16 @@ def test_a_finished_or_crashed_run_is_deleted_by_the_usual_rules():
     mark_run_active(store, finished, now=NOW - timedelta(hours=1))
     mark_run_finished(store, finished)
     mark_run_active(store, crashed, now=NOW - ACTIVE_MARKER_MAX_AGE - timedelta(minutes=1))
+    store.put_json(shard_rows_key(crashed, "fetch", 0), [])  # its fetch's hand-overs, never cleaned up
     for run_id in ("20261122-100000-run-b", "20261123-100000-run-c"):
         run_with_model(store, run_id)
+        store.put_json(shard_rows_key(run_id, "fetch", 0), [])  # kept runs keep theirs
 
     result = apply_retention(store, keep_runs=2, keep_checkpoints=1, now=NOW)
 
     assert result["deleted_runs"] == [finished, crashed] and result["active_runs"] == []
-    assert not store.list_keys(run_prefix(crashed))
+    assert not store.list_keys(run_prefix(crashed)) and not store.list_keys(fetch_work_prefix(crashed))
+    assert store.list_keys(fetch_work_prefix("20261122-100000-run-b"))
 
 
 def test_runs_without_models_do_not_use_up_the_budget():
