@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     bucket: str = "dermflow"
     # Path style works with every S3-compatible server; AWS users may choose "virtual".
     s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
-    # The client of the bulk S3 calls (the fetcher's and importer's image puts): obstore costs a
-    # sixth of boto3's CPU per put and frees the GIL while it waits (dermflow.storage.BulkCalls);
+    # The client of the bulk S3 calls (the fetcher's and importer's image puts, the listing of
+    # stored images): obstore costs a sixth of boto3's CPU per put and a twentieth per listed key,
+    # and frees the GIL while it waits (dermflow.storage.BulkCalls);
     # "boto3" for an endpoint only boto3 reaches (e.g. a CA bundle or proxy set up for botocore
     # alone). DERMFLOW_IMAGE_PUT_CLIENT is its former name.
     bulk_s3_client: Literal["obstore", "boto3"] = Field(

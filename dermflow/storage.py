@@ -3,11 +3,13 @@
 Every stage passes `s3://bucket/key` URIs or keys; bytes stay in the store. Works with the
 embedded SeaweedFS, AWS S3 or any S3 endpoint, configured by `Settings` alone.
 
-boto3 is the S3 API everywhere, except for one hot path: the fetcher's and importer's image
-puts go through obstore (`BulkCalls`) where `Settings.bulk_s3_client` says so (the default),
+boto3 is the S3 API everywhere, except for two bulk calls that go through obstore (`BulkCalls`)
+where `Settings.bulk_s3_client` says so (the default): the fetcher's and importer's image puts,
 because a boto3 put costs about six times its CPU and holds the GIL the shard's other threads
-need (bench/README.md: +26-36 % images/s in A/B runs). Both check the stored bytes against the
-MD5 the fetcher holds: boto3 by Content-MD5, obstore by the ETag the store returns.
+need (bench/README.md: +26-36 % images/s in A/B runs), and the listing of which images are
+stored (`ObjectStore.key_names`: 0.35 s for 16,577 keys against boto3's 2.4 s). Both put
+clients check the stored bytes against the MD5 the fetcher holds: boto3 by Content-MD5,
+obstore by the ETag the store returns.
 """
 
 from __future__ import annotations
@@ -137,10 +139,9 @@ class BulkCalls:
             raise StorageError(f"cannot put s3://{self.bucket}/{key}: {error}") from error
         return (result.get("e_tag") or "").strip('"').lower() == md5_hex.lower()
 
-
     def key_names(self, folder: str) -> list[str] | None:
         """The names of the keys under `folder` (ending with "/") as obstore lists them, or None
-        on an error (the caller lists through boto3, which raises it classified). object_store
+        on an error (the caller lists through boto3, which raises boto3's error). object_store
         reads keys as paths: a control character comes back as U+FFFD and a trailing "/" is
         dropped, so these names are for membership checks, never to address an object."""
         import obstore
@@ -150,7 +151,7 @@ class BulkCalls:
         try:
             return [meta["path"] for batch in obstore.list(self._obstore(), folder, chunk_size=1000)
                     for meta in batch]
-        except Exception:  # noqa: BLE001 - boto3 lists again and raises what is wrong, classified
+        except Exception:  # noqa: BLE001 - boto3 lists again and raises what is wrong
             return None
 
 
@@ -172,9 +173,9 @@ def make_obstore(settings: Settings) -> Any:
     retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
     if settings.aws_access_key_id and settings.aws_secret_access_key:
         config["access_key_id"] = settings.aws_access_key_id
-        config["secret_access_key"] = settings.aws_secret_access_key.get_secret_value()
+        config["secret_access_key"] = _secret(settings.aws_secret_access_key)
         if settings.aws_session_token:
-            config["session_token"] = settings.aws_session_token.get_secret_value()
+            config["session_token"] = _secret(settings.aws_session_token)
         return obstore.store.S3Store(settings.bucket, config=config, client_options=options, retry_config=retry)
     from obstore.auth.boto3 import Boto3CredentialProvider  # boto3's chain: profiles, SSO, roles
 
@@ -240,7 +241,7 @@ class ObjectStore:
         return self.uri(self.key_of(key))
 
     def _put_checked_by_etag(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> None:
-        """An `bulk` put; where the ETag is not the MD5, the object is read back: other
+        """A `bulk` put; where the ETag is not the MD5, the object is read back: other
         bytes are a transient error (the caller puts again); the same bytes mean this store's
         ETags are not MD5s (an encrypted bucket), so its later puts go through Content-MD5."""
         if self.bulk.put(self.key_of(key), data, content_type, md5_hex):
