@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.stack import PROJECT_ROOT, start_stack
-from tests.integration.test_report_browser import ARTIFACTS, _save_screenshot, browser, chromium  # noqa: F401
+from tests.integration.test_report_browser import ARTIFACTS
+from tests.support.chromium import browser, chromium, save_screenshot  # noqa: F401 - fixtures, used by name
 from tests.support.image_servers import rewrite_csv_host, serve_atlas, synthetic_atlas
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.in_order]
@@ -251,7 +252,7 @@ def test_a_screenshot_of_the_runs_logs_in_the_ui(stack, fetch_run, browser):  # 
     time.sleep(1)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "derm-run-logs.png"
-    _save_screenshot(browser, shot, full_page=False)
+    save_screenshot(browser, shot, full_page=False)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
 

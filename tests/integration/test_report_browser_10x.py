@@ -16,12 +16,8 @@ import time
 
 import pytest
 
-from tests.integration.test_report_browser import (  # noqa: F401 - fixtures, used by name
-    ARTIFACTS,
-    _save_screenshot,
-    browser,
-    chromium,
-)
+from tests.integration.test_report_browser import ARTIFACTS
+from tests.support.chromium import browser, chromium, save_screenshot  # noqa: F401 - fixtures, used by name
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]  # ~1-2 min: matplotlib + Chromium
 
@@ -83,9 +79,9 @@ def test_the_report_at_10x_loads_and_answers(browser, tmp_path):  # noqa: F811 -
 
     ARTIFACTS.mkdir(exist_ok=True)
     browser.evaluate("document.getElementById('per-class').scrollIntoView()")
-    _save_screenshot(browser, ARTIFACTS / "report-10x-per-class.png", full_page=False)
+    save_screenshot(browser, ARTIFACTS / "report-10x-per-class.png", full_page=False)
     browser.evaluate("window.scrollTo(0, 0)")
-    _save_screenshot(browser, ARTIFACTS / "report-10x-top.png", full_page=False)
+    save_screenshot(browser, ARTIFACTS / "report-10x-top.png", full_page=False)
     (ARTIFACTS / "report-10x.json").write_text(json.dumps({
         "test_rows": TEST_ROWS_10X, "page_bytes": len(report.html.encode()), "build_s": round(build_s, 1),
         "load_s": round(load_s, 2), "roundtrip_s": round(roundtrip_s, 3), **shown, **timings}, indent=2))
