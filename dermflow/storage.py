@@ -15,7 +15,7 @@ obstore by the ETag the store returns.
 from __future__ import annotations
 
 import base64
-
+import contextlib
 import hashlib
 import io
 import json
@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from pydantic import SecretStr
 
@@ -41,9 +42,20 @@ class StorageError(DermflowError, RuntimeError):
     transient = True
 
 
+class ObjectMissing(StorageError):
+    """No object at the key a read asked for: permanent (readers of optional objects catch
+    this, never `StorageError` as a whole, which would hide a refusal or an outage)."""
+
+    transient = False
+
+
 # 4xx answers that the same request may get past later: throttling, timeouts, and BadDigest
 # (the bytes changed on the way, so sending them again is the cure)
 _RETRYABLE_4XX_CODES = frozenset({"SlowDown", "RequestTimeout", "BadDigest", "RequestTimeTooSkewed"})
+# Refusals known by their code alone, for an answer that carries no HTTP status
+_REFUSAL_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+                            "NoSuchKey", "NotFound", "404", "403", "InvalidArgument", "InvalidBucketName"})
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 def s3_error(error: ClientError | BotoCoreError, what: str) -> StorageError:
@@ -54,9 +66,33 @@ def s3_error(error: ClientError | BotoCoreError, what: str) -> StorageError:
     if isinstance(error, ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         code = str(error.response.get("Error", {}).get("Code", ""))
-        refused = 400 <= status < 500 and status not in (408, 429) and code not in _RETRYABLE_4XX_CODES
+        if is_missing(error):
+            return ObjectMissing(f"{what}: no object there ({code})")
+        if status:
+            refused = 400 <= status < 500 and status not in (408, 429) and code not in _RETRYABLE_4XX_CODES
+        else:
+            refused = code in _REFUSAL_CODES
         return StorageError(f"{what}: {error}", transient=not refused)
     return StorageError(f"{what}: {error}", transient=not isinstance(error, ParamValidationError))
+
+
+def is_missing(error: ClientError) -> bool:
+    """Whether S3 answered that the object (or the key a HEAD asked for) does not exist."""
+    return str(error.response.get("Error", {}).get("Code", "")) in _MISSING_CODES
+
+
+@contextlib.contextmanager
+def _s3_call(what: str) -> Iterator[None]:
+    """Inside: boto3's errors leave as `StorageError`s (`s3_error`), naming the call."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as error:
+        raise s3_error(error, what) from error
+    except S3UploadFailedError as error:  # boto3's transfer wraps the put's own error
+        cause = error.__context__
+        if isinstance(cause, (ClientError, BotoCoreError)):
+            raise s3_error(cause, what) from cause
+        raise StorageError(f"{what}: {error}") from error
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -141,9 +177,10 @@ class BulkCalls:
 
     def key_names(self, folder: str) -> list[str] | None:
         """The names of the keys under `folder` (ending with "/") as obstore lists them, or None
-        on an error (the caller lists through boto3, which raises boto3's error). object_store
-        reads keys as paths: a control character comes back as U+FFFD and a trailing "/" is
-        dropped, so these names are for membership checks, never to address an object."""
+        on an error (the caller lists through boto3, which raises a classified `StorageError`).
+        object_store reads keys as paths: a control character comes back as U+FFFD and a
+        trailing "/" is dropped, so these names are for membership checks, never to address
+        an object."""
         import obstore
 
         if not folder.endswith("/"):
@@ -217,10 +254,12 @@ class ObjectStore:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchBucket", "NotFound"):
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise s3_error(error, f"bucket {self.bucket!r}") from error
+            with _s3_call(f"cannot create bucket {self.bucket!r}"):
                 self.client.create_bucket(Bucket=self.bucket)
-            else:
-                raise StorageError(f"bucket {self.bucket!r}: {error}") from error
+        except BotoCoreError as error:
+            raise s3_error(error, f"bucket {self.bucket!r}") from error
 
     # --- objects ---
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None, md5_hex: str | None = None) -> str:
@@ -234,10 +273,8 @@ class ObjectStore:
         extra = {"ContentType": content_type} if content_type else {}
         if md5_hex:
             extra["ContentMD5"] = base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
-        try:
+        with _s3_call(f"cannot put {self.uri(self.key_of(key))}"):
             self.client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data, **extra)
-        except (ClientError, BotoCoreError) as error:
-            raise s3_error(error, f"cannot put {self.uri(self.key_of(key))}") from error
         return self.uri(self.key_of(key))
 
     def _put_checked_by_etag(self, key: str, data: bytes, content_type: str | None, md5_hex: str) -> None:
@@ -263,16 +300,15 @@ class ObjectStore:
             if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
                                                                 "ConditionalRequestConflict", "409"):
                 return False
-            raise
+            raise s3_error(error, f"cannot create {self.uri(self.key_of(key))}") from error
+        except BotoCoreError as error:
+            raise s3_error(error, f"cannot create {self.uri(self.key_of(key))}") from error
         return True
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        """The object's bytes; `ObjectMissing` where there is none."""
+        with _s3_call(f"cannot get {self.uri(self.key_of(key))}"):
             return self.client.get_object(Bucket=self.bucket, Key=self.key_of(key))["Body"].read()
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise StorageError(f"no object {self.uri(self.key_of(key))}", transient=False) from error
-            raise
 
     def put_json(self, key: str, obj: Any) -> str:
         return self.put_bytes(key, json.dumps(obj, indent=2, default=str).encode(), "application/json")
@@ -282,19 +318,16 @@ class ObjectStore:
 
     def put_file(self, key: str, path: Path | str, content_type: str | None = None) -> str:
         extra = {"ExtraArgs": {"ContentType": content_type}} if content_type else {}
-        self.client.upload_file(str(path), self.bucket, self.key_of(key), **extra)
+        with _s3_call(f"cannot put {path} at {self.uri(self.key_of(key))}"):
+            self.client.upload_file(str(path), self.bucket, self.key_of(key), **extra)
         return self.uri(self.key_of(key))
 
     def download_file(self, key: str, path: Path | str) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        try:
+        with _s3_call(f"cannot download {self.uri(self.key_of(key))}"):
             self.client.download_file(self.bucket, self.key_of(key), str(tmp))
-        except ClientError as error:
-            missing = error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
-            raise StorageError(f"cannot download {self.uri(self.key_of(key))}: {error}",
-                               transient=not missing) from error
         tmp.replace(path)  # atomic: readers never see a partial file
         return path
 
@@ -313,9 +346,11 @@ class ObjectStore:
             self.client.head_object(Bucket=self.bucket, Key=self.key_of(key))
             return True
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if is_missing(error):
                 return False
-            raise
+            raise s3_error(error, f"cannot look for {self.uri(self.key_of(key))}") from error
+        except BotoCoreError as error:
+            raise s3_error(error, f"cannot look for {self.uri(self.key_of(key))}") from error
 
     def key_names(self, folder: str) -> list[str]:
         """The keys under `folder` for membership checks (are these images stored?), through
@@ -327,22 +362,32 @@ class ObjectStore:
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """All keys under `prefix`, exactly: one paginated listing (1,000 keys a request)."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                yield item["Key"]
+        with _s3_call(f"cannot list {self.uri(prefix)}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                yield from (item["Key"] for item in page.get("Contents", []))
 
     def list_keys(self, prefix: str = "") -> list[str]:
         return list(self.iter_keys(prefix))
 
     def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix` (1,000 a request); a key the store did not delete is
+        an error naming it, permanent where every refusal is AccessDenied."""
         keys = self.list_keys(prefix)
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
-            self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
-            )
+            with _s3_call(f"cannot delete under {self.uri(prefix)}"):
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
+                )
+            if answer.get("Errors"):
+                self._raise_undeleted(prefix, answer["Errors"])
         return len(keys)
+
+    def _raise_undeleted(self, prefix: str, errors: list[dict]) -> None:
+        named = ", ".join(f"{error.get('Key')} ({error.get('Code')})" for error in errors[:3])
+        refused = all(error.get("Code") == "AccessDenied" for error in errors)
+        raise StorageError(f"cannot delete {len(errors)} object(s) under {self.uri(prefix)}: {named}",
+                           transient=not refused)
 
     def presign(self, key: str, expires_seconds: int = 7 * 24 * 3600) -> str | None:
         try:

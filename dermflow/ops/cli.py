@@ -112,7 +112,7 @@ def cmd_report(args) -> int:
     from dermflow.layout import report_key, run_metrics_key
     from dermflow.registry.runs import list_runs, resolve_run_id
     from dermflow.runs import check_run_reference
-    from dermflow.storage import ObjectStore, StorageError
+    from dermflow.storage import ObjectMissing, ObjectStore
 
     run = check_run_reference(args.run_id)  # before it reaches the store: `../x` is no run
     store = ObjectStore.from_settings(get_settings())
@@ -123,7 +123,7 @@ def cmd_report(args) -> int:
             store.download_file(key, Path(args.output))
             print(f"report written to {args.output}")
         metrics = store.get_json(run_metrics_key(run_id))
-    except StorageError as error:
+    except ObjectMissing as error:
         runs = [run for run in list_runs(store) if store.exists(report_key(run))]
         raise CommandError(f"{error}; runs with a report: {', '.join(runs[-10:]) or 'none'}") from error
     if args.json:

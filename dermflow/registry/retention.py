@@ -24,7 +24,7 @@ from dermflow.layout import (
 from dermflow.registry.entries import get_champion_history, list_champions
 from dermflow.registry.runs import list_run_models, list_runs
 from dermflow.runs import RUN_ID_PATTERN
-from dermflow.storage import ObjectStore, StorageError
+from dermflow.storage import ObjectMissing, ObjectStore
 
 # S3's DeleteObjects takes at most 1000 keys per request
 _DELETE_BATCH = 1000
@@ -53,9 +53,7 @@ def run_is_active(store: ObjectStore, run_id: str, now: datetime, max_age: timed
         return False
     try:
         started = datetime.fromisoformat(store.get_json(key)["started_at"])
-    except StorageError as error:
-        if error.transient:
-            raise
+    except ObjectMissing:
         return False  # cleared since it was seen: the run ended
     except (KeyError, TypeError, ValueError):
         return True

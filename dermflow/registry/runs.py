@@ -8,7 +8,7 @@ from typing import Any
 
 from dermflow.layout import RUNS_PREFIX, model_key, models_prefix, registered_model_key, run_id_of_key
 from dermflow.registry.entries import RegistryError, list_champions, promotion_score
-from dermflow.storage import ObjectStore, StorageError
+from dermflow.storage import ObjectMissing, ObjectStore
 
 # run ids start with a `YYYYMMDD-HHMMSS-` timestamp, then the Prefect flow run's name
 _RUN_ID_TIMESTAMP = re.compile(r"^\d{8}-\d{6}-")
@@ -67,7 +67,7 @@ def resolve_run_id(store: ObjectStore, run: str) -> str:
 def _read_json_or_none(store: ObjectStore, key: str) -> Any:
     try:
         return store.get_json(key)
-    except StorageError:
+    except ObjectMissing:
         return None
 
 

@@ -9,13 +9,13 @@ from typing import Any
 from dermflow.layout import run_active_key, run_metrics_key, run_params_key
 from dermflow.registry.entries import list_champions, list_registered_models, promotion_score
 from dermflow.registry.runs import flow_run_name, list_runs
-from dermflow.storage import ObjectStore, StorageError
+from dermflow.storage import ObjectMissing, ObjectStore
 
 
 def _json_or_none(store: ObjectStore, key: str) -> Any:
     try:
         return store.get_json(key) if store.exists(key) else None
-    except StorageError:
+    except ObjectMissing:
         return None
 
 

@@ -23,7 +23,7 @@ def test_round_trip_listing_and_delete(store: ObjectStore, tmp_path):
         store.get_bytes("images/a")
 
 
-def test_wrong_secret_is_refused(seaweed, s3_env, monkeypatch):
+def test_wrong_secret_is_refused(seaweed, s3_env, monkeypatch, tmp_path):
     from botocore.exceptions import ClientError
 
     from dermflow.settings import load_settings
@@ -33,6 +33,20 @@ def test_wrong_secret_is_refused(seaweed, s3_env, monkeypatch):
     with pytest.raises(StorageError, match="cannot put s3://.*/x") as caught:
         bad.put_bytes("x", b"1")
     assert isinstance(caught.value.__cause__, ClientError) and not caught.value.transient  # not retried
+    # every other call refuses the same way: permanent, naming what it did
+    calls = {"cannot get s3://.*/x": lambda: bad.get_bytes("x"),
+             "cannot list s3://.*/images/": lambda: bad.list_keys("images/"),
+             "cannot look for s3://.*/x": lambda: bad.exists("x"),
+             "cannot list s3://.*/private/": lambda: bad.delete_prefix("private/"),
+             "cannot create s3://.*/lock": lambda: bad.create_json("lock", {}),
+             "cannot download s3://.*/x": lambda: bad.download_file("x", tmp_path / "x"),
+             "cannot put .*/up.txt at s3://.*/up": lambda: bad.put_file("up", tmp_path / "up.txt"),
+             "bucket '.*'": bad.ensure_bucket}
+    (tmp_path / "up.txt").write_text("up")
+    for message, call in calls.items():
+        with pytest.raises(StorageError, match=message) as caught:
+            call()
+        assert isinstance(caught.value.__cause__, ClientError) and not caught.value.transient, message
 
 
 def test_parse_s3_uri():
@@ -172,7 +186,7 @@ def test_key_names_alter_odd_keys_so_they_never_address_objects(store: ObjectSto
     assert "images/ctl\x01" not in names and "images/dir/" not in names
 
 
-def test_key_names_fall_back_to_boto3_which_raises_what_is_wrong(seaweed, s3_env, monkeypatch):
+def test_key_names_fall_back_to_boto3_which_raises_a_storage_error(seaweed, s3_env, monkeypatch):
     from botocore.exceptions import ClientError
 
     from dermflow.settings import load_settings
@@ -180,8 +194,9 @@ def test_key_names_fall_back_to_boto3_which_raises_what_is_wrong(seaweed, s3_env
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     bad = ObjectStore.from_settings(load_settings())
     assert bad.bulk.key_names("images/") is None  # obstore's error: no partial answer
-    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+    with pytest.raises(StorageError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId") as caught:
         bad.key_names("images/")
+    assert isinstance(caught.value.__cause__, ClientError) and not caught.value.transient
 
 
 def test_without_bulk_calls_key_names_are_the_boto3_listing(s3_env, monkeypatch):

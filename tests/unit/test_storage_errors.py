@@ -1,5 +1,6 @@
-"""How `ObjectStore.put_bytes` reports a failed put: one `StorageError`, whose `transient`
-tells the fetcher's retry loop (and Prefect's task retries) whether sending it again can help."""
+"""How `ObjectStore` reports a failed call (put, get, listing, delete): one `StorageError` naming
+the call, whose `transient` tells the fetcher's retry loop (and Prefect's task retries) whether
+sending it again can help."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError
 
 from dermflow.errors import is_transient
-from dermflow.storage import StorageError, s3_error
+from dermflow.storage import ObjectMissing, StorageError, s3_error
 from tests.support.memory_s3 import MemoryS3Client, memory_store
 
 
@@ -69,6 +70,91 @@ def test_programming_errors_are_not_dressed_as_storage_errors():
     store.client = _RefusingClient(TypeError("unexpected keyword"))
     with pytest.raises(TypeError):
         store.put_bytes("images/x", b"data")
+
+
+class _FailingReads(MemoryS3Client):
+    """Every read, listing and delete fails with `error`; puts succeed."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def get_object(self, **kwargs):
+        raise self.error
+
+    def head_object(self, **kwargs):
+        raise self.error
+
+    def get_paginator(self, name: str):
+        raise self.error
+
+
+@pytest.mark.parametrize(("raised", "transient"), [
+    (_client_error(403, "AccessDenied"), False),
+    (_client_error(500, "InternalError"), True),
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+])
+def test_reads_and_listings_raise_storage_errors_naming_the_call(raised: Exception, transient: bool):
+    store = memory_store()
+    store.client = _FailingReads(raised)
+    for message, call in {"cannot get s3://memory/k": lambda: store.get_bytes("k"),
+                          "cannot look for s3://memory/k": lambda: store.exists("k"),
+                          "cannot list s3://memory/images/": lambda: store.list_keys("images/")}.items():
+        with pytest.raises(StorageError, match=message) as caught:
+            call()
+        assert caught.value.transient is transient and caught.value.__cause__ is raised
+
+
+def test_a_missing_object_is_named_and_permanent_and_exists_says_no():
+    store = memory_store()  # the in-memory client's errors carry a code but no HTTP status
+    with pytest.raises(ObjectMissing, match=r"cannot get s3://memory/absent: no object there \(NoSuchKey\)") as caught:
+        store.get_bytes("absent")
+    assert not caught.value.transient
+    assert store.exists("absent") is False
+
+
+def test_an_answer_without_a_status_is_classified_by_its_code():
+    statusless = ClientError({"Error": {"Code": "AccessDenied", "Message": "..."}}, "GetObject")
+    assert not s3_error(statusless, "get").transient
+    assert s3_error(ClientError({"Error": {"Code": "InternalError"}}, "GetObject"), "get").transient
+
+
+def test_readers_of_optional_objects_pass_over_a_missing_one_but_not_a_refusal():
+    """A run without metrics has no score; a store that refuses the read is an error, not
+    "no score" (and retention does not take a refused marker for an ended run)."""
+    from datetime import datetime, timedelta, timezone
+
+    from dermflow.registry.retention import run_is_active
+    from dermflow.registry.runs import model_score
+
+    store = memory_store()
+    assert model_score(store, "20261203-run", "resnet50v2") is None
+    store.client = _FailingReads(_client_error(403, "AccessDenied"))
+    with pytest.raises(StorageError, match="AccessDenied") as caught:
+        model_score(store, "20261203-run", "resnet50v2")
+    assert not caught.value.transient
+    with pytest.raises(StorageError, match="AccessDenied"):
+        run_is_active(store, "20261203-run", datetime.now(timezone.utc), timedelta(hours=1))
+
+
+class _RefusingDeletes(MemoryS3Client):
+    def __init__(self, code: str) -> None:
+        super().__init__()
+        self.code = code
+
+    def delete_objects(self, Bucket: str, Delete: dict) -> dict:  # noqa: N803 - boto3 names
+        return {"Errors": [{"Key": item["Key"], "Code": self.code, "Message": "no"} for item in Delete["Objects"]]}
+
+
+@pytest.mark.parametrize(("code", "transient"), [("AccessDenied", False), ("InternalError", True)])
+def test_objects_the_store_did_not_delete_are_an_error_naming_them(code: str, transient: bool):
+    store = memory_store()
+    store.client = _RefusingDeletes(code)
+    store.put_bytes("private/a", b"1")
+    with pytest.raises(StorageError, match=rf"cannot delete 1 object\(s\) under s3://memory/private/: private/a \({code}\)") as caught:
+        store.delete_prefix("private/")
+    assert caught.value.transient is transient
+    assert store.list_keys("private/") == ["private/a"]
 
 
 # --- credentials: both put clients sign with the same ones -------------------------------------
