@@ -133,14 +133,12 @@ def _read_http(url: str) -> bytes:
         raise DatasetSourceError(message, transient=error.transient) from error
 
 
-_MISSING_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403"})
-
-
 def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
-    """The object at `uri`; missing (or forbidden) is permanent, anything else transient."""
-    from botocore.exceptions import ClientError
+    """The object at `uri`; a refusal (missing, forbidden) is permanent, anything else transient
+    (`storage.s3_error` decides)."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    from dermflow.storage import ObjectStore, StorageError, parse_s3_uri
+    from dermflow.storage import ObjectStore, parse_s3_uri, s3_error
 
     bucket, key = parse_s3_uri(uri)
     if not key:
@@ -157,17 +155,10 @@ def _read_s3(uri: str, store: ObjectStore | None) -> bytes:
         return data
     except DatasetSourceError:
         raise
-    except StorageError as error:  # what `get_bytes` raises for a missing object
-        transient = isinstance(error, DermflowError) and error.transient
+    except Exception as error:  # noqa: BLE001 - a body read can fail with urllib3's own errors: transient
+        transient = s3_error(error, uri).transient if isinstance(error, (ClientError, BotoCoreError)) else True
         raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
                                  transient=transient) from error
-    except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
-                                 transient=code not in _MISSING_S3_CODES) from error
-    except Exception as error:  # noqa: BLE001 - botocore's connection errors have many types
-        raise DatasetSourceError(f"cannot read dataset CSV {redact_url(uri)}: {redact_text(str(error))}",
-                                 transient=True) from error
 
 
 def read_csv_source(source: str | Path, store: ObjectStore | None = None) -> pd.DataFrame:
