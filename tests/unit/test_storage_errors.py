@@ -43,23 +43,31 @@ def test_connection_errors_and_missing_credentials_are_transient_a_bad_request_i
     assert not s3_error(ParamValidationError(report="Key is empty"), "put").transient
 
 
-class _RefusingClient(MemoryS3Client):
-    def __init__(self, error: Exception) -> None:
-        super().__init__()
-        self.error = error
+def _failing(error: Exception, *calls: str) -> MemoryS3Client:
+    """An in-memory S3 client whose `calls` (boto3 method names) raise `error`."""
+    client = MemoryS3Client()
 
-    def put_object(self, **kwargs):
-        raise self.error
+    def fail(*args, **kwargs):
+        raise error
+
+    for call in calls:
+        setattr(client, call, fail)
+    return client
 
 
-@pytest.mark.parametrize(("raised", "transient"), [
+_READS = ("get_object", "head_object", "get_paginator")
+_FAILURES = [  # (what boto3 raised, whether the StorageError says retry)
     (_client_error(403, "AccessDenied"), False),
     (_client_error(503, "SlowDown"), True),
+    (_client_error(500, "InternalError"), True),
     (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
-])
+]
+
+
+@pytest.mark.parametrize(("raised", "transient"), _FAILURES)
 def test_put_bytes_raises_a_storage_error_naming_the_object(raised: Exception, transient: bool):
     store = memory_store()
-    store.client = _RefusingClient(raised)
+    store.client = _failing(raised, "put_object")
     with pytest.raises(StorageError, match=r"cannot put s3://memory/images/x") as caught:
         store.put_bytes("images/x", b"data", "image/jpeg", md5_hex="8d777f385d3dfec8815d20f7496026dc")
     assert caught.value.transient is transient and caught.value.__cause__ is raised
@@ -67,36 +75,15 @@ def test_put_bytes_raises_a_storage_error_naming_the_object(raised: Exception, t
 
 def test_programming_errors_are_not_dressed_as_storage_errors():
     store = memory_store()
-    store.client = _RefusingClient(TypeError("unexpected keyword"))
+    store.client = _failing(TypeError("unexpected keyword"), "put_object")
     with pytest.raises(TypeError):
         store.put_bytes("images/x", b"data")
 
 
-class _FailingReads(MemoryS3Client):
-    """Every read, listing and delete fails with `error`; puts succeed."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__()
-        self.error = error
-
-    def get_object(self, **kwargs):
-        raise self.error
-
-    def head_object(self, **kwargs):
-        raise self.error
-
-    def get_paginator(self, name: str):
-        raise self.error
-
-
-@pytest.mark.parametrize(("raised", "transient"), [
-    (_client_error(403, "AccessDenied"), False),
-    (_client_error(500, "InternalError"), True),
-    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
-])
+@pytest.mark.parametrize(("raised", "transient"), _FAILURES)
 def test_reads_and_listings_raise_storage_errors_naming_the_call(raised: Exception, transient: bool):
     store = memory_store()
-    store.client = _FailingReads(raised)
+    store.client = _failing(raised, *_READS)
     for message, call in {"cannot get s3://memory/k": lambda: store.get_bytes("k"),
                           "cannot look for s3://memory/k": lambda: store.exists("k"),
                           "cannot list s3://memory/images/": lambda: store.list_keys("images/")}.items():
@@ -129,7 +116,7 @@ def test_readers_of_optional_objects_pass_over_a_missing_one_but_not_a_refusal()
 
     store = memory_store()
     assert model_score(store, "20261203-run", "resnet50v2") is None
-    store.client = _FailingReads(_client_error(403, "AccessDenied"))
+    store.client = _failing(_client_error(403, "AccessDenied"), *_READS)
     with pytest.raises(StorageError, match="AccessDenied") as caught:
         model_score(store, "20261203-run", "resnet50v2")
     assert not caught.value.transient
