@@ -157,7 +157,10 @@ def _put_retrying(store: ObjectStore, key: str, body: bytes, facts: ImageFacts, 
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
 
 
-def _verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchOptions) -> ImageFacts:
+def verify_and_store(store: ObjectStore, key: str, body: bytes, options: FetchOptions) -> ImageFacts:
+    """Check `body` is a whole image (`verify_image`: decodes to the end, its MD5 and hashes),
+    then put it at `key`, retried as `_put_retrying` says. The one way an image gets into the
+    bucket, fetched by URL or imported from an archive."""
     facts = verify_image(body)
     _put_retrying(store, key, body, facts, options)
     return facts
@@ -268,7 +271,7 @@ async def _fetch_row(ctx: _ShardContext, row: dict) -> dict:
     # Outside the row deadline: a put that has started is never abandoned half-way.
     key = layout.image_key(row["md5hash"])
     try:
-        facts = await loop.run_in_executor(ctx.pool, _verify_and_store, ctx.store, key, body, ctx.options)
+        facts = await loop.run_in_executor(ctx.pool, verify_and_store, ctx.store, key, body, ctx.options)
     except ImageRejected as error:
         logger.info("%s: %s", redact_url(url), redact_text(str(error)))
         return manifest_row(row, reason=error.reason, attempts=attempts.count, bytes=len(body))

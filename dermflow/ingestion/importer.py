@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from dermflow import layout
 from dermflow.ingestion import archive
-from dermflow.ingestion.fetch import FetchOptions, _verify_and_store
+from dermflow.ingestion.fetch import FetchOptions, verify_and_store
 from dermflow.ingestion.images import ImageRejected
 from dermflow.ingestion.manifest import manifest_row, ok_row, plan_shards
 
@@ -81,7 +81,7 @@ def _import_one(store: ObjectStore, row: dict, body: bytes | archive.MemberDamag
         logger.info("%s: %s", row["member"], body.detail)
         return manifest_row(row, reason=body.reason, source="archive", archive_reason=body.reason)
     try:
-        facts = _verify_and_store(store, layout.image_key(row["md5hash"]), body, options)
+        facts = verify_and_store(store, layout.image_key(row["md5hash"]), body, options)
     except ImageRejected as error:
         logger.info("%s: %s", row["member"], error.reason)
         return manifest_row(row, reason=error.reason, bytes=len(body), source="archive", archive_reason=error.reason)
