@@ -27,8 +27,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import boto3
-from botocore.config import Config
 from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from pydantic import SecretStr
 
