@@ -95,6 +95,12 @@ def _s3_call(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {error}") from error
 
 
+def _raise_undeleted(where: str, errors: list[dict]) -> None:
+    named = ", ".join(f"{error.get('Key')} ({error.get('Code')})" for error in errors[:3])
+    refused = all(error.get("Code") == "AccessDenied" for error in errors)
+    raise StorageError(f"cannot delete {len(errors)} object(s) under {where}: {named}", transient=not refused)
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key)."""
     parsed = urlparse(uri)
@@ -362,32 +368,52 @@ class ObjectStore:
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """All keys under `prefix`, exactly: one paginated listing (1,000 keys a request)."""
+        yield from (key for key, _size in self.iter_sizes(prefix))
+
+    def iter_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size in bytes) of every object under `prefix`, as `iter_keys` lists them."""
         with _s3_call(f"cannot list {self.uri(prefix)}"):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                yield from (item["Key"] for item in page.get("Contents", []))
+                yield from ((item["Key"], int(item["Size"])) for item in page.get("Contents", []))
+
+    def folder_names(self, prefix: str) -> list[str]:
+        """Names of the "folders" directly under `prefix` (a delimiter listing), as the store
+        lists them: some stores (SeaweedFS) keep listing one after its last object is deleted
+        (`has_keys` says whether anything is still there)."""
+        names: list[str] = []
+        with _s3_call(f"cannot list {self.uri(prefix)}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                names += [item["Prefix"][len(prefix):].rstrip("/") for item in page.get("CommonPrefixes") or []]
+        return [name for name in names if name]
+
+    def has_keys(self, prefix: str) -> bool:
+        """Whether any object is stored under `prefix` (a listing of one key)."""
+        with _s3_call(f"cannot list {self.uri(prefix)}"):
+            return bool(self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1).get("Contents"))
 
     def list_keys(self, prefix: str = "") -> list[str]:
         return list(self.iter_keys(prefix))
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete every key under `prefix` (1,000 a request); a key the store did not delete is
-        an error naming it, permanent where every refusal is AccessDenied."""
+        """Delete every key under `prefix`; how many there were."""
         keys = self.list_keys(prefix)
+        self.delete_keys(keys, where=self.uri(prefix))
+        return len(keys)
+
+    def delete_keys(self, keys: list[str], where: str | None = None) -> None:
+        """Delete exactly these keys, 1,000 a request (absent ones are no error). A key the
+        store did not delete is an error naming it, permanent where every refusal is
+        AccessDenied. `where` names them in the error (default: the bucket)."""
+        where = where or f"s3://{self.bucket}/"
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
-            with _s3_call(f"cannot delete under {self.uri(prefix)}"):
+            with _s3_call(f"cannot delete under {where}"):
                 answer = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
                 )
             if answer.get("Errors"):
-                self._raise_undeleted(prefix, answer["Errors"])
-        return len(keys)
-
-    def _raise_undeleted(self, prefix: str, errors: list[dict]) -> None:
-        named = ", ".join(f"{error.get('Key')} ({error.get('Code')})" for error in errors[:3])
-        refused = all(error.get("Code") == "AccessDenied" for error in errors)
-        raise StorageError(f"cannot delete {len(errors)} object(s) under {self.uri(prefix)}: {named}",
-                           transient=not refused)
+                _raise_undeleted(where, answer["Errors"])
 
     def presign(self, key: str, expires_seconds: int = 7 * 24 * 3600) -> str | None:
         try:

@@ -47,16 +47,13 @@ class ProjectSync:
     def pull(self) -> int:
         downloaded = 0
         with self._lock:
-            listing = self.store.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.store.bucket, Prefix=self.prefix)
-            for page in listing:
-                for item in page.get("Contents", []):
-                    relative = item["Key"][len(self.prefix):]
-                    path = self.local_dir / relative
-                    if path.exists() and path.stat().st_size == item["Size"]:
-                        continue
-                    self.store.download_file(item["Key"], path)
-                    stat = path.stat()
-                    self._pushed[relative] = (stat.st_size, stat.st_mtime_ns)
-                    downloaded += 1
+            for key, size in self.store.iter_sizes(self.prefix):
+                relative = key[len(self.prefix):]
+                path = self.local_dir / relative
+                if path.exists() and path.stat().st_size == size:
+                    continue
+                self.store.download_file(key, path)
+                stat = path.stat()
+                self._pushed[relative] = (stat.st_size, stat.st_mtime_ns)
+                downloaded += 1
         return downloaded

@@ -26,8 +26,6 @@ from dermflow.registry.runs import list_run_models, list_runs
 from dermflow.runs import RUN_ID_PATTERN
 from dermflow.storage import ObjectMissing, ObjectStore
 
-# S3's DeleteObjects takes at most 1000 keys per request
-_DELETE_BATCH = 1000
 # A run's marker older than this belongs to a run that crashed without clearing it: longer
 # than any run's time budget in practice, short enough that a crashed run's files do not stay.
 ACTIVE_MARKER_MAX_AGE = timedelta(days=3)
@@ -42,7 +40,7 @@ def mark_run_active(store: ObjectStore, run_id: str, now: datetime | None = None
 
 def mark_run_finished(store: ObjectStore, run_id: str) -> None:
     """The run ended (completed or failed): retention may delete it by the usual rules."""
-    delete_keys(store, [run_active_key(run_id)])
+    store.delete_keys([run_active_key(run_id)])
 
 
 def run_is_active(store: ObjectStore, run_id: str, now: datetime, max_age: timedelta) -> bool:
@@ -95,13 +93,6 @@ def stale_checkpoints(store: ObjectStore, run_id: str, keep_checkpoints: int) ->
     return stale
 
 
-def delete_keys(store: ObjectStore, keys: list[str]) -> None:
-    """Delete exactly these keys, in batches."""
-    for start in range(0, len(keys), _DELETE_BATCH):
-        batch = keys[start:start + _DELETE_BATCH]
-        store.client.delete_objects(Bucket=store.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
-
-
 def runs_to_delete(runs: list[str], with_models: set[str], keep: set[str], keep_runs: int) -> list[str]:
     """Of `runs` (oldest first), those with at least `keep_runs` model-producing runs newer
     than them, but for the runs in `keep`."""
@@ -133,7 +124,7 @@ def apply_retention(store: ObjectStore, keep_runs: int, keep_checkpoints: int, *
     kept = [run_id for run_id in runs if run_id not in deleted_runs]
     deleted_checkpoints = [key for run_id in kept if run_id not in active
                            for key in stale_checkpoints(store, run_id, keep_checkpoints)]
-    delete_keys(store, deleted_checkpoints)
+    store.delete_keys(deleted_checkpoints)
     return {
         "deleted_runs": deleted_runs,
         "kept_runs": kept,

@@ -15,20 +15,9 @@ _RUN_ID_TIMESTAMP = re.compile(r"^\d{8}-\d{6}-")
 
 
 def _child_prefixes(store: ObjectStore, prefix: str) -> list[str]:
-    """Names of the 'folders' directly under `prefix` (a delimiter listing)."""
-    names: list[str] = []
-    paginator = store.client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix, Delimiter="/"):
-        for item in page.get("CommonPrefixes", []) or []:
-            names.append(item["Prefix"][len(prefix) :].rstrip("/"))
-    # Some S3 servers (SeaweedFS) keep listing a "folder" after its last object is deleted,
-    # so a name counts only while something is stored under it.
-    return sorted(name for name in names if name and _has_objects(store, f"{prefix}{name}/"))
-
-
-def _has_objects(store: ObjectStore, prefix: str) -> bool:
-    response = store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, MaxKeys=1)
-    return bool(response.get("Contents"))
+    """Names of the 'folders' directly under `prefix` that hold something: SeaweedFS keeps
+    listing a "folder" after its last object is deleted."""
+    return sorted(name for name in store.folder_names(prefix) if store.has_keys(f"{prefix}{name}/"))
 
 
 def list_runs(store: ObjectStore) -> list[str]:

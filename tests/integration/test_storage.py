@@ -41,12 +41,42 @@ def test_wrong_secret_is_refused(seaweed, s3_env, monkeypatch, tmp_path):
              "cannot create s3://.*/lock": lambda: bad.create_json("lock", {}),
              "cannot download s3://.*/x": lambda: bad.download_file("x", tmp_path / "x"),
              "cannot put .*/up.txt at s3://.*/up": lambda: bad.put_file("up", tmp_path / "up.txt"),
-             "bucket '.*'": bad.ensure_bucket}
+             "bucket '.*'": bad.ensure_bucket,
+             "cannot list s3://.*/runs/": lambda: bad.folder_names("runs/"),
+             "cannot list s3://.*/runs/a/": lambda: bad.has_keys("runs/a/"),
+             "cannot list s3://.*/tuning/": lambda: list(bad.iter_sizes("tuning/")),
+             "cannot delete under s3://": lambda: bad.delete_keys(["x"])}
     (tmp_path / "up.txt").write_text("up")
     for message, call in calls.items():
         with pytest.raises(StorageError, match=message) as caught:
             call()
         assert isinstance(caught.value.__cause__, ClientError) and not caught.value.transient, message
+
+
+def test_the_cli_says_in_one_line_that_the_store_refused_its_keys(seaweed, s3_env, monkeypatch, capsys):
+    from dermflow.ops import cli
+    from dermflow.settings import get_settings
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    get_settings.cache_clear()
+    try:
+        for command in (["report", "20261203-000000-some-run"], ["runs"]):
+            assert cli.main(command) == 1
+            error = capsys.readouterr().err.strip()
+            assert error.startswith(f"dermflow {command[0]}: cannot list s3://") and "\n" not in error, error
+            assert "SignatureDoesNotMatch" in error
+    finally:
+        get_settings.cache_clear()
+
+
+def test_folders_are_listed_while_something_is_under_them(store: ObjectStore):
+    for key in ("runs/a/metrics.json", "runs/b/models/x/model.keras", "runs/top.json"):
+        store.put_bytes(key, b"{}")
+    assert sorted(store.folder_names("runs/")) == ["a", "b"]
+    assert store.has_keys("runs/b/") and not store.has_keys("runs/c/")
+    assert dict(store.iter_sizes("runs/a/")) == {"runs/a/metrics.json": 2}
+    store.delete_keys(["runs/b/models/x/model.keras", "runs/absent"])
+    assert not store.has_keys("runs/b/")
 
 
 def test_parse_s3_uri():

@@ -25,11 +25,11 @@ class _Paginator:
     def paginate(self, Bucket: str, Prefix: str = "", Delimiter: str | None = None):  # noqa: N803 - boto3 names
         keys = sorted(key for key in self.client.objects if key.startswith(Prefix))
         if not Delimiter:
-            yield {"Contents": [{"Key": key} for key in keys]}
+            yield {"Contents": [{"Key": key, "Size": len(self.client.objects[key])} for key in keys]}
             return
         prefixes = sorted({Prefix + key[len(Prefix):].split(Delimiter, 1)[0] + Delimiter
                            for key in keys if Delimiter in key[len(Prefix):]})
-        yield {"Contents": [{"Key": k} for k in keys if Delimiter not in k[len(Prefix):]],
+        yield {"Contents": [{"Key": k, "Size": len(self.client.objects[k])} for k in keys if Delimiter not in k[len(Prefix):]],
                "CommonPrefixes": [{"Prefix": p} for p in prefixes]}
 
 

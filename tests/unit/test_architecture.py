@@ -79,3 +79,24 @@ def test_only_the_layout_module_spells_bucket_keys():
                 continue
             offenders += [f"{path.relative_to(ROOT)}:{line}: {text!r}" for line, text in key_literals(path.read_text())]
     assert not offenders, "bucket keys spelled outside dermflow/layout.py:\n" + "\n".join(offenders)
+
+
+# Modules that call boto3 on a bucket the user names (a dataset CSV, an archive, an S3 prefix of
+# images), not on dermflow's own bucket: they handle that bucket's errors themselves.
+OTHER_BUCKET_READERS = {"dermflow/ingestion/ingest.py", "dermflow/ingestion/spool.py", "dermflow/ingestion/archive.py"}
+
+
+def test_only_the_storage_module_calls_boto3_on_the_bucket():
+    """`ObjectStore` is the one place that talks to the bucket, so every error is classified
+    there (`storage.s3_error`): elsewhere, `store.client.<call>` would bypass it."""
+    offenders = []
+    for directory in CODE_DIRS:
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            name = str(path.relative_to(ROOT))
+            if name == "dermflow/storage.py" or name in OTHER_BUCKET_READERS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "client" \
+                        and isinstance(node.value.value, (ast.Name, ast.Attribute)) and "store" in ast.unparse(node.value.value):
+                    offenders.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "boto3 called on the bucket outside dermflow/storage.py:\n" + "\n".join(offenders)
