@@ -349,14 +349,11 @@ class ObjectStore:
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key_of(key))
+            with _s3_call(f"cannot look for {self.uri(self.key_of(key))}"):
+                self.client.head_object(Bucket=self.bucket, Key=self.key_of(key))
             return True
-        except ClientError as error:
-            if is_missing(error):
-                return False
-            raise s3_error(error, f"cannot look for {self.uri(self.key_of(key))}") from error
-        except BotoCoreError as error:
-            raise s3_error(error, f"cannot look for {self.uri(self.key_of(key))}") from error
+        except ObjectMissing:
+            return False
 
     def key_names(self, folder: str) -> list[str]:
         """The keys under `folder` for membership checks (are these images stored?), through
