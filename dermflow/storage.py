@@ -52,9 +52,10 @@ class ObjectMissing(StorageError):
 # 4xx answers that the same request may get past later: throttling, timeouts, and BadDigest
 # (the bytes changed on the way, so sending them again is the cure)
 _RETRYABLE_4XX_CODES = frozenset({"SlowDown", "RequestTimeout", "BadDigest", "RequestTimeTooSkewed"})
-# Refusals known by their code alone, for an answer that carries no HTTP status
+# Refusals known by their code alone, for an answer that carries no HTTP status (a missing
+# object is told apart first, by `_MISSING_CODES`)
 _REFUSAL_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
-                            "NoSuchKey", "NotFound", "404", "403", "InvalidArgument", "InvalidBucketName"})
+                            "403", "InvalidArgument", "InvalidBucketName"})
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -66,7 +67,7 @@ def s3_error(error: ClientError | BotoCoreError, what: str) -> StorageError:
     if isinstance(error, ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         code = str(error.response.get("Error", {}).get("Code", ""))
-        if is_missing(error):
+        if _is_missing(error):
             return ObjectMissing(f"{what}: no object there ({code})")
         if status:
             refused = 400 <= status < 500 and status not in (408, 429) and code not in _RETRYABLE_4XX_CODES
@@ -76,7 +77,7 @@ def s3_error(error: ClientError | BotoCoreError, what: str) -> StorageError:
     return StorageError(f"{what}: {error}", transient=not isinstance(error, ParamValidationError))
 
 
-def is_missing(error: ClientError) -> bool:
+def _is_missing(error: ClientError) -> bool:
     """Whether S3 answered that the object (or the key a HEAD asked for) does not exist."""
     return str(error.response.get("Error", {}).get("Code", "")) in _MISSING_CODES
 
