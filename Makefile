@@ -51,6 +51,7 @@ test-integration: venv
 bench-fetch: venv
 	$(BIN)/python bench/bench_fetch.py $(ARGS)
 	$(BIN)/python bench/bench_fetch_cpu.py
+	$(BIN)/python bench/bench_fetch_shard.py
 
 bench-scale: venv
 	$(BIN)/python bench/bench_scale.py $(ARGS)

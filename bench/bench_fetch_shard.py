@@ -1,0 +1,157 @@
+"""CPU per image of each step of the fetcher inside a real shard (issue 18).
+
+`bench_fetch_cpu.py` times each step alone, in one thread. Inside a shard the steps run together:
+GETs on the shard's event loop, decode, hash and put on its store threads, SeaweedFS and the image
+server on the same cores. This script runs one `fetch_shard` over the atlas rows (50 ms latency,
+16 requests in flight, into a fresh SeaweedFS bucket per run) four ways:
+
+- full: as the fetcher runs;
+- no-hash: `verify_image` answered from the facts computed before the clock started (no decode,
+  no pHash, no MD5);
+- no-put: image puts answered without a request (SeaweedFS stores nothing);
+- GET only: both, which leaves the GET, the guard, the loop, the thread hand-offs and the
+  manifest rows.
+
+Each way runs twice, in the order A B C D D C B A, as the box's speed drifts within minutes. The
+difference between full and a way without a step is that step's cost where it really runs.
+Stand-ins are used only here, to measure; the fetcher's code is unchanged.
+
+Usage: .venv/bin/python bench/bench_fetch_shard.py [--limit N] [--latency 0.05] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from bench.bench_fetch import ATLAS, _start_image_server, cpu_seconds  # noqa: E402
+
+WAYS = ("full", "no-hash", "no-put", "GET only")
+
+
+@contextmanager
+def stand_ins(way: str, facts_by_body: dict):
+    """The fetcher as it runs, or with its hash step and/or its image puts answered at once."""
+    import dermflow.ingestion.fetch as fetch_module
+    from dermflow.storage import ObjectStore
+
+    real_verify, real_put = fetch_module.verify_image, ObjectStore.put_bytes
+    if way in ("no-hash", "GET only"):
+        fetch_module.verify_image = lambda body: facts_by_body[bytes(body)]
+    if way in ("no-put", "GET only"):
+        ObjectStore.put_bytes = lambda self, key, body, content_type, md5_hex=None: None
+    try:
+        yield
+    finally:
+        fetch_module.verify_image, ObjectStore.put_bytes = real_verify, real_put
+
+
+def run_shard(way: str, index: int, rows: list[dict], seaweed, server_pid: int, facts_by_body: dict,
+              concurrency: int) -> dict:
+    """One shard over every row, into its own bucket; CPU per image of this process, SeaweedFS
+    and the image server."""
+    from dermflow.ingestion.fetch import FetchOptions, fetch_shard
+    from dermflow.settings import load_settings
+    from dermflow.storage import ObjectStore
+
+    options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)
+    store = ObjectStore.from_settings(load_settings(
+        aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key, bucket=f"shard-{index}"),
+        max_pool_connections=concurrency + options.store_workers + 8)
+    store.ensure_bucket()
+    seaweed_pid = seaweed.process.pid()
+    usage0, seaweed0, server0 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(seaweed_pid), cpu_seconds(server_pid)
+    wall0 = time.perf_counter()
+    with stand_ins(way, facts_by_body):
+        out = fetch_shard(rows, store, options)
+    wall = time.perf_counter() - wall0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    n = len(rows)
+    failed = sum(1 for row in out if row["status"] != "ok")
+    if failed:
+        raise RuntimeError(f"{way}: {failed} of {n} rows failed")
+    return {"way": way, "wall_s": wall, "images_per_s": n / wall,
+            "user_ms": (usage.ru_utime - usage0.ru_utime) / n * 1000,
+            "system_ms": (usage.ru_stime - usage0.ru_stime) / n * 1000,
+            "switches": (usage.ru_nvcsw - usage0.ru_nvcsw + usage.ru_nivcsw - usage0.ru_nivcsw) / n,
+            "seaweed_ms": (cpu_seconds(seaweed_pid) - seaweed0) / n * 1000,
+            "server_ms": (cpu_seconds(server_pid) - server0) / n * 1000}
+
+
+def print_results(results: list[dict]) -> None:
+    print(f"{'way':<9} {'wall':>8} {'images/s':>9} {'CPU/image':>10} {'(user':>7} {'sys)':>6} "
+          f"{'switches':>9} {'SeaweedFS':>10} {'server':>7}")
+    for r in results:
+        print(f"{r['way']:<9} {r['wall_s']:7.2f}s {r['images_per_s']:9.1f} {r['user_ms'] + r['system_ms']:8.2f}ms "
+              f"{r['user_ms']:6.2f} {r['system_ms']:6.2f} {r['switches']:9.1f} {r['seaweed_ms']:8.2f}ms {r['server_ms']:5.2f}ms")
+    mean = {way: sum(r["user_ms"] + r["system_ms"] for r in results if r["way"] == way)
+            / sum(1 for r in results if r["way"] == way) for way in WAYS}
+    box = {way: mean[way] + sum(r["seaweed_ms"] + r["server_ms"] for r in results if r["way"] == way)
+           / sum(1 for r in results if r["way"] == way) for way in WAYS}
+    cores = len(os.sched_getaffinity(0))
+    print("\nCPU per image in this process, mean of both passes, and what each step adds where it runs:")
+    print(f"  decode + hash + MD5 (full - no-hash)          {mean['full'] - mean['no-hash']:6.2f} ms")
+    print(f"  image put, client side (full - no-put)        {mean['full'] - mean['no-put']:6.2f} ms")
+    print(f"  GET, guard, loop, hand-offs, manifest rows    {mean['GET only']:6.2f} ms")
+    print(f"  the whole shard (full)                        {mean['full']:6.2f} ms")
+    print(f"  + SeaweedFS and the image server: the box's CPU per image {box['full']:.2f} ms, so at most "
+          f"{cores * 1000 / box['full']:.0f} images/s on {cores} cores with nothing else running")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=None, help="only the first N atlas rows")
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    args = parser.parse_args()
+    args.copies = 1
+    if not (ATLAS / "rows.csv").exists():
+        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+        return 2
+
+    import pandas as pd
+
+    from dermflow.ingestion.images import verify_image
+    from dermflow.ops.stack import SeaweedServer, free_port_block
+    from tests.support.image_servers import rewrite_csv_host
+
+    work = Path(tempfile.mkdtemp(prefix="dermflow-bench-shard-"))
+    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
+                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    server = None
+    try:
+        seaweed.start()
+        server, rows_csv, base_url = _start_image_server(args, work)
+        rows = pd.read_csv(rewrite_csv_host(rows_csv, base_url, work / "rows.csv"), dtype=str,
+                           keep_default_na=False).to_dict("records")
+        bodies = [(args.images / f"{row['md5hash']}.jpg").read_bytes() for row in rows]
+        facts_by_body = {body: verify_image(body) for body in bodies}
+        print(f"{len(rows)} rows, {args.latency * 1000:.0f} ms latency, {args.concurrency} requests in flight, "
+              f"one shard per run", flush=True)
+        order = list(WAYS) + list(reversed(WAYS))
+        results = [run_shard(way, index, rows, seaweed, server.pid, facts_by_body, args.concurrency)
+                   for index, way in enumerate(order)]
+        print_results(results)
+    finally:
+        if server is not None:
+            server.stdin.close()
+            server.wait(timeout=30)
+        seaweed.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
