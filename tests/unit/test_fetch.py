@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import random
-import threading
 import time
 
 import httpx
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -24,91 +21,12 @@ from dermflow.ingestion.fetch import (
 )
 from dermflow.ingestion.http import parse_retry_after
 from dermflow.ingestion.images import HASH_HEX_DIGITS, ImageRejected, verify_image
-from dermflow.ingestion.manifest import (
-    MANIFEST_COLUMNS,
-    failed_rows,
-    manifest_row,
-    plan_shards,
-    reconcile_manifest,
-    stored_image_md5s,
-    summarize_manifest,
-)
-from dermflow.ingestion.guard import BlockedURL, HostGuard, install_log_redaction, redact_text, redact_url
+from dermflow.ingestion.manifest import MANIFEST_COLUMNS, manifest_row
+from dermflow.ingestion.guard import install_log_redaction, redact_text, redact_url
+
+from tests.support.fetch_doubles import MemoryStore, jpeg, options, public_resolver, row, run
 
 pytestmark = pytest.mark.unit
-
-
-class MemoryStore:
-    """The slice of ObjectStore the fetcher uses; the first `fail_puts` puts fail as a dropped
-    connection does in `ObjectStore.put_bytes` (a transient StorageError)."""
-
-    bucket = "memory"
-
-    def __init__(self, fail_puts: int = 0):
-        self.objects: dict[str, bytes] = {}
-        self.fail_puts = fail_puts
-        self.put_calls = 0
-        self.lock = threading.Lock()
-
-    def uri(self, key):
-        return f"s3://{self.bucket}/{key}"
-
-    def put_bytes(self, key, data, content_type=None, md5_hex=None):
-        from dermflow.storage import StorageError
-
-        with self.lock:
-            self.put_calls += 1
-            if self.fail_puts > 0:
-                self.fail_puts -= 1
-                raise StorageError(f"cannot put {self.uri(key)}: Could not connect to the endpoint URL")
-            self.objects[key] = bytes(data)
-        return self.uri(key)
-
-    def get_bytes(self, key):
-        return self.objects[key]
-
-    def iter_keys(self, prefix=""):
-        return iter(sorted(k for k in self.objects if k.startswith(prefix)))
-
-    def key_names(self, folder):
-        return list(self.iter_keys(folder))
-
-    def delete_prefix(self, prefix):
-        keys = [k for k in self.objects if k.startswith(prefix)]
-        for key in keys:
-            del self.objects[key]
-        return len(keys)
-
-
-def jpeg(seed: int, size: int = 40) -> bytes:
-    rng = random.Random(seed)
-    image = Image.new("RGB", (size, size), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    for _ in range(20):
-        x, y = rng.randrange(size), rng.randrange(size)
-        image.putpixel((x, y), (rng.randrange(256), 0, 0))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-async def public_resolver(host, port):
-    return ["93.184.216.34"]  # every test host "resolves" to a public address
-
-
-def options(**overrides) -> FetchOptions:
-    base = dict(max_attempts=3, backoff_base=0.01, backoff_max=0.02, connect_timeout=1, read_timeout=1,
-                total_timeout=2, row_timeout=10, store_workers=2)
-    base.update(overrides)
-    return FetchOptions(**base)
-
-
-def row(md5: str, url: str, **extra) -> dict:
-    return {"md5hash": md5, "url": url, "label": "lab", "fitzpatrick_scale": 3, "qc": "", **extra}
-
-
-def run(rows, store, handler, **kw):
-    return fetch_shard(rows, store, kw.pop("opts", options()), transport=httpx.MockTransport(handler),
-                       resolver=kw.pop("resolver", public_resolver), **kw)
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -190,77 +108,6 @@ def test_verify_image_keeps_decompression_bomb_limit(monkeypatch):
     with pytest.raises(ImageRejected) as info:
         verify_image(jpeg(1, 200))
     assert info.value.reason == "too_large"
-
-
-def test_plan_shards_skips_stored_dedupes_and_interleaves_hosts():
-    frame = pd.DataFrame({
-        "md5hash": [f"{i:032x}" for i in range(10)] + [f"{0:032x}"],
-        "url": [f"http://{'a' if i < 5 else 'b'}.example/{i}" for i in range(10)] + ["http://a.example/dup"],
-        "label": ["x"] * 11, "fitzpatrick_scale": [1] * 11, "qc": [float("nan")] * 11,
-    })
-    shards = plan_shards(frame, stored={f"{1:032x}"}, shard_size=4)
-    flat = [r["md5hash"] for shard in shards for r in shard]
-    assert [len(s) for s in shards] == [3, 3, 3]  # at most 4, near-equal
-    assert sorted(flat) == sorted({f"{i:032x}" for i in range(10)} - {f"{1:032x}"})
-    assert [r["url"][7] for r in shards[0]] == ["a", "b", "a"]
-    assert shards[0][0]["qc"] == ""
-    with pytest.raises(ValueError, match="url"):
-        plan_shards(frame.drop(columns=["url"]), set())
-
-
-@pytest.mark.parametrize(("rows", "shard_size", "parallel", "sizes"), [
-    (2076, 256, 4, [173] * 12),  # 9 shards would leave one running alone at the end
-    (16608, 256, 4, [245] * 16 + [244] * 52),
-    (10, 256, 4, [3, 3, 2, 2]),
-    (3, 256, 4, [1, 1, 1]),  # never an empty shard
-    (9, 4, 1, [3, 3, 3]),
-    (8, 4, 2, [4, 4]),
-])
-def test_shards_come_in_whole_waves_of_near_equal_size(rows, shard_size, parallel, sizes):
-    frame = pd.DataFrame({"md5hash": [f"{i:032x}" for i in range(rows)],
-                          "url": [f"http://h{i % 3}.example/{i}" for i in range(rows)]})
-    shards = plan_shards(frame, set(), shard_size=shard_size, parallel=parallel)
-    assert [len(shard) for shard in shards] == sizes
-    assert sum(sizes) == rows and max(sizes) <= shard_size
-
-
-# ------------------------------------------------------------------ the SSRF guard
-
-
-def test_guard_refuses_schemes_and_internal_addresses():
-    async def resolve_to(address):
-        async def resolver(host, port):
-            return [address]
-        return resolver
-
-    async def check(url, allowed=(), address="93.184.216.34"):
-        await HostGuard(allowed, resolver=await resolve_to(address)).check(url)
-
-    async def reason(url, **kw):
-        try:
-            await check(url, **kw)
-        except BlockedURL as error:
-            return error.reason
-        return None
-
-    async def main():
-        assert await reason("ftp://example.com/x") == "bad_scheme"
-        assert await reason("file:///etc/passwd") == "bad_scheme"
-        assert await reason("http:///nohost") == "bad_scheme"
-        assert await reason("https://example.com/x.jpg") is None
-        for internal in ("127.0.0.1", "10.1.2.3", "192.168.1.1", "169.254.169.254", "::1", "fe80::1", "0.0.0.0",
-                         "::ffff:127.0.0.1", "100.64.0.1"):
-            assert await reason("http://evil.example/", address=internal) == "blocked_address", internal
-        assert await reason("http://127.0.0.1:8000/x") == "blocked_address"
-        assert await reason("http://[::1]:8000/x") == "blocked_address"
-        # Exemptions: an IP allows exactly that IP; a CIDR a network; a name that host.
-        assert await reason("http://127.0.0.1:8000/x", allowed=["127.0.0.1"]) is None
-        assert await reason("http://127.0.0.2:8000/x", allowed=["127.0.0.1"]) == "blocked_address"
-        assert await reason("http://cdn.internal/x", allowed=["10.0.0.0/8"], address="10.9.9.9") is None
-        assert await reason("http://cdn.internal/x", allowed=["cdn.internal"], address="10.9.9.9") is None
-        assert await reason("http://other.internal/x", allowed=["cdn.internal"], address="10.9.9.9") == "blocked_address"
-
-    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ the shard fetcher
@@ -504,137 +351,3 @@ def test_async_entry_point():
         [row("a" * 32, "https://img.example/x")], MemoryStore(), options(),
         transport=httpx.MockTransport(lambda r: httpx.Response(200, content=good)), resolver=public_resolver))
     assert result[0]["status"] == "ok"
-
-
-# ------------------------------------------------------------------ manifests
-
-
-def test_reconcile_covers_every_row_from_new_previous_and_orphans():
-    images = {i: jpeg(20 + i) for i in range(6)}
-    md5 = {i: hashlib.md5(b).hexdigest() for i, b in images.items()}
-    dataset = pd.DataFrame({
-        "md5hash": [md5[i] for i in range(6)] + ["9" * 32, "8" * 32],
-        "url": [f"https://img.example/{i}" for i in range(6)] + ["", "https://img.example/never"],
-        "label": ["x"] * 8, "fitzpatrick_scale": [1, 2, 3, 4, 5, 6, -1, 2], "qc": [""] * 8,
-    })
-    store = MemoryStore()
-    for i in (0, 1, 2, 3):
-        store.objects[f"images/{md5[i]}"] = images[i]
-    store.objects[f"images/{md5[5]}"] = b"not an image"  # a stray object must not survive
-    new_rows = [
-        {**dict(dataset.iloc[0]), "status": "ok", "reason": "", "md5_mismatch": False, "attempts": 1,
-         "bytes": len(images[0]), "width": 40, "height": 40, "phash": "0" * 16, "key": f"images/{md5[0]}"},
-        {**dict(dataset.iloc[4]), "status": "failed", "reason": "http_404", "attempts": 1},
-    ]
-    previous = pd.DataFrame([{  # as read back from CSV: all strings
-        "md5hash": md5[1], "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
-        "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
-        "bytes": str(len(images[1])), "width": "40", "height": "40", "phash": "1" * 48, "key": f"images/{md5[1]}"}])
-    manifest = reconcile_manifest(dataset, store, previous, new_rows)
-    assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == len(dataset)
-    assert list(manifest["md5hash"]) == list(dataset["md5hash"])
-    by = manifest.set_index("md5hash")
-    assert by.loc[md5[0], "phash"] == "0" * 16  # this run's row
-    assert by.loc[md5[1], "attempts"] == 2  # the previous manifest's row
-    for i in (2, 3):  # orphans: verified by reading back
-        assert by.loc[md5[i], "status"] == "ok" and by.loc[md5[i], "phash"] == verify_image(images[i]).phash
-        assert by.loc[md5[i], "bytes"] == len(images[i]) and by.loc[md5[i], "width"] == 40
-    assert by.loc[md5[4], "reason"] == "http_404"
-    assert by.loc[md5[5], "reason"] == "not_an_image" and f"images/{md5[5]}" not in store.objects
-    assert by.loc["9" * 32, "reason"] == "no_url" and by.loc["8" * 32, "reason"] == "not_fetched"
-    summary = summarize_manifest(manifest)
-    assert summary["rows"] == 8 == summary["ok"] + summary["failed"] and summary["ok"] == 4
-    assert summary["by_reason"] == {"http_404": 1, "no_url": 1, "not_an_image": 1, "not_fetched": 1}
-    assert stored_image_md5s(store) == {md5[i] for i in range(4)}
-
-    retry = failed_rows(manifest)
-    assert set(retry["reason"]) == {"http_404", "not_an_image", "not_fetched"}
-    assert set(failed_rows(manifest, include_permanent=False)["reason"]) == {"not_fetched"}
-    real = failed_rows(manifest, dataset)
-    assert set(real.columns) == set(dataset.columns) and len(real) == 3
-
-
-def test_reconcile_rehashes_rows_of_a_manifest_hashed_before_the_crop_hashes():
-    image = jpeg(31)
-    md5hash = hashlib.md5(image).hexdigest()
-    dataset = pd.DataFrame({"md5hash": [md5hash], "url": ["https://img.example/1"], "label": ["x"],
-                            "fitzpatrick_scale": [2], "qc": [""]})
-    store = MemoryStore()
-    store.objects[f"images/{md5hash}"] = image
-    previous = pd.DataFrame([{  # an old manifest: one 16-digit pHash
-        "md5hash": md5hash, "label": "x", "fitzpatrick_scale": "2", "fitzpatrick_range": "I-II", "qc": "",
-        "url": "https://img.example/1", "status": "ok", "reason": "", "md5_mismatch": "False", "attempts": "2",
-        "bytes": str(len(image)), "width": "40", "height": "40", "phash": "1" * 16, "key": f"images/{md5hash}"}])
-    row = reconcile_manifest(dataset, store, previous, []).iloc[0]
-    assert (row["status"], row["source"]) == ("ok", "already stored")
-    assert row["phash"] == verify_image(image).phash and len(row["phash"]) == 48
-
-
-# ------------------------------------------------------------------ DNS pinning (a loopback server)
-
-
-class _OneImageServer:
-    """A loopback HTTP server that answers every GET with one JPEG and counts the requests."""
-
-    def __init__(self, body: bytes):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        owner = self
-        self.requests = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                owner.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_the_client_connects_only_to_the_addresses_the_guard_resolved_and_checked():
-    body = jpeg(21)
-    md5 = hashlib.md5(body).hexdigest()
-    looked_up = []
-
-    async def loopback(host, port):
-        looked_up.append(host)
-        return ["127.0.0.1"]
-
-    with _OneImageServer(body) as server:
-        # `images.test` is unknown to the system resolver: the fetch can only succeed if the
-        # connection goes to the address the guard resolved (allowed here by IP).
-        result = fetch_shard([row(md5, f"http://images.test:{server.port}/a.jpg")], MemoryStore(),
-                             options(allowed_hosts=("127.0.0.1",)), resolver=loopback)
-        assert (result[0]["status"], result[0]["reason"]) == ("ok", "")
-        assert server.requests == 1 and looked_up.count("images.test") == 2  # the early check, the connection
-
-
-def test_a_host_that_rebinds_to_an_internal_address_after_its_check_is_refused_at_connect_time():
-    body = jpeg(22)
-    md5 = hashlib.md5(body).hexdigest()
-    answers = iter([["93.184.216.34"], ["127.0.0.1"]])  # public when checked, loopback when connecting
-
-    async def rebinding(host, port):
-        return next(answers, ["127.0.0.1"])
-
-    with _OneImageServer(body) as server:
-        store = MemoryStore()
-        result = fetch_shard([row(md5, f"http://rebind.test:{server.port}/a.jpg")], store, options(),
-                             resolver=rebinding)
-        assert (result[0]["status"], result[0]["reason"]) == ("failed", "blocked_address")
-        assert server.requests == 0 and store.objects == {}
