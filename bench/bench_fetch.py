@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import resource
-import secrets
 import shutil
 import subprocess
 import sys
@@ -397,14 +396,13 @@ def main() -> int:
         print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
         return 2
 
-    from dermflow.ops.stack import SeaweedServer, free_port_block
+    from bench.services import bench_seaweed
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
     from tests.support.image_servers import rewrite_csv_host
 
     work = Path(tempfile.mkdtemp(prefix="dermflow-bench-fetch-"))
-    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
-                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    seaweed = bench_seaweed(work)
     server = None
     results: dict[str, dict] = {}
     try:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import hashlib
 import io
-import secrets
 import shutil
 import sys
 import tempfile
@@ -53,12 +52,11 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
     import boto3
     from botocore.config import Config
 
-    from dermflow.ops.stack import SeaweedServer, free_port_block
+    from bench.services import bench_seaweed
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
-    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
-                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    seaweed = bench_seaweed(work)
     seaweed.start()
     try:
         settings = load_settings(aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,

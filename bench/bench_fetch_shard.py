@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import secrets
 import shutil
 import sys
 import tempfile
@@ -124,12 +123,11 @@ def main() -> int:
     import pandas as pd
 
     from dermflow.ingestion.images import verify_image
-    from dermflow.ops.stack import SeaweedServer, free_port_block
+    from bench.services import bench_seaweed
     from tests.support.image_servers import rewrite_csv_host
 
     work = Path(tempfile.mkdtemp(prefix="dermflow-bench-shard-"))
-    seaweed = SeaweedServer(data_dir=work / "seaweed", s3_port=free_port_block(4),
-                            access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    seaweed = bench_seaweed(work)
     server = None
     try:
         seaweed.start()

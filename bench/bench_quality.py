@@ -121,15 +121,14 @@ def run_report_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, 
 def run_tuned_recipe(frame, atlas_dir: Path, image_size: int, budget_s: float, workdir: Path, seed: int,
                      tuner: str, max_trials: int, share: float, epochs: int | None = None,
                      keep_models: Path | None = None, edge_mask: float = 0.0) -> dict:
+    from bench.services import bench_seaweed
     from dermflow.modeling import train as train_lib
     from dermflow.modeling import tuning
     from dermflow.modeling.tuning_results import trial_table
     from dermflow.settings import load_settings
-    from dermflow.ops.stack import SeaweedServer, free_port_block
     from dermflow.storage import ObjectStore
 
-    server = SeaweedServer(data_dir=workdir / "seaweed", s3_port=free_port_block(4),
-                           access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
+    server = bench_seaweed(workdir)
     server.start()
     try:
         settings = load_settings(aws_endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
