@@ -38,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ATLAS = PROJECT_ROOT.parent / "shared" / "data" / "atlas20"
 I2D_VENV = PROJECT_ROOT / "bench" / ".venv-img2dataset"
 sys.path.insert(0, str(PROJECT_ROOT))
+
+from bench.services import ATLAS, atlas_is_absent, bench_seaweed  # noqa: E402
 
 SERVER_SCRIPT = """
 import sys, time
@@ -392,11 +393,9 @@ def _print_ratios(results: dict) -> None:
 
 def main() -> int:
     args = _parse_args()
-    if not (ATLAS / "rows.csv").exists():
-        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+    if atlas_is_absent():
         return 2
 
-    from bench.services import bench_seaweed
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
     from tests.support.image_servers import rewrite_csv_host

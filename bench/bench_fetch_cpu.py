@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ATLAS = PROJECT_ROOT.parent / "shared" / "data" / "atlas20"
 sys.path.insert(0, str(PROJECT_ROOT))
+
+from bench.services import ATLAS, atlas_is_absent, bench_seaweed  # noqa: E402
 
 
 def per_image_ms(step, items) -> float:
@@ -52,7 +53,6 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
     import boto3
     from botocore.config import Config
 
-    from bench.services import bench_seaweed
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
@@ -133,8 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=600)
     args = parser.parse_args()
-    if not (ATLAS / "rows.csv").exists():
-        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+    if atlas_is_absent():
         return 2
     from dermflow.ingestion.images import verify_image
 

@@ -34,7 +34,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from bench.bench_fetch import ATLAS, _start_image_server, cpu_seconds  # noqa: E402
+from bench.bench_fetch import _start_image_server, cpu_seconds  # noqa: E402
+from bench.services import atlas_is_absent, bench_seaweed  # noqa: E402
 
 WAYS = ("full", "no-hash", "no-put", "GET only")
 
@@ -116,14 +117,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     args = parser.parse_args()
     args.copies = 1
-    if not (ATLAS / "rows.csv").exists():
-        print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+    if atlas_is_absent():
         return 2
 
     import pandas as pd
 
     from dermflow.ingestion.images import verify_image
-    from bench.services import bench_seaweed
     from tests.support.image_servers import rewrite_csv_host
 
     work = Path(tempfile.mkdtemp(prefix="dermflow-bench-shard-"))

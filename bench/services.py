@@ -1,10 +1,21 @@
-"""What the benchmarks start for themselves: a SeaweedFS of their own, on free loopback ports,
-with fresh keys, under the benchmark's temp dir (removed with it)."""
+"""What the fetch benchmarks share: the atlas20 images they read, and a SeaweedFS of their own
+(free loopback ports, fresh keys, under the benchmark's temp dir, removed with it)."""
 
 from __future__ import annotations
 
 import secrets
+import sys
 from pathlib import Path
+
+ATLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlas20"
+
+
+def atlas_is_absent() -> bool:
+    """True, said on stderr, where ../shared/data/atlas20 is absent: the benchmarks need it."""
+    if (ATLAS / "rows.csv").exists():
+        return False
+    print(f"{ATLAS} is absent: the benchmark needs ../shared/data/atlas20", file=sys.stderr)
+    return True
 
 
 def bench_seaweed(work: Path):
