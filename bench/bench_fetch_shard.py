@@ -90,24 +90,28 @@ def run_shard(way: str, index: int, rows: list[dict], seaweed, server_pid: int, 
             "server_ms": (cpu_seconds(server_pid) - server0) / n * 1000}
 
 
+def _mean(results: list[dict], way: str, value) -> float:
+    """The mean of `value(result)` over the runs of one way."""
+    values = [value(r) for r in results if r["way"] == way]
+    return sum(values) / len(values)
+
+
 def print_results(results: list[dict]) -> None:
     print(f"{'way':<9} {'wall':>8} {'images/s':>9} {'CPU/image':>10} {'(user':>7} {'sys)':>6} "
           f"{'switches':>9} {'SeaweedFS':>10} {'server':>7}")
     for r in results:
         print(f"{r['way']:<9} {r['wall_s']:7.2f}s {r['images_per_s']:9.1f} {r['user_ms'] + r['system_ms']:8.2f}ms "
               f"{r['user_ms']:6.2f} {r['system_ms']:6.2f} {r['switches']:9.1f} {r['seaweed_ms']:8.2f}ms {r['server_ms']:5.2f}ms")
-    mean = {way: sum(r["user_ms"] + r["system_ms"] for r in results if r["way"] == way)
-            / sum(1 for r in results if r["way"] == way) for way in WAYS}
-    box = {way: mean[way] + sum(r["seaweed_ms"] + r["server_ms"] for r in results if r["way"] == way)
-           / sum(1 for r in results if r["way"] == way) for way in WAYS}
+    mean = {way: _mean(results, way, lambda r: r["user_ms"] + r["system_ms"]) for way in WAYS}
+    box_full = mean["full"] + _mean(results, "full", lambda r: r["seaweed_ms"] + r["server_ms"])
     cores = len(os.sched_getaffinity(0))
     print("\nCPU per image in this process, mean of both passes, and what each step adds where it runs:")
     print(f"  decode + hash + MD5 (full - no-hash)          {mean['full'] - mean['no-hash']:6.2f} ms")
     print(f"  image put, client side (full - no-put)        {mean['full'] - mean['no-put']:6.2f} ms")
     print(f"  GET, guard, loop, hand-offs, manifest rows    {mean['GET only']:6.2f} ms")
     print(f"  the whole shard (full)                        {mean['full']:6.2f} ms")
-    print(f"  + SeaweedFS and the image server: the box's CPU per image {box['full']:.2f} ms, so at most "
-          f"{cores * 1000 / box['full']:.0f} images/s on {cores} cores with nothing else running")
+    print(f"  + SeaweedFS and the image server: the box's CPU per image {box_full:.2f} ms, so at most "
+          f"{cores * 1000 / box_full:.0f} images/s on {cores} cores with nothing else running")
 
 
 def main() -> int:
@@ -116,7 +120,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     args = parser.parse_args()
-    args.copies = 1
+    args.copies = 1  # the rows as they are (`_start_image_server` can also serve copies of each)
     if atlas_is_absent():
         return 2
 
