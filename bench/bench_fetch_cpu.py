@@ -3,6 +3,8 @@
 Steps, each timed with the process's CPU clock over `--images` atlas20 images:
 - hash (old recipe): RGB draft decode at >= 256 px, imagehash pHash of the whole image;
 - hash (current recipe): `verify_image` (grayscale draft at >= 128 px, three pHashes, MD5);
+- the decode alone, for progressive and baseline JPEGs apart, and through simplejpeg and
+  PyTurboJPEG where they are installed (they wrap libjpeg-turbo, as Pillow does);
 - put: boto3 `put_object` into a fresh SeaweedFS, with botocore's default request checksums
   and with `request_checksum_calculation="when_required"` (the store's setting);
 - GET: `dermflow.ingestion.http.read_async` (guard, pinned connection, caps) from a local
@@ -47,6 +49,54 @@ def old_recipe(data: bytes) -> str:
         image.draft("RGB", (int(width / scale), int(height / scale)))
         image.load()
         return str(imagehash.phash(image))
+
+
+def is_progressive(data: bytes) -> bool:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return bool(image.info.get("progressive") or image.info.get("progression"))
+
+
+def pillow_draft(data: bytes) -> None:
+    from PIL import Image
+
+    from dermflow.ingestion.images import draft_for_hash
+
+    with Image.open(io.BytesIO(data)) as image:
+        draft_for_hash(image)
+        image.load()
+
+
+def measure_decodes(datas: list[bytes]) -> dict[str, float]:
+    """The hash's decode alone (`draft_for_hash`, Pillow), split by JPEG kind: a progressive
+    JPEG's Huffman decoding of every scan is what the draft scale cannot skip. Then the same
+    decode through the other libjpeg-turbo wrappers the issue names, where installed."""
+    progressive = [data for data in datas if is_progressive(data)]
+    baseline = [data for data in datas if not is_progressive(data)]
+    rows = {}
+    for name, subset in ((f"decode only, gray draft: {len(progressive)} progressive JPEGs", progressive),
+                         (f"decode only, gray draft: {len(baseline)} baseline JPEGs", baseline),
+                         ("decode only, gray draft: all (Pillow)", datas)):
+        if subset:
+            rows[name] = per_image_ms(pillow_draft, subset)
+    try:
+        import simplejpeg
+    except ImportError:
+        print("simplejpeg is not installed: its row is left out (pip install simplejpeg)")
+    else:
+        rows["decode only, gray, >= 128 px: simplejpeg"] = per_image_ms(
+            lambda data: simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=128, min_width=128), datas)
+    try:
+        from turbojpeg import TJPF_GRAY, TurboJPEG
+
+        turbo = TurboJPEG()
+    except (ImportError, RuntimeError, OSError) as error:
+        print(f"PyTurboJPEG is not usable here ({type(error).__name__}): its row is left out")
+    else:
+        rows["decode only, gray, 1/2 scale: PyTurboJPEG"] = per_image_ms(
+            lambda data: turbo.decode(data, pixel_format=TJPF_GRAY, scaling_factor=(1, 2)), datas)
+    return rows
 
 
 def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
@@ -141,6 +191,7 @@ def main() -> int:
     datas = [path.read_bytes() for path in paths]
     rows = {"hash (old: RGB draft >= 256 px, one pHash)": per_image_ms(old_recipe, datas),
             "hash + verify (current: gray draft >= 128 px, three pHashes, MD5)": per_image_ms(verify_image, datas)}
+    rows.update(measure_decodes(datas))
     work = Path(tempfile.mkdtemp(prefix="dermflow-bench-cpu-"))
     try:
         rows.update(measure_puts(datas, work))
