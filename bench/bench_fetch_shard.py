@@ -16,7 +16,12 @@ Each way runs twice, in the order A B C D D C B A, as the box's speed drifts wit
 difference between full and a way without a step is that step's cost where it really runs.
 Stand-ins are used only here, to measure; the fetcher's code is unchanged.
 
+`--jpegs baseline` (or `progressive`) keeps only the rows whose image is that kind of JPEG: a
+progressive JPEG costs several times more to decode. `--store-workers` sets the shard's store
+threads.
+
 Usage: .venv/bin/python bench/bench_fetch_shard.py [--limit N] [--latency 0.05] [--concurrency 16]
+       [--jpegs all|baseline|progressive] [--store-workers 16]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.bench_fetch import _start_image_server, cpu_seconds  # noqa: E402
+from bench.bench_fetch_cpu import is_progressive  # noqa: E402
 from bench.services import atlas_is_absent, bench_seaweed  # noqa: E402
 
 WAYS = ("full", "no-hash", "no-put", "GET only")
@@ -58,14 +64,14 @@ def stand_ins(way: str, facts_by_body: dict):
 
 
 def run_shard(way: str, index: int, rows: list[dict], seaweed, server_pid: int, facts_by_body: dict,
-              concurrency: int) -> dict:
+              concurrency: int, store_workers: int) -> dict:
     """One shard over every row, into its own bucket; CPU per image of this process, SeaweedFS
     and the image server."""
     from dermflow.ingestion.fetch import FetchOptions, fetch_shard
     from dermflow.settings import load_settings
     from dermflow.storage import ObjectStore
 
-    options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency)
+    options = FetchOptions(allowed_hosts=("127.0.0.1",), host_concurrency=concurrency, store_workers=store_workers)
     store = ObjectStore.from_settings(load_settings(
         aws_endpoint_url=seaweed.endpoint_url, aws_access_key_id=seaweed.access_key,
         aws_secret_access_key=seaweed.secret_key, bucket=f"shard-{index}"),
@@ -115,10 +121,16 @@ def print_results(results: list[dict]) -> None:
 
 
 def main() -> int:
+    from dermflow.ingestion.fetch import FetchOptions
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="only the first N atlas rows")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--jpegs", choices=("all", "baseline", "progressive"), default="all",
+                        help="only the rows whose image is a baseline (or a progressive) JPEG")
+    parser.add_argument("--store-workers", type=int, default=FetchOptions.store_workers,
+                        help="threads that decode, hash and put (FetchOptions.store_workers)")
     args = parser.parse_args()
     args.copies = 1  # the rows as they are (`_start_image_server` can also serve copies of each)
     if atlas_is_absent():
@@ -137,13 +149,16 @@ def main() -> int:
         server, rows_csv, base_url = _start_image_server(args, work)
         rows = pd.read_csv(rewrite_csv_host(rows_csv, base_url, work / "rows.csv"), dtype=str,
                            keep_default_na=False).to_dict("records")
+        if args.jpegs != "all":
+            rows = [row for row in rows if is_progressive((args.images / f"{row['md5hash']}.jpg").read_bytes())
+                    == (args.jpegs == "progressive")]
         bodies = [(args.images / f"{row['md5hash']}.jpg").read_bytes() for row in rows]
         facts_by_body = {body: verify_image(body) for body in bodies}
-        print(f"{len(rows)} rows, {args.latency * 1000:.0f} ms latency, {args.concurrency} requests in flight, "
-              f"one shard per run", flush=True)
+        print(f"{len(rows)} rows ({args.jpegs} JPEGs), {args.latency * 1000:.0f} ms latency, {args.concurrency} requests in flight, "
+              f"{args.store_workers} store workers, one shard per run", flush=True)
         order = list(WAYS) + list(reversed(WAYS))
-        results = [run_shard(way, index, rows, seaweed, server.pid, facts_by_body, args.concurrency)
-                   for index, way in enumerate(order)]
+        results = [run_shard(way, index, rows, seaweed, server.pid, facts_by_body, args.concurrency,
+                             args.store_workers) for index, way in enumerate(order)]
         print_results(results)
     finally:
         if server is not None:
