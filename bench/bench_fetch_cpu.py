@@ -72,14 +72,17 @@ def measure_decodes(datas: list[bytes]) -> dict[str, float]:
     """The hash's decode alone (`draft_for_hash`, Pillow), split by JPEG kind: a progressive
     JPEG's Huffman decoding of every scan is what the draft scale cannot skip. Then the same
     decode through the other libjpeg-turbo wrappers the issue names, where installed."""
+    from dermflow.ingestion.images import verify_image
+
     progressive = [data for data in datas if is_progressive(data)]
     baseline = [data for data in datas if not is_progressive(data)]
     rows = {}
-    for name, subset in ((f"decode only, gray draft: {len(progressive)} progressive JPEGs", progressive),
-                         (f"decode only, gray draft: {len(baseline)} baseline JPEGs", baseline),
-                         ("decode only, gray draft: all (Pillow)", datas)):
+    for kind, subset in ((f"{len(progressive)} progressive JPEGs", progressive),
+                         (f"{len(baseline)} baseline JPEGs", baseline)):
         if subset:
-            rows[name] = per_image_ms(pillow_draft, subset)
+            rows[f"hash + verify: {kind}"] = per_image_ms(verify_image, subset)
+            rows[f"decode only, gray draft: {kind}"] = per_image_ms(pillow_draft, subset)
+    rows["decode only, gray draft: all (Pillow)"] = per_image_ms(pillow_draft, datas)
     try:
         import simplejpeg
     except ImportError:
