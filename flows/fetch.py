@@ -11,7 +11,6 @@ and NumPy release the GIL for part of it), processes every core once they have s
 
 from __future__ import annotations
 
-import math
 import os
 
 from prefect import flow, get_run_logger
@@ -27,7 +26,8 @@ from dermflow.config import (
     ShardSize,
     describe_parameters,
 )
-from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays
+from dermflow.ingestion.fetch import FetchOptions
+from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays, shard_share
 from dermflow.runs import check_run_id
 from tasks.data import (
     fetch_shard,
@@ -65,13 +65,17 @@ def fetch_images(
     manifest. `host_concurrency` and `host_rate_limit` are per host for the whole fetch: each
     of the shards running at once gets its share."""
     check_run_id(run_id)  # an API caller's id becomes the manifest history's key
-    imported_keys, import_summary = (import_images(dataset_key, run_id, images, shard_size, shard_parallelism)
-                                     if images else ([], None))
+    # Each shard running at once gets its share of the store threads (at least 2: one decodes
+    # while another waits on a put) and of the host's politeness.
+    store_workers = shard_share(FetchOptions.store_workers, shard_parallelism, least=2)
+    imported_keys, import_summary = (
+        import_images(dataset_key, run_id, images, shard_size, shard_parallelism, store_workers)
+        if images else ([], None))
     shards = plan_fetch(dataset_key, run_id, shard_size, only_failed=only_failed, parallel=shard_parallelism)
-    per_shard_concurrency = max(1, math.ceil(host_concurrency / shard_parallelism))
+    per_shard_concurrency = shard_share(host_concurrency, shard_parallelism)
     per_shard_rate = host_rate_limit / shard_parallelism if host_rate_limit else None
     fetched_keys = run_shards(
-        [fetch_shard.submit(shard["key"], per_shard_concurrency, per_shard_rate) for shard in shards],
+        [fetch_shard.submit(shard["key"], per_shard_concurrency, per_shard_rate, store_workers) for shard in shards],
         total=sum(shard["rows"] for shard in shards))
     fetched = write_fetch_manifest(dataset_key, run_id, imported_keys, fetched_keys)
     if import_summary is not None:
@@ -107,12 +111,13 @@ def run_shards(futures: list, total: int) -> list[str]:
 
 
 def import_images(dataset_key: str, run_id: str, images: str, shard_size: int,
-                  parallelism: int) -> tuple[list[str], dict]:
-    """Import the rows `images` holds, one task run per shard; (the keys of their manifest
-    rows, the import's summary). A crashed shard's rows are left to the URL fetch."""
+                  parallelism: int, store_workers: int) -> tuple[list[str], dict]:
+    """Import the rows `images` holds, one task run per shard with `store_workers` threads;
+    (the keys of their manifest rows, the import's summary). A crashed shard's rows are left
+    to the URL fetch."""
     logger = get_run_logger()
     plan = plan_import(dataset_key, run_id, images, shard_size, parallelism)
-    futures = [import_shard.submit(shard["key"], images) for shard in plan["shards"]]
+    futures = [import_shard.submit(shard["key"], images, store_workers) for shard in plan["shards"]]
     keys: list[str] = []
     ok = unusable = 0
     for future in as_completed(futures):

@@ -68,3 +68,19 @@ def break_even_rows(cores: int, costs: RunnerCosts = FETCH_COSTS) -> int | None:
     while pool_pays(rows - 1, cores, cores, costs):
         rows -= 1
     return rows
+
+
+def shard_share(total: int, shards_at_once: int, least: int = 1) -> int:
+    """One shard's part of `total` when `shards_at_once` shards run together: rounded up, and
+    at least `least`.
+
+    The fetch shares two budgets this way. A host's requests in flight (`host_concurrency`), so
+    the host sees the same politeness however the fetch is split. And the store threads that
+    decode, hash and put (`FetchOptions.store_workers`), so that the shards running at once use
+    that many threads in all, not that many each: four shards of the thread runner with 16
+    threads each put 64 decoding threads on 2 cores, and 4 each was faster in every pair
+    measured (bench/README.md, "Store threads shared among the shards").
+    """
+    if shards_at_once < 1:
+        raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
+    return max(least, math.ceil(total / shards_at_once))

@@ -69,3 +69,47 @@ def test_an_import_takes_its_own_costs(monkeypatch):
     assert isinstance(fetch_flow.fetch_runner("auto", None, shards=65, rows=16_577, importing=True)[0],
                       ProcessPoolTaskRunner)
     assert break_even_rows(8, parallelism.IMPORT_COSTS) < 16_577
+
+
+@pytest.mark.parametrize(("total", "shards", "least", "share"), [
+    (16, 4, 1, 4), (16, 3, 1, 6), (16, 1, 1, 16), (16, 64, 1, 1), (16, 16, 2, 2), (3, 2, 1, 2),
+])
+def test_a_shard_gets_its_share_rounded_up(total, shards, least, share):
+    assert parallelism.shard_share(total, shards, least=least) == share
+
+
+def test_a_share_among_no_shards_is_refused():
+    with pytest.raises(ValueError, match="shards_at_once"):
+        parallelism.shard_share(16, 0)
+
+
+def test_the_shards_at_once_share_the_hosts_requests_and_the_store_threads(monkeypatch):
+    """The fetch subflow's wiring: each shard task gets its part of `host_concurrency` and of
+    the store threads, the import shards too (their tasks replaced by recorders)."""
+    from dermflow.ingestion.fetch import FetchOptions
+
+    submitted = {"fetch": [], "import": []}
+
+    class Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def submit(self, *args):
+            submitted[self.kind].append(args)
+            return args
+
+    monkeypatch.setattr(fetch_flow, "fetch_shard", Recorder("fetch"))
+    monkeypatch.setattr(fetch_flow, "import_shard", Recorder("import"))
+    monkeypatch.setattr(fetch_flow, "plan_fetch", lambda *a, **k: [{"key": "s1", "rows": 3}, {"key": "s2", "rows": 2}])
+    monkeypatch.setattr(fetch_flow, "plan_import", lambda *a, **k: {"shards": [{"key": "i1"}], "summary": {}})
+    monkeypatch.setattr(fetch_flow, "get_run_logger", lambda: __import__("logging").getLogger("test"))
+    monkeypatch.setattr(fetch_flow, "as_completed", lambda futures: [])
+    monkeypatch.setattr(fetch_flow, "release_import_source", lambda images: None)
+    monkeypatch.setattr(fetch_flow, "run_shards", lambda futures, total: [])
+    monkeypatch.setattr(fetch_flow, "write_fetch_manifest", lambda *a: {"summary": {"failed": 0}})
+    monkeypatch.setattr(fetch_flow, "report_failures", lambda summary, images: None)
+    fetch_flow.fetch_images.fn("manifests/datasets/x.csv", "20990101-000000-share", host_concurrency=16,
+                               host_rate_limit=8.0, shard_parallelism=4, images="/archive.zip")
+    share = FetchOptions.store_workers // 4
+    assert submitted["fetch"] == [("s1", 4, 2.0, share), ("s2", 4, 2.0, share)]
+    assert submitted["import"] == [("i1", "/archive.zip", share)]
