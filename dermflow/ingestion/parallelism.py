@@ -1,4 +1,5 @@
-"""Threads or processes for the fetch and import shards: the choice `task_runner=auto` makes.
+"""Threads or processes for the fetch and import shards (the choice `task_runner=auto` makes),
+and each shard's share of the fetch's budgets when several run at once (`shard_share`).
 
 Decoding, hashing and putting an image are CPU work. Threads share one interpreter: Pillow and
 NumPy release the GIL for part of it, so a thread runner gets a little over one core (1.3 cores
@@ -78,8 +79,8 @@ def shard_share(total: int, shards_at_once: int, least: int = 1) -> int:
     the host sees the same politeness however the fetch is split. And the store threads that
     decode, hash and put (`FetchOptions.store_workers`), so that the shards running at once use
     that many threads in all, not that many each: four shards of the thread runner with 16
-    threads each put 64 decoding threads on 2 cores, and 4 each was faster in every pair
-    measured (bench/README.md, "Store threads shared among the shards").
+    threads each put 64 decoding threads on 2 cores, and fewer threads won 15 of 16 alternating
+    pairs (bench/README.md, "What a GET costs, the decode by kind of JPEG, and the store threads").
     """
     if shards_at_once < 1:
         raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
