@@ -46,7 +46,6 @@ from dermflow.ingestion.guard import (
     HostGuard,
     Resolver,
     install_log_redaction,
-    pinned_network_backend,
     redact_url,
 )
 
@@ -327,10 +326,12 @@ def make_async_client(guard: HostGuard, policy: ReadPolicy, *, user_agent: str, 
                             pool=None)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=30)
     if transport is None:
+        from dermflow.ingestion.pinning import PinnedNetworkBackend
+
         transport = httpx.AsyncHTTPTransport(limits=limits)
         # httpx has no public hook for the connection pool's network backend; the pinned one
         # makes every connection go to addresses the guard has just checked (DNS rebinding).
-        transport._pool._network_backend = pinned_network_backend(guard)
+        transport._pool._network_backend = PinnedNetworkBackend(guard)
     return httpx.AsyncClient(
         timeout=timeout,
         limits=limits,

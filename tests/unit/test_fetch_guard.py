@@ -132,7 +132,7 @@ def test_a_host_that_rebinds_to_an_internal_address_after_its_check_is_refused_a
 def test_socket_is_readable_says_when_data_or_an_end_of_stream_waits():
     import socket
 
-    from dermflow.ingestion.guard import socket_is_readable
+    from dermflow.ingestion.pinning import socket_is_readable
 
     ours, theirs = socket.socketpair()
     try:
@@ -203,7 +203,7 @@ def test_a_pinned_connection_speaks_tls_and_keeps_its_socket(tmp_path):
 
     import httpcore
 
-    from dermflow.ingestion.guard import pinned_network_backend
+    from dermflow.ingestion.pinning import KeptSocketStream, PinnedNetworkBackend
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a certificate")
@@ -233,12 +233,12 @@ def test_a_pinned_connection_speaks_tls_and_keeps_its_socket(tmp_path):
         return ["127.0.0.1"]
 
     async def main():
-        backend = pinned_network_backend(HostGuard(("127.0.0.1",), resolver=loopback))
+        backend = PinnedNetworkBackend(HostGuard(("127.0.0.1",), resolver=loopback))
         async with httpcore.AsyncConnectionPool(ssl_context=ssl.create_default_context(cafile=str(cert)),
                                                 network_backend=backend) as pool:
             response = await pool.request("GET", f"https://images.test:{server.server_address[1]}/a.jpg")
             stream = response.extensions["network_stream"]
-            assert type(stream).__name__ == "KeptSocketStream"  # the TLS stream is wrapped again
+            assert isinstance(stream, KeptSocketStream)  # the TLS stream is wrapped again
             return response.content, stream.get_extra_info("ssl_object"), stream.get_extra_info("socket")
 
     try:
