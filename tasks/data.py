@@ -93,14 +93,12 @@ def _latest_manifest_of(store, dataset_key: str):
 
 
 @task(name="fetch-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
-def fetch_shard(rows_key: str, host_concurrency: int, host_rate_limit: float | None,
-                store_workers: int | None = None) -> dict:
-    """Download the shard at `rows_key` concurrently; a Prefect retry covers a crashed worker.
-    `store_workers` None keeps `FetchOptions`' own. Returns the key of its manifest rows and
-    their counts."""
+def fetch_shard(rows_key: str, host_concurrency: int, host_rate_limit: float | None, store_workers: int) -> dict:
+    """Download the shard at `rows_key` concurrently (the shard's shares of the host's requests
+    and of the store threads); a Prefect retry covers a crashed worker. Returns the key of its
+    manifest rows and their counts."""
     options = fetch.FetchOptions.from_settings(
-        settings(), host_concurrency=host_concurrency, host_rate_limit=host_rate_limit,
-        **({} if store_workers is None else {"store_workers": store_workers}))
+        settings(), host_concurrency=host_concurrency, host_rate_limit=host_rate_limit, store_workers=store_workers)
     store = object_store()
     return _store_results(store, rows_key, fetch.fetch_shard(store.get_json(rows_key), store, options))
 
@@ -181,15 +179,13 @@ def plan_import(dataset_key: str, run_id: str, images: str, shard_size: int, str
 
 
 @task(name="import-shard", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
-def import_shard(rows_key: str, images: str, store_workers: int | None = None) -> dict:
+def import_shard(rows_key: str, images: str, store_workers: int) -> dict:
     """Verify and store the members of the shard at `rows_key` (the fetcher's checks) with
-    `store_workers` threads (None: `FetchOptions`' own); a damaged member's row comes back
-    failed, with `archive_reason`, to be fetched by URL. Returns the key of its manifest rows
-    and their counts."""
+    `store_workers` threads; a damaged member's row comes back failed, with `archive_reason`,
+    to be fetched by URL. Returns the key of its manifest rows and their counts."""
     from dermflow.ingestion import importer
 
-    options = fetch.FetchOptions.from_settings(
-        settings(), **({} if store_workers is None else {"store_workers": store_workers}))
+    options = fetch.FetchOptions.from_settings(settings(), store_workers=store_workers)
     store = object_store()
     return _store_results(store, rows_key, importer.import_shard_from(store.get_json(rows_key), images, store,
                                                                       options))
