@@ -149,13 +149,14 @@ def main() -> int:
         server, rows_csv, base_url = _start_image_server(args, work)
         rows = pd.read_csv(rewrite_csv_host(rows_csv, base_url, work / "rows.csv"), dtype=str,
                            keep_default_na=False).to_dict("records")
-        if args.jpegs != "all":
-            rows = [row for row in rows if is_progressive((args.images / f"{row['md5hash']}.jpg").read_bytes())
-                    == (args.jpegs == "progressive")]
         bodies = [(args.images / f"{row['md5hash']}.jpg").read_bytes() for row in rows]
+        if args.jpegs != "all":
+            wanted = args.jpegs == "progressive"
+            kept = [(row, body) for row, body in zip(rows, bodies) if is_progressive(body) == wanted]
+            rows, bodies = [row for row, _ in kept], [body for _, body in kept]
         facts_by_body = {body: verify_image(body) for body in bodies}
-        print(f"{len(rows)} rows ({args.jpegs} JPEGs), {args.latency * 1000:.0f} ms latency, {args.concurrency} requests in flight, "
-              f"{args.store_workers} store workers, one shard per run", flush=True)
+        print(f"{len(rows)} rows ({args.jpegs} JPEGs), {args.latency * 1000:.0f} ms latency, "
+              f"{args.concurrency} requests in flight, {args.store_workers} store workers, one shard per run", flush=True)
         order = list(WAYS) + list(reversed(WAYS))
         results = [run_shard(way, index, rows, seaweed, server.pid, facts_by_body, args.concurrency,
                              args.store_workers) for index, way in enumerate(order)]
