@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dermflow.errors import DermflowError, RejectedError
+from dermflow.ingestion.jpeg_scans import luma_scans
 
 # The most pixels any image may have to be decoded: fetch and import verification, the
 # training cache, predict, evaluate and saliency. Fitzpatrick 17k images are well under 1 Mpx;
@@ -165,7 +166,8 @@ def perceptual_hash(image_bytes: bytes, draft: bool = True) -> str:
     image has more than `MAX_IMAGE_PIXELS` pixels).
     """
     try:
-        with open_image(image_bytes) as image:
+        # The grayscale draft never uses a progressive JPEG's chroma-only scans (`luma_scans`)
+        with open_image(luma_scans(image_bytes) if draft else image_bytes) as image:
             if draft:
                 draft_for_hash(image)
             image.load()
@@ -202,7 +204,9 @@ def verify_image(body: bytes) -> ImageFacts:
     """
     md5 = hashlib.md5(body).hexdigest()
     try:
-        with open_image(body) as image:
+        # Decoded in grayscale (below), which never uses a progressive JPEG's chroma-only scans:
+        # `luma_scans` leaves them out, and still hands over a body cut anywhere whole.
+        with open_image(luma_scans(body)) as image:
             width, height = image.size
             image_format = image.format or ""
             # The one hashing recipe (draft decode, then pHash), so the near-duplicate threshold
