@@ -3,6 +3,8 @@
 Steps, each timed with the process's CPU clock over `--images` atlas20 images:
 - hash (old recipe): RGB draft decode at >= 256 px, imagehash pHash of the whole image;
 - hash (current recipe): `verify_image` (grayscale draft at >= 128 px, three pHashes, MD5);
+- hash + verify on progressive JPEGs with every scan decoded and with the chroma-only scans
+  left out (`jpeg_scans.luma_scans`, what the fetcher does);
 - the decode alone, for progressive and baseline JPEGs apart, and through simplejpeg and
   PyTurboJPEG where they are installed (they wrap libjpeg-turbo, as Pillow does);
 - put: boto3 `put_object` into a fresh SeaweedFS, with botocore's default request checksums
@@ -59,6 +61,7 @@ def is_progressive(data: bytes) -> bool:
 
 
 def pillow_draft(data: bytes) -> None:
+    """The hash's gray draft decode of the whole body (every scan, like the other decoders)."""
     from PIL import Image
 
     from dermflow.ingestion.images import draft_for_hash
@@ -66,6 +69,29 @@ def pillow_draft(data: bytes) -> None:
     with Image.open(io.BytesIO(data)) as image:
         draft_for_hash(image)
         image.load()
+
+
+def verify_every_scan(data: bytes):
+    """`verify_image` with every scan decoded, as before `jpeg_scans.luma_scans` (issue 18)."""
+    import dermflow.ingestion.images as images
+
+    real, images.luma_scans = images.luma_scans, lambda body: body
+    try:
+        return images.verify_image(data)
+    finally:
+        images.luma_scans = real
+
+
+def measure_chroma_scans(progressive: list[bytes]) -> dict[str, float]:
+    """What leaving out the chroma-only scans saves on progressive JPEGs: `verify_image` with and
+    without them, alternated A B B A because the box's speed drifts."""
+    from dermflow.ingestion.images import verify_image
+
+    left_out = [per_image_ms(verify_image, progressive)]
+    every = [per_image_ms(verify_every_scan, progressive), per_image_ms(verify_every_scan, progressive)]
+    left_out.append(per_image_ms(verify_image, progressive))
+    return {f"hash + verify, every scan decoded: {len(progressive)} progressive JPEGs": sum(every) / 2,
+            f"hash + verify, chroma-only scans left out: {len(progressive)} progressive": sum(left_out) / 2}
 
 
 def measure_decodes(datas: list[bytes]) -> dict[str, float]:
@@ -82,6 +108,8 @@ def measure_decodes(datas: list[bytes]) -> dict[str, float]:
         if subset:
             rows[f"hash + verify: {kind}"] = per_image_ms(verify_image, subset)
             rows[f"decode only, gray draft: {kind}"] = per_image_ms(pillow_draft, subset)
+    if progressive:
+        rows.update(measure_chroma_scans(progressive))
     rows["decode only, gray draft: all (Pillow)"] = per_image_ms(pillow_draft, datas)
     try:
         import simplejpeg

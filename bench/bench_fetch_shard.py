@@ -16,12 +16,15 @@ Each way runs twice, in the order A B C D D C B A, as the box's speed drifts wit
 difference between full and a way without a step is that step's cost where it really runs.
 Stand-ins are used only here, to measure; the fetcher's code is unchanged.
 
+`--ways full,every-scan` compares the fetcher with and without its chroma-only scans left out
+(`jpeg_scans.luma_scans`).
+
 `--jpegs baseline` (or `progressive`) keeps only the rows whose image is that kind of JPEG: a
 progressive JPEG costs several times more to decode. `--store-workers` sets the shard's store
 threads.
 
 Usage: .venv/bin/python bench/bench_fetch_shard.py [--limit N] [--latency 0.05] [--concurrency 16]
-       [--jpegs all|baseline|progressive] [--store-workers 16]
+       [--jpegs all|baseline|progressive] [--store-workers 16] [--ways full,no-hash,no-put,GET only]
 """
 
 from __future__ import annotations
@@ -44,15 +47,20 @@ from bench.bench_fetch_cpu import is_progressive  # noqa: E402
 from bench.services import atlas_is_absent, bench_seaweed  # noqa: E402
 
 WAYS = ("full", "no-hash", "no-put", "GET only")
+# Also runnable (--ways): the fetcher with every JPEG scan decoded, as before `luma_scans`.
+EVERY_SCAN = "every-scan"
 
 
 @contextmanager
 def stand_ins(way: str, facts_by_body: dict):
     """The fetcher as it runs, or with its hash step and/or its image puts answered at once."""
     import dermflow.ingestion.fetch as fetch_module
+    import dermflow.ingestion.images as images
     from dermflow.storage import ObjectStore
 
-    real_verify, real_put = fetch_module.verify_image, ObjectStore.put_bytes
+    real_verify, real_put, real_luma_scans = fetch_module.verify_image, ObjectStore.put_bytes, images.luma_scans
+    if way == EVERY_SCAN:
+        images.luma_scans = lambda body: body
     if way in ("no-hash", "GET only"):
         fetch_module.verify_image = lambda body: facts_by_body[bytes(body)]
     if way in ("no-put", "GET only"):
@@ -61,6 +69,7 @@ def stand_ins(way: str, facts_by_body: dict):
         yield
     finally:
         fetch_module.verify_image, ObjectStore.put_bytes = real_verify, real_put
+        images.luma_scans = real_luma_scans
 
 
 def run_shard(way: str, index: int, rows: list[dict], seaweed, server_pid: int, facts_by_body: dict,
@@ -103,11 +112,27 @@ def _mean(results: list[dict], way: str, value) -> float:
 
 
 def print_results(results: list[dict]) -> None:
+    print_runs(results)
+    ways = {r["way"] for r in results}
+    if EVERY_SCAN in ways and "full" in ways:
+        print(f"\nThe whole shard, mean CPU per image: every scan decoded "
+              f"{_mean(results, EVERY_SCAN, lambda r: r['user_ms'] + r['system_ms']):.2f} ms, chroma-only scans "
+              f"left out (the fetcher) {_mean(results, 'full', lambda r: r['user_ms'] + r['system_ms']):.2f} ms; "
+              f"images/s {_mean(results, EVERY_SCAN, lambda r: r['images_per_s']):.1f} and "
+              f"{_mean(results, 'full', lambda r: r['images_per_s']):.1f}")
+    if ways.issuperset(WAYS):
+        print_breakdown(results)
+
+
+def print_runs(results: list[dict]) -> None:
     print(f"{'way':<9} {'wall':>8} {'images/s':>9} {'CPU/image':>10} {'(user':>7} {'sys)':>6} "
           f"{'switches':>9} {'SeaweedFS':>10} {'server':>7}")
     for r in results:
         print(f"{r['way']:<9} {r['wall_s']:7.2f}s {r['images_per_s']:9.1f} {r['user_ms'] + r['system_ms']:8.2f}ms "
               f"{r['user_ms']:6.2f} {r['system_ms']:6.2f} {r['switches']:9.1f} {r['seaweed_ms']:8.2f}ms {r['server_ms']:5.2f}ms")
+
+
+def print_breakdown(results: list[dict]) -> None:
     mean = {way: _mean(results, way, lambda r: r["user_ms"] + r["system_ms"]) for way in WAYS}
     box_full = mean["full"] + _mean(results, "full", lambda r: r["seaweed_ms"] + r["server_ms"])
     cores = len(os.sched_getaffinity(0))
@@ -129,6 +154,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument("--jpegs", choices=("all", "baseline", "progressive"), default="all",
                         help="only the rows whose image is a baseline (or a progressive) JPEG")
+    parser.add_argument("--ways", default=",".join(WAYS),
+                        help=f"comma-separated, from {', '.join(WAYS + (EVERY_SCAN,))}; run A B .. B A")
     parser.add_argument("--store-workers", type=int, default=FetchOptions.store_workers,
                         help="threads that decode, hash and put (FetchOptions.store_workers)")
     args = parser.parse_args()
@@ -157,7 +184,10 @@ def main() -> int:
         facts_by_body = {body: verify_image(body) for body in bodies}
         print(f"{len(rows)} rows ({args.jpegs} JPEGs), {args.latency * 1000:.0f} ms latency, "
               f"{args.concurrency} requests in flight, {args.store_workers} store workers, one shard per run", flush=True)
-        order = list(WAYS) + list(reversed(WAYS))
+        ways = [way.strip() for way in args.ways.split(",")]
+        if not set(ways) <= set(WAYS + (EVERY_SCAN,)):
+            parser.error(f"--ways: unknown {sorted(set(ways) - set(WAYS + (EVERY_SCAN,)))}")
+        order = ways + ways[::-1]
         results = [run_shard(way, index, rows, seaweed, server.pid, facts_by_body, args.concurrency,
                              args.store_workers) for index, way in enumerate(order)]
         print_results(results)
