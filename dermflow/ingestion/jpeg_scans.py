@@ -16,6 +16,7 @@ cut anywhere has no EOI, so it comes back whole and the decode still finds the c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 SOI, EOI, SOS, DHT, SOF_PROGRESSIVE = 0xD8, 0xD9, 0xDA, 0xC4, 0xC2
@@ -103,18 +104,18 @@ def _segment(body: bytes, position: int, marker: int) -> tuple[int, bytes]:
     return end, body[position + 4:end]
 
 
+# In entropy-coded data every 0xFF is followed by 0x00 (stuffing), a restart marker (D0-D7) or a
+# fill byte (0xFF); any other byte after it starts the next marker.
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
 def _entropy_end(body: bytes, position: int) -> int:
     """Where the entropy-coded data starting at `position` ends: the next marker that is neither
-    a stuffed 0xFF00 nor a restart marker."""
-    while True:
-        position = body.index(b"\xff", position)  # ValueError where no marker follows
-        following = body[position + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7:
-            position += 2
-        elif following == 0xFF:
-            position += 1
-        else:
-            return position
+    a stuffed 0xFF00 nor a restart marker (ValueError where none follows: the body is cut)."""
+    found = _MARKER_AFTER_SCAN.search(body, position)
+    if found is None:
+        raise JpegParseError("a scan runs to the end of the body")
+    return found.start()
 
 
 def _note_segment(frame: _Frame, marker: int, header: bytes) -> None:
