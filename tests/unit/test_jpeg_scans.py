@@ -4,6 +4,7 @@ the same pixels and hashes, the same verdict on cut bodies, and bodies it is not
 from __future__ import annotations
 
 import io
+import random
 
 import numpy as np
 import pytest
@@ -138,3 +139,37 @@ def test_every_progressive_atlas_jpeg_hashes_the_same_without_its_chroma_scans(a
     assert len(shortened) > 0.8 * len(bodies)  # atlas20's JPEGs are mostly progressive
     for body in shortened:
         assert verify_image(body) == facts_of_whole_body(body, monkeypatch)
+
+
+def test_random_damage_gets_the_same_verdict_and_facts_with_and_without_the_chroma_scans(progressive, monkeypatch):
+    # Bit flips, overwritten, deleted and inserted bytes and cuts, anywhere in the body: what
+    # verify_image says (accepted with these facts, or rejected for this reason) must not
+    # depend on leaving out the chroma scans. (3,000 such trials on atlas20 JPEGs also agreed.)
+    rng = random.Random(18)
+    outcomes = set()
+    for _ in range(300):
+        body = bytearray(progressive)
+        at, kind = rng.randrange(2, len(body) - 2), rng.choice(("flip", "byte", "cut", "delete", "insert"))
+        if kind == "flip":
+            body[at] ^= 1 << rng.randrange(8)
+        elif kind == "byte":
+            body[at] = rng.randrange(256)
+        elif kind == "cut":
+            del body[at:]
+        elif kind == "delete":
+            del body[at:at + rng.randrange(1, 64)]
+        else:
+            body[at:at] = rng.randbytes(rng.randrange(1, 16))
+        with_scans_left_out = verdict(bytes(body))
+        with monkeypatch.context() as patch:
+            patch.setattr(images, "luma_scans", lambda data: data)
+            assert verdict(bytes(body)) == with_scans_left_out, (kind, at)
+        outcomes.add(with_scans_left_out[0])
+    assert outcomes == {"accepted", "rejected"}
+
+
+def verdict(body: bytes) -> tuple[str, object]:
+    try:
+        return "accepted", verify_image(body)
+    except ImageRejected as rejected:
+        return "rejected", rejected.reason
