@@ -6,7 +6,8 @@
 - `perceptual_hash` (with `draft_for_hash` and `phash_of_image`), the one hashing recipe (pHashes
   of the whole image and of two centred crops): the fetcher and the importer store it in the
   manifest and `dermflow.dataset.dedup` groups by it.
-- `verify_image`: a fetched body is stored only if it decodes to the end.
+- `verify_image`: a fetched body is stored only if it decodes to the end (in grayscale, so a
+  progressive JPEG's chroma-only scans are left out: `dermflow.ingestion.jpeg_scans`).
 
 Every decode opens the image through `open_image`, which refuses more than `MAX_IMAGE_PIXELS`
 pixels from the header, before any pixel is decoded: a small PNG can declare 12000x12000
@@ -197,7 +198,8 @@ class ImageRejected(RejectedError):
 
 
 def verify_image(body: bytes) -> ImageFacts:
-    """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in draft mode).
+    """MD5, size and pHash of `body`, after decoding it fully with Pillow (JPEG in grayscale
+    draft mode, without a progressive JPEG's chroma-only scans, which that decode never uses).
 
     Raises `ImageRejected` for anything Pillow cannot decode to the end (truncated files
     included), and `too_large` for more than `MAX_IMAGE_PIXELS` pixels (checked before decoding).
