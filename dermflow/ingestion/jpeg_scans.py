@@ -76,6 +76,8 @@ def _split_scans(body: bytes) -> tuple[list[bytes], int]:
         end, header = _segment(body, position, marker)
         _note_segment(frame, marker, header)
         if marker == SOS:
+            if frame.marker != SOF_PROGRESSIVE or not frame.is_ycbcr():
+                return [body], 0  # every scan is needed: no need to walk the rest
             end = _entropy_end(body, end)
             if _is_chroma_only(frame, header):
                 dropped += 1
@@ -150,10 +152,9 @@ def _huffman_tables(header: bytes) -> set[tuple[int, int]]:
 
 
 def _is_chroma_only(frame: _Frame, header: bytes) -> bool:
-    """A scan a grayscale decode of this frame does not use; raises if such a scan's header is
-    not one libjpeg would accept, so the body is decoded whole and libjpeg judges it."""
-    if frame.marker != SOF_PROGRESSIVE or not frame.is_ycbcr():
-        return False
+    """A scan of a progressive YCbCr frame that a grayscale decode does not use; raises if such a
+    scan's header is not one libjpeg would accept, so the body is decoded whole and libjpeg
+    judges it."""
     count = header[0]
     if count != 1 or header[1] == frame.component_ids[0]:
         return False

@@ -87,6 +87,9 @@ def test_bodies_it_is_not_sure_of_come_back_whole(progressive):
     photo_like().save(png, "PNG")
     for body in (baseline, gray, png.getvalue(), b"", b"\xff\xd8", b"\xff\xd8garbage", progressive + b"\x00"):
         assert luma_scans(body) is body or body == progressive + b"\x00"
+    # single-component scans in a frame that is not progressive: every scan is kept
+    sequential = progressive.replace(b"\xff\xc2", b"\xff\xc1", 1)
+    assert len(scan_headers(sequential)) > 3 and luma_scans(sequential) is sequential
     # bytes after EOI are not part of the image: the body parses up to EOI
     assert luma_scans(progressive + b"\x00") == luma_scans(progressive)
 
