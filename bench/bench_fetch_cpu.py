@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -71,15 +72,24 @@ def pillow_draft(data: bytes) -> None:
         image.load()
 
 
-def verify_every_scan(data: bytes):
-    """`verify_image` with every scan decoded, as before `jpeg_scans.luma_scans` (issue 18)."""
+@contextmanager
+def every_scan_decoded():
+    """The hash's decode with every JPEG scan, as before `jpeg_scans.luma_scans` (issue 18)."""
     import dermflow.ingestion.images as images
 
     real, images.luma_scans = images.luma_scans, lambda body: body
     try:
-        return images.verify_image(data)
+        yield
     finally:
         images.luma_scans = real
+
+
+def verify_every_scan(data: bytes):
+    """`verify_image` with every scan decoded."""
+    from dermflow.ingestion.images import verify_image
+
+    with every_scan_decoded():
+        return verify_image(data)
 
 
 def measure_chroma_scans(progressive: list[bytes]) -> dict[str, float]:

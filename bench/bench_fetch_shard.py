@@ -43,7 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.bench_fetch import _start_image_server, cpu_seconds  # noqa: E402
-from bench.bench_fetch_cpu import is_progressive  # noqa: E402
+from bench.bench_fetch_cpu import every_scan_decoded, is_progressive  # noqa: E402
 from bench.services import atlas_is_absent, bench_seaweed  # noqa: E402
 
 WAYS = ("full", "no-hash", "no-put", "GET only")
@@ -55,12 +55,13 @@ EVERY_SCAN = "every-scan"
 def stand_ins(way: str, facts_by_body: dict):
     """The fetcher as it runs, or with its hash step and/or its image puts answered at once."""
     import dermflow.ingestion.fetch as fetch_module
-    import dermflow.ingestion.images as images
     from dermflow.storage import ObjectStore
 
-    real_verify, real_put, real_luma_scans = fetch_module.verify_image, ObjectStore.put_bytes, images.luma_scans
     if way == EVERY_SCAN:
-        images.luma_scans = lambda body: body
+        with every_scan_decoded():
+            yield
+        return
+    real_verify, real_put = fetch_module.verify_image, ObjectStore.put_bytes
     if way in ("no-hash", "GET only"):
         fetch_module.verify_image = lambda body: facts_by_body[bytes(body)]
     if way in ("no-put", "GET only"):
@@ -69,7 +70,6 @@ def stand_ins(way: str, facts_by_body: dict):
         yield
     finally:
         fetch_module.verify_image, ObjectStore.put_bytes = real_verify, real_put
-        images.luma_scans = real_luma_scans
 
 
 def run_shard(way: str, index: int, rows: list[dict], seaweed, server_pid: int, facts_by_body: dict,

@@ -57,10 +57,19 @@ def gray_draft_pixels(body: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-def facts_of_whole_body(body: bytes, monkeypatch) -> images.ImageFacts:
+def verdict(body: bytes) -> tuple[str, object]:
+    """What `verify_image` says of `body`: accepted with its facts, or rejected for a reason."""
+    try:
+        return "accepted", verify_image(body)
+    except ImageRejected as rejected:
+        return "rejected", rejected.reason
+
+
+def verdict_of_whole_body(body: bytes, monkeypatch) -> tuple[str, object]:
+    """`verdict` with every scan decoded, as before `luma_scans`."""
     with monkeypatch.context() as patch:
         patch.setattr(images, "luma_scans", lambda data: data)
-        return verify_image(body)
+        return verdict(body)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +85,8 @@ def test_a_progressive_jpeg_loses_only_its_chroma_scans_and_decodes_to_the_same_
     assert [h for h in scan_headers(progressive) if h[0] > 1 or h[1] == luma_id] == scan_headers(kept)
     assert len(kept) < len(progressive)
     np.testing.assert_array_equal(gray_draft_pixels(kept), gray_draft_pixels(progressive))
-    assert verify_image(progressive) == facts_of_whole_body(progressive, monkeypatch)
+    assert verdict(progressive) == verdict_of_whole_body(progressive, monkeypatch)
+    assert verdict(progressive)[0] == "accepted"
     assert perceptual_hash(progressive) == perceptual_hash(kept)
 
 
@@ -141,7 +151,8 @@ def test_every_progressive_atlas_jpeg_hashes_the_same_without_its_chroma_scans(a
     shortened = [body for body in bodies if luma_scans(body) is not body]
     assert len(shortened) > 0.8 * len(bodies)  # atlas20's JPEGs are mostly progressive
     for body in shortened:
-        assert verify_image(body) == facts_of_whole_body(body, monkeypatch)
+        assert verdict(body) == verdict_of_whole_body(body, monkeypatch)
+        assert verdict(body)[0] == "accepted"
 
 
 def test_random_damage_gets_the_same_verdict_and_facts_with_and_without_the_chroma_scans(progressive, monkeypatch):
@@ -164,15 +175,6 @@ def test_random_damage_gets_the_same_verdict_and_facts_with_and_without_the_chro
         else:
             body[at:at] = rng.randbytes(rng.randrange(1, 16))
         with_scans_left_out = verdict(bytes(body))
-        with monkeypatch.context() as patch:
-            patch.setattr(images, "luma_scans", lambda data: data)
-            assert verdict(bytes(body)) == with_scans_left_out, (kind, at)
+        assert verdict_of_whole_body(bytes(body), monkeypatch) == with_scans_left_out, (kind, at)
         outcomes.add(with_scans_left_out[0])
     assert outcomes == {"accepted", "rejected"}
-
-
-def verdict(body: bytes) -> tuple[str, object]:
-    try:
-        return "accepted", verify_image(body)
-    except ImageRejected as rejected:
-        return "rejected", rejected.reason
