@@ -7,7 +7,9 @@ Then, at the same number of requests in flight:
 0. dermflow as a user runs it: the `derm` flow in mode `fetch` (`derm/fetch`) with its default
    parameters (task runner `auto`, host_concurrency 16), under a temporary Prefect server, from
    flow start to end (ingest, import/fetch shards, manifest); then the same with
-   `task_runner=threads` (runners `flow`, `flow-threads`);
+   `task_runner=threads` (runners `flow`, `flow-threads`). Each flow side also prints where its
+   time went, read back from the Prefect API (`bench.flow_timeline`): the flow's own work, the
+   shards, and Prefect's waits for the subflow run and at its exit;
 1. dermflow: plan_shards + fetch_shard for every shard + reconcile_manifest + manifest write, into
    SeaweedFS; shards run `--parallel` at a time in a thread pool (Prefect's thread runner) and
    again in warm worker processes (a Dask LocalCluster's workers), each into a fresh bucket;
@@ -35,12 +37,14 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 I2D_VENV = PROJECT_ROOT / "bench" / ".venv-img2dataset"
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.flow_timeline import describe, read_stretches  # noqa: E402
 from bench.services import ATLAS, atlas_is_absent, bench_seaweed  # noqa: E402
 
 SERVER_SCRIPT = """
@@ -192,6 +196,7 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
         archive, no_urls = atlas_zip(csv_path, csv_path.parent, images)
         parameters.update(csv=str(no_urls), images=str(archive))
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = datetime.now(timezone.utc)
     cpu0, seaweed0, wall0 = time.process_time(), cpu_seconds(seaweed_pid), time.perf_counter()
     result = asyncio.run(derm(**parameters))
     wall = time.perf_counter() - wall0
@@ -208,8 +213,11 @@ def run_flow(settings_kwargs: dict, csv_path: Path, seaweed_pid: int, runner: st
             "import-processes": "dermflow derm/fetch, zip import (processes)",
             "flow-boto3": "dermflow derm/fetch (defaults, boto3 puts)",
             "import-boto3": "dermflow derm/fetch, zip import (boto3 puts)"}[runner]
-    return report(name, summary["ok"], summary["bytes"], wall, cpu,
+    side = report(name, summary["ok"], summary["bytes"], wall, cpu,
                   f"[SeaweedFS CPU {seaweed_cpu:.2f} s; {summary['failed']} failed]")
+    side["stretches"] = read_stretches(started)
+    print(describe(side["stretches"], summary["ok"]), flush=True)
+    return side
 
 
 def run_img2dataset(binary: Path, urls_csv: Path, output: str, env: dict, concurrency: int, parallel: int,
