@@ -18,29 +18,11 @@ import pytest
 
 from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD, group_near_duplicates, hamming_distance, phash_to_uint64
 from dermflow.ingestion.images import perceptual_hash
+from tests.support.altered_copies import jpeg_bytes, threshold_variants
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 VARIANT_EVERY = 4  # make variants of every 4th image: ~520 images, 3 variants each
-
-
-def _jpeg(image, quality: int = 85) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _variants(data: bytes) -> dict[str, bytes]:
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    width, height = image.size
-    dx, dy = round(width * 0.02), round(height * 0.02)
-    return {
-        "jpeg_q30": _jpeg(image, 30),
-        "half_size": _jpeg(image.resize((width // 2, height // 2), Image.LANCZOS)),
-        "crop_4pct": _jpeg(image.crop((dx, dy, width - dx, height - dy))),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +32,7 @@ def atlas_hashes(atlas_dir):
     hashes = [perceptual_hash(data) for data in originals]
     distances: dict[str, list[int]] = {}
     for index in range(0, len(originals), VARIANT_EVERY):
-        for kind, data in _variants(originals[index]).items():
+        for kind, data in threshold_variants(originals[index]).items():
             distances.setdefault(kind, []).append(hamming_distance(hashes[index], perceptual_hash(data)))
     return paths, originals, hashes, {kind: np.array(values) for kind, values in distances.items()}
 
@@ -66,7 +48,7 @@ def test_draft_decoding_matches_full_decoding_on_atlas_images(atlas_hashes):
     assert max(moved) <= 4 and np.mean(moved) <= 1.0
     for data in originals[::50]:
         image = Image.open(io.BytesIO(data)).convert("RGB")
-        big = _jpeg(image.resize((image.width * 4, image.height * 4), Image.BICUBIC), 90)
+        big = jpeg_bytes(image.resize((image.width * 4, image.height * 4), Image.BICUBIC), 90)
         assert hamming_distance(perceptual_hash(big), perceptual_hash(big, draft=False)) <= 4
 
 

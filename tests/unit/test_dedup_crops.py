@@ -8,13 +8,12 @@ the whole-image rule already groups (the 8 pairs listed in `tests/unit/test_dedu
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
 from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD, crop_distance, group_near_duplicates, hamming_distance
 from dermflow.ingestion.images import perceptual_hash
+from tests.support.altered_copies import planted_copy
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
@@ -28,20 +27,6 @@ RECORDED_PAIRS = {
         ("bb79039b52e9", "ea2d3af76bbd"), ("de2fe2ef59ea", "ee71a2faae11"),
     ]
 }
-
-
-def planted_copy(data: bytes) -> bytes:
-    """Cropped by 4% per side, resized to 90%, re-encoded at JPEG quality 70."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    width, height = image.size
-    dx, dy = round(width * 0.04), round(height * 0.04)
-    image = image.crop((dx, dy, width - dx, height - dy))
-    image = image.resize((round(image.width * 0.9), round(image.height * 0.9)), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=70)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
