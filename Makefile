@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale bench-archive-layouts clean
+.PHONY: venv up down status run test test-unit test-integration bench-fetch bench-train bench-gpu bench-quality bench-quality-deployment bench-scale bench-archive-layouts bench-hash-scale clean
 
 $(STAMP): pyproject.toml constraints.txt constraints-gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-fetch: venv
 	$(BIN)/python bench/bench_fetch.py $(ARGS)
 	$(BIN)/python bench/bench_fetch_cpu.py
 	$(BIN)/python bench/bench_fetch_shard.py
+
+# The hash recipe's draft scale: CPU per image, planted copies found, false merges, on atlas20.
+bench-hash-scale: venv
+	$(BIN)/python bench/bench_hash_scale.py $(ARGS)
 
 bench-scale: venv
 	$(BIN)/python bench/bench_scale.py $(ARGS)
