@@ -6,8 +6,9 @@ atlas20's ~460 x 380 px JPEGs 128 is a 1/2-scale decode, 64 a 1/4 and 32 a 1/8),
 - the CPU per image of `perceptual_hash` over all 2,076 images (every scan decoded at 1/8 and 1/4;
   only a progressive JPEG's chroma-only scans are left out, as in the recipe);
 - the planted copies of `tests/unit/test_dedup_crops.py` (every 3rd image cropped 4% per side,
-  resized to 90%, re-encoded at quality 70): found in their original's group, and joined to a group
-  their original is not in (a false merge);
+  resized to 90%, re-encoded at quality 70): found in their original's group, joined to a group
+  their original is not in (a false merge), their largest distance under the cropped rule and how
+  many sit at its threshold (no margin left);
 - the variants of `tests/unit/test_dedup_atlas.py` (quality 30, half size, 2% per side) within
   `DEFAULT_DUP_THRESHOLD` bits;
 - pairs of distinct atlas20 images grouped, and those beyond the recorded pairs;
@@ -33,7 +34,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.services import ATLAS, atlas_is_absent  # noqa: E402
-from dermflow.dataset.dedup import DEFAULT_DUP_THRESHOLD, group_near_duplicates, hamming_distance  # noqa: E402
+from dermflow.dataset.dedup import (  # noqa: E402
+    DEFAULT_DUP_THRESHOLD,
+    crop_distance,
+    crop_threshold,
+    group_near_duplicates,
+    hamming_distance,
+)
 from dermflow.ingestion import images  # noqa: E402
 from tests.support.altered_copies import planted_copy, threshold_variants  # noqa: E402
 from tests.unit.test_dedup_crops import PLANT_EVERY, RECORDED_PAIRS, grouped_pairs  # noqa: E402
@@ -92,10 +99,13 @@ def measure(min_side: int, names: list[str], bodies: list[bytes], copies: list[b
         copy_hashes = [images.perceptual_hash(copy) for copy in copies]
         planted = list(range(0, len(bodies), PLANT_EVERY))
         found, false_merges = planted_findings(hashes, copy_hashes, planted)
+        crops = [crop_distance(hashes[index], copy) for index, copy in zip(planted, copy_hashes)]
         recall = variant_recall(bodies, hashes)
         pairs = grouped_pairs(names, group_near_duplicates(hashes, DEFAULT_DUP_THRESHOLD))
         full = [images.perceptual_hash(body, draft=False) for body in bodies[::10]]
+    limit = crop_threshold(DEFAULT_DUP_THRESHOLD)
     return {"min_side": min_side, "cpu_ms": cpu_ms, "found": found, "false_merges": false_merges, "recall": recall,
+            "crop_max": max(crops), "crop_at_limit": sum(distance >= limit for distance in crops),
             "pairs": len(pairs), "pairs_beyond_recorded": len(pairs - KNOWN_PAIRS),
             "vs_full_decode": moved_bits(hashes[::10], full), "vs_recipe": moved_bits(hashes, recipe)}
 
@@ -160,12 +170,13 @@ def main() -> int:
     copies = [planted_copy(bodies[index]) for index in range(0, len(bodies), PLANT_EVERY)]
     recipe, _ = hash_all(bodies)
     print(f"{len(bodies)} atlas20 images, {len(copies)} planted copies, threshold {DEFAULT_DUP_THRESHOLD} bits")
-    print("min side  CPU/image  planted found  false merges  q30   half  crop2%  overall  pairs (beyond)  "
-          "vs full decode (mean/max)  vs recipe (mean/max)")
+    print(f"min side  CPU/image  planted found  false merges  cropped rule: max (at >= {crop_threshold(DEFAULT_DUP_THRESHOLD)})  "
+          "q30   half  crop2%  overall  pairs (beyond)  vs full decode (mean/max)  vs recipe (mean/max)")
     for min_side in (int(value) for value in args.min_sides.split(",")):
         row = measure(min_side, names, bodies, copies, recipe)
         recall = row["recall"]
         print(f"{min_side:>8}  {row['cpu_ms']:7.2f} ms  {row['found']:13.3f}  {row['false_merges']:12d}  "
+              f"{row['crop_max']:>17d} ({row['crop_at_limit']})  "
               f"{recall['jpeg_q30']:.3f} {recall['half_size']:.3f} {recall['crop_4pct']:.3f}  {recall['overall']:7.3f}  "
               f"{row['pairs']:5d} ({row['pairs_beyond_recorded']})  {row['vs_full_decode'][0]:13.2f} / "
               f"{row['vs_full_decode'][1]:<2d}          {row['vs_recipe'][0]:.2f} / {row['vs_recipe'][1]}", flush=True)
