@@ -94,7 +94,7 @@ def read_stretches(started_after: datetime, subflow_name: str = "derm-fetch", wa
         parent = parents[0]
         children = [run for run in client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
-            if run.name and _flow_name(client, run) == subflow_name]
+            if _flow_name(client, run) == subflow_name]
         if len(children) != 1:
             raise LookupError(f"flow run {parent.name!r} has {len(children)} {subflow_name!r} subflow runs, not 1")
         deadline = time.monotonic() + wait_s
