@@ -318,6 +318,9 @@ def _run_dermflow_runners(args: argparse.Namespace, seaweed, csv_path: Path, res
     runners = args.runners.split(",")
     with contextlib.ExitStack() as stack:
         if any(runner.startswith(("flow", "import")) for runner in runners):
+            # as `dermflow up` runs its server: without the telemetry that writes to its SQLite
+            # database while the first flow starts (and logs "database is locked" when it loses)
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             stack.enter_context(prefect_test_harness(server_startup_timeout=300))
         for index, runner in enumerate(runners):
             _run_one_side(runner, index, args, seaweed, seaweed_pid, csv_path, results)
