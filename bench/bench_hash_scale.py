@@ -43,10 +43,7 @@ from dermflow.dataset.dedup import (  # noqa: E402
 )
 from dermflow.ingestion import images  # noqa: E402
 from tests.support.altered_copies import planted_copy, threshold_variants  # noqa: E402
-from tests.unit.test_dedup_crops import PLANT_EVERY, RECORDED_PAIRS, grouped_pairs  # noqa: E402
-
-# the third pair the group of three makes (see test_dedup_crops)
-KNOWN_PAIRS = RECORDED_PAIRS | {frozenset(("bb79039b52e9", "140a248b9e5e"))}
+from tests.unit.test_dedup_crops import KNOWN_PAIRS, PLANT_EVERY, grouped_pairs, planted_findings  # noqa: E402
 
 
 @contextmanager
@@ -65,17 +62,6 @@ def hash_all(bodies: list[bytes]) -> tuple[list[str], float]:
     started = time.process_time()
     hashes = [images.perceptual_hash(body) for body in bodies]
     return hashes, (time.process_time() - started) / len(bodies) * 1000
-
-
-def planted_findings(hashes: list[str], copies: list[str], planted: list[int]) -> tuple[float, int]:
-    """(share of copies in their original's group, copies joined to a group their original is not in)."""
-    groups = group_near_duplicates(hashes + copies, DEFAULT_DUP_THRESHOLD)
-    originals, copy_groups = groups[:len(hashes)], groups[len(hashes):]
-    found = float((copy_groups == originals[planted]).mean())
-    false_merges = sum(
-        not set(np.nonzero(originals == group)[0]) <= set(np.nonzero(originals == originals[index])[0])
-        for group, index in zip(copy_groups, planted))
-    return found, false_merges
 
 
 def variant_recall(bodies: list[bytes], hashes: list[str], every: int = 4) -> dict[str, float]:
@@ -98,13 +84,14 @@ def measure(min_side: int, names: list[str], bodies: list[bytes], copies: list[b
         hashes, cpu_ms = hash_all(bodies)
         copy_hashes = [images.perceptual_hash(copy) for copy in copies]
         planted = list(range(0, len(bodies), PLANT_EVERY))
-        found, false_merges = planted_findings(hashes, copy_hashes, planted)
+        found, merged = planted_findings(hashes, copy_hashes, planted)
         crops = [crop_distance(hashes[index], copy) for index, copy in zip(planted, copy_hashes)]
         recall = variant_recall(bodies, hashes)
         pairs = grouped_pairs(names, group_near_duplicates(hashes, DEFAULT_DUP_THRESHOLD))
         full = [images.perceptual_hash(body, draft=False) for body in bodies[::10]]
     limit = crop_threshold(DEFAULT_DUP_THRESHOLD)
-    return {"min_side": min_side, "cpu_ms": cpu_ms, "found": found, "false_merges": false_merges, "recall": recall,
+    return {"min_side": min_side, "cpu_ms": cpu_ms, "found": float(found.mean()), "false_merges": int(merged.sum()),
+            "recall": recall,
             "crop_max": max(crops), "crop_at_limit": sum(distance >= limit for distance in crops),
             "pairs": len(pairs), "pairs_beyond_recorded": len(pairs - KNOWN_PAIRS),
             "vs_full_decode": moved_bits(hashes[::10], full), "vs_recipe": moved_bits(hashes, recipe)}
