@@ -78,7 +78,7 @@ class DevTools:
         command = {"id": self.next_id, "method": method, "params": params}
         if self.session_id:
             command["sessionId"] = self.session_id
-        self._write(json.dumps(command).encode() + b"\0")
+        self._write(json.dumps(command).encode() + b"\0", sending=method)
         deadline = time.monotonic() + timeout
         while True:
             message = self._read(deadline, waiting_for=method)
@@ -115,10 +115,16 @@ class DevTools:
             return True
         return False
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, sending: str) -> None:
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._to_browser, view):]
+        try:
+            while view:
+                view = view[os.write(self._to_browser, view):]
+        except BrokenPipeError:  # a browser that exits before it reads: the same death as a closed read
+            raise ChromiumDied(self._closed_pipe(f"sending {sending}")) from None
+
+    def _closed_pipe(self, doing: str) -> str:
+        return f"chromium closed its DevTools pipe (exit {self.process.poll()}) while {doing}: {_tail(self.log)}"
 
     def _read(self, deadline: float, waiting_for: str) -> dict:
         while b"\0" not in self._received:
@@ -127,8 +133,7 @@ class DevTools:
                 raise TimeoutError(f"no answer to {waiting_for} from Chromium in time")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise ChromiumDied(f"chromium closed its DevTools pipe (exit {self.process.poll()}) "
-                                   f"while waiting for {waiting_for}: {_tail(self.log)}")
+                raise ChromiumDied(self._closed_pipe(f"waiting for {waiting_for}"))
             self._received += chunk
         message, _, self._received = self._received.partition(b"\0")
         return json.loads(message)

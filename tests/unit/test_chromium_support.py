@@ -3,6 +3,8 @@ a browser that exits names its stderr; one that never answers on its DevTools pi
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -25,6 +27,22 @@ def test_a_browser_that_exits_is_reported_with_its_stderr(tmp_path):
     script, profile = _fake_browser(tmp_path, "echo 'no usable display: boom' >&2; exit 3")
     with pytest.raises(support.ChromiumDied, match="closed its DevTools pipe.*boom"):
         support._launch_chromium(script, profile)
+
+
+def test_a_browser_gone_before_the_first_command_is_reported_with_its_stderr(tmp_path):
+    # the race of the test above made certain: the browser closed its end before anything was sent
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    process = subprocess.Popen(["true"])
+    process.wait()
+    log = tmp_path / "browser.stderr.log"
+    log.write_text("no usable display: boom")
+    devtools = support.DevTools(process, write_end, os.open(os.devnull, os.O_RDONLY), log)
+    try:
+        with pytest.raises(support.ChromiumDied, match="closed its DevTools pipe.*sending Target.getTargets.*boom"):
+            devtools.attach_to_a_page(timeout=5)
+    finally:
+        devtools.close()
 
 
 def test_a_browser_that_never_answers_times_out(tmp_path, monkeypatch):
