@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dermflow import layout
+from dermflow.config import RUN_DEFAULTS
 from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import HostGuard, Resolver, install_log_redaction, redact_text, redact_url
 from dermflow.ingestion.http import MAX_FETCHED_IMAGE_BYTES, ReadPolicy, URLReadError, make_async_client, read_async
@@ -56,7 +57,8 @@ class FetchOptionsError(DermflowError, ValueError):
 class FetchOptions:
     """How a shard is fetched. Times are seconds; `max_bytes` is the body size cap."""
 
-    host_concurrency: int = 16  # requests in flight per host (per shard)
+    # requests in flight per host (per shard); the flow's default, declared in dermflow.config
+    host_concurrency: int = RUN_DEFAULTS["host_concurrency"]
     host_rate_limit: float | None = None  # requests per second per host; None = unlimited
     max_attempts: int = 5  # per row, transient failures only
     backoff_base: float = 0.5  # full jitter: sleep uniform(0, min(max, base * 2**(attempt-1)))
