@@ -10,7 +10,8 @@ Steps, each timed with the process's CPU clock over `--images` atlas20 images:
 - put: boto3 `put_object` into a fresh SeaweedFS, with botocore's default request checksums
   and with `request_checksum_calculation="when_required"` (the store's setting);
 - GET: `dermflow.ingestion.http.read_async` (guard, pinned connection, caps) from a local
-  atlas server, 16 requests in flight on one pooled client.
+  atlas server, on one pooled client: 16 requests in flight (`fetch_shard`'s default) and as
+  many as one shard of `derm/fetch` gets with the flow's defaults (4).
 SeaweedFS and the image server run in other processes; their CPU is not counted.
 
 Usage: .venv/bin/python bench/bench_fetch_cpu.py [--images 600]
@@ -183,8 +184,20 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
         seaweed.stop()
 
 
-def measure_gets(n_images: int, work: Path) -> float:
-    """CPU per GET in this process; the atlas server runs in its own process (bench_fetch's)."""
+def flow_shard_budgets() -> tuple[int, int]:
+    """Requests in flight and store threads of one shard of `derm/fetch` run with its defaults:
+    the shards running at once share the fetch's budgets (`flows.fetch`, `shard_share`)."""
+    from dermflow.ingestion.fetch import FetchOptions
+    from dermflow.ingestion.parallelism import shard_share
+    from flows.fetch import SHARD_PARALLELISM
+
+    return (shard_share(FetchOptions.host_concurrency, SHARD_PARALLELISM),
+            shard_share(FetchOptions.store_workers, SHARD_PARALLELISM, least=2))
+
+
+def measure_gets(n_images: int, work: Path, in_flight: int) -> float:
+    """CPU per GET in this process, `in_flight` requests at once on one client (as in one
+    shard); the atlas server runs in its own process (bench_fetch's)."""
     import csv
 
     from bench.bench_fetch import _start_image_server
@@ -204,7 +217,7 @@ def measure_gets(n_images: int, work: Path) -> float:
             policy = options.read_policy()
             async with make_async_client(guard, policy, user_agent="bench", accept=IMAGE_ACCEPT) as client:
                 await read_async(client, guard, urls[0], policy)  # warm: imports, first connection
-                slots = asyncio.Semaphore(16)
+                slots = asyncio.Semaphore(in_flight)
 
                 async def one(url: str) -> None:
                     async with slots:
@@ -226,6 +239,7 @@ def main() -> int:
     args = parser.parse_args()
     if atlas_is_absent():
         return 2
+    from dermflow.ingestion.fetch import FetchOptions
     from dermflow.ingestion.images import verify_image
 
     paths = sorted((ATLAS / "images").glob("*.jpg"))[: args.images]
@@ -236,7 +250,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dermflow-bench-cpu-"))
     try:
         rows.update(measure_puts(datas, work))
-        rows["GET (read_async, 16 in flight)"] = measure_gets(len(datas), work)
+        # httpcore's pool walks its connections at each request's start and end, so a GET costs
+        # more with more in flight on one client: timed as `fetch_shard` alone runs and as one
+        # shard of the default flow runs
+        flow_in_flight, _ = flow_shard_budgets()
+        for in_flight, where in ((FetchOptions.host_concurrency, "fetch_shard's default"),
+                                 (flow_in_flight, "a shard of derm/fetch")):
+            rows[f"GET (read_async, {in_flight} in flight: {where})"] = measure_gets(len(datas), work, in_flight)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"CPU per image over {len(datas)} atlas20 images ({sum(map(len, datas)) / len(datas) / 1e3:.0f} kB each):")

@@ -3,7 +3,8 @@
 `bench_fetch_cpu.py` times each step alone, in one thread. Inside a shard the steps run together:
 GETs on the shard's event loop, decode, hash and put on its store threads, SeaweedFS and the image
 server on the same cores. This script runs one `fetch_shard` over the atlas rows (50 ms latency,
-16 requests in flight, into a fresh SeaweedFS bucket per run) four ways:
+into a fresh SeaweedFS bucket per run) four ways, with the requests in flight and store threads
+that one shard of `derm/fetch` gets with the flow's defaults (4 and 4: its shards share the budgets):
 
 - full: as the fetcher runs;
 - no-hash: `verify_image` answered from the facts computed before the clock started (no decode,
@@ -23,8 +24,8 @@ Stand-ins are used only here, to measure; the fetcher's code is unchanged.
 progressive JPEG costs several times more to decode. `--store-workers` sets the shard's store
 threads.
 
-Usage: .venv/bin/python bench/bench_fetch_shard.py [--limit N] [--latency 0.05] [--concurrency 16]
-       [--jpegs all|baseline|progressive] [--store-workers 16] [--ways full,no-hash,no-put,GET only]
+Usage: .venv/bin/python bench/bench_fetch_shard.py [--limit N] [--latency 0.05] [--concurrency 4]
+       [--jpegs all|baseline|progressive] [--store-workers 4] [--ways full,no-hash,no-put,GET only]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.bench_fetch import _start_image_server, cpu_seconds  # noqa: E402
-from bench.bench_fetch_cpu import every_scan_decoded, is_progressive  # noqa: E402
+from bench.bench_fetch_cpu import every_scan_decoded, flow_shard_budgets, is_progressive  # noqa: E402
 from bench.services import atlas_is_absent, bench_seaweed  # noqa: E402
 
 WAYS = ("full", "no-hash", "no-put", "GET only")
@@ -146,18 +147,18 @@ def print_breakdown(results: list[dict]) -> None:
 
 
 def main() -> int:
-    from dermflow.ingestion.fetch import FetchOptions
-
+    in_flight, store_workers = flow_shard_budgets()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="only the first N atlas rows")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every image request")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--concurrency", type=int, default=in_flight,
+                        help="requests in flight (default: a shard of derm/fetch with its defaults)")
     parser.add_argument("--jpegs", choices=("all", "baseline", "progressive"), default="all",
                         help="only the rows whose image is a baseline (or a progressive) JPEG")
     parser.add_argument("--ways", default=",".join(WAYS),
                         help=f"comma-separated, from {', '.join(WAYS + (EVERY_SCAN,))}; run A B .. B A")
-    parser.add_argument("--store-workers", type=int, default=FetchOptions.store_workers,
-                        help="threads that decode, hash and put (FetchOptions.store_workers)")
+    parser.add_argument("--store-workers", type=int, default=store_workers,
+                        help="threads that decode, hash and put (default: a shard of derm/fetch with its defaults)")
     args = parser.parse_args()
     args.copies = 1  # the rows as they are (`_start_image_server` can also serve copies of each)
     if atlas_is_absent():
