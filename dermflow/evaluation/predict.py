@@ -34,6 +34,7 @@ ProgressCallback = Callable[[int, int], None]  # (done, total)
 
 REQUIRED_EVAL_COLUMNS = ("md5hash", "label", "fitzpatrick_scale")
 _DECODE_THREADS = 4
+PREDICT_BATCH_SIZE = 32  # images per forward pass of the predict and evaluate commands
 ARCH_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -192,7 +193,7 @@ def predict_images(
     top_k: int = 5,
     http_client=None,
     *,
-    batch_size: int = 32,
+    batch_size: int = PREDICT_BATCH_SIZE,
     tta: bool = False,
     progress: ProgressCallback | None = None,
 ) -> list[dict]:
@@ -359,7 +360,7 @@ def evaluate_dataset(
     csv_path: Path | str,
     images_dir: Path | str,
     *,
-    batch_size: int = 32,
+    batch_size: int = PREDICT_BATCH_SIZE,
     tta: bool = False,
     progress: ProgressCallback | None = None,
     max_examples: int = 10,
@@ -415,7 +416,7 @@ def evaluate_split(
     split_key: str,
     split: str = "test",
     *,
-    batch_size: int = 32,
+    batch_size: int = PREDICT_BATCH_SIZE,
     tta: bool = False,
     progress: ProgressCallback | None = None,
 ) -> dict:

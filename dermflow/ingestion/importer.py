@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dermflow import layout
+from dermflow.config import RUN_DEFAULTS
 from dermflow.ingestion import archive
 from dermflow.ingestion.fetch import FetchOptions, verify_and_store
 from dermflow.ingestion.images import ImageRejected
@@ -134,7 +135,8 @@ def merge_fallback(import_results: list[dict], fetch_results: list[dict]) -> lis
     return rows
 
 
-def import_dataset(store: ObjectStore, dataset: pd.DataFrame, spec: str, *, shard_size: int = 256,
+def import_dataset(store: ObjectStore, dataset: pd.DataFrame, spec: str, *,
+                   shard_size: int = RUN_DEFAULTS["shard_size"],
                    options: FetchOptions | None = None, progress=None) -> tuple[list[dict], dict]:
     """Import every row `spec` holds, shard after shard in this process (the CLI's import,
     without a flow run); (the manifest rows, the plan's summary). `progress(done, total)`."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dermflow import layout
+from dermflow.config import RUN_DEFAULTS
 from dermflow.errors import DermflowError
 from dermflow.ingestion.guard import redact_url
 from dermflow.ingestion.images import HASH_HEX_DIGITS, ImageFacts, ImageRejected, verify_image
@@ -88,7 +89,7 @@ def _interleave_by_host(records: list[dict]) -> list[dict]:
     return mixed
 
 
-def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = 256,
+def plan_shards(rows: pd.DataFrame, stored: set[str], shard_size: int = RUN_DEFAULTS["shard_size"],
                 parallel: int = 1) -> list[list[dict]]:
     """Rows whose image is not stored yet, one per md5hash, cut into shards of at most
     `shard_size` rows, of near-equal sizes, as many as a multiple of `parallel` (the shards run

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from dermflow.config import RUN_DEFAULTS
 from dermflow.errors import DermflowError
 from dermflow.ops import k8s
 from dermflow.ops.lifecycle import CommandError, cmd_down, cmd_status, cmd_up
@@ -232,7 +233,7 @@ def _add_data_commands(sub) -> None:
     importer.add_argument("--csv", required=True, help="the dataset CSV (path, https URL or s3:// URI)")
     importer.add_argument("--images", required=True,
                           help="a .zip/.tar/.tar.gz/.tgz (path, s3:// or https:// URI), a folder, or s3://bucket/prefix/")
-    importer.add_argument("--shard-size", type=int, default=256, help="members read per batch")
+    importer.add_argument("--shard-size", type=int, default=RUN_DEFAULTS["shard_size"], help="members read per batch")
     importer.set_defaults(func=cmd_import)
 
     stage = sub.add_parser("stage", help="upload a local csv, images archive/folder or weights file; print its s3:// URI")
