@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dermflow import layout
+from dermflow.config import RUN_DEFAULTS
 from dermflow.errors import DermflowError
 from dermflow.dataset.dedup import (
     DEFAULT_DUP_THRESHOLD,
@@ -298,8 +299,8 @@ def split_dataset(
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
-    exclude_wrongly_labelled: bool = True,
-    drop_small_labels: bool = False,
+    exclude_wrongly_labelled: bool = RUN_DEFAULTS["exclude_wrongly_labelled"],
+    drop_small_labels: bool = RUN_DEFAULTS["drop_small_labels"],
     min_images_per_label: int = MIN_IMAGES_PER_LABEL,
 ) -> tuple[pd.DataFrame, dict]:
     """Split the ok rows of a fetch manifest; returns (split manifest, summary).

@@ -332,7 +332,7 @@ def create_model(
     *,
     head_width: int = TRAIN_DEFAULTS.head_width,
     dropout: float = TRAIN_DEFAULTS.dropout,
-    augment: bool = True,
+    augment: bool = TRAIN_DEFAULTS.augment,
     seed: int | None = None,
     edge_mask: float = TRAIN_DEFAULTS.edge_mask,
     **arch_options,

@@ -3,8 +3,10 @@ it, and every parameter of `derm` has a description for the UI's run form."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import typing
+from pathlib import Path
 
 import pytest
 from prefect.utilities.callables import parameter_schema
@@ -116,6 +118,38 @@ def test_one_default_per_setting_across_models():
     for name in ("image_size", "batch_size", "weights", "seed"):
         assert getattr(train, name) == run[name], name
     assert TuningPlan().tuner == SearchOptions().tuner == run["tuner"]
+
+
+def _literal_defaults(tree: ast.AST):
+    """(name, default node) of every function parameter and class field with a default."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            yield from ((arg.arg, default) for arg, default
+                        in zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            yield from ((arg.arg, default) for arg, default in zip(args.kwonlyargs, args.kw_defaults)
+                        if default is not None)
+        elif isinstance(node, ast.ClassDef):
+            yield from ((field.target.id, field.value) for field in node.body
+                        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                        and field.value is not None)
+
+
+def test_the_core_takes_run_settings_defaults_from_the_config():
+    """A parameter named after a run setting does not repeat the setting's default as a literal:
+    it refers to `RUN_DEFAULTS` or `TRAIN_DEFAULTS`, so a default changed in the config changes
+    everywhere (a different literal is a different default, e.g. a function's `seed=0`)."""
+    defaults = {**TrainConfig().model_dump(), **RUN_DEFAULTS}
+    core = Path(__file__).resolve().parents[2] / "dermflow"
+    repeated = [
+        f"{path.relative_to(core.parent)}:{default.lineno} {name}={default.value!r}"
+        for path in sorted(core.rglob("*.py")) if path.name != "config.py"
+        for name, default in _literal_defaults(ast.parse(path.read_text()))
+        if name in defaults and isinstance(default, ast.Constant) and default.value is not None
+        and type(default.value) is type(defaults[name]) and default.value == defaults[name]
+    ]
+    assert repeated == [], "take these defaults from dermflow.config: " + ", ".join(repeated)
 
 
 def test_train_config_rejects_unknown_and_bad_values():
