@@ -186,13 +186,12 @@ def measure_puts(datas: list[bytes], work: Path) -> dict[str, float]:
 
 def flow_shard_budgets() -> tuple[int, int]:
     """Requests in flight and store threads of one shard of `derm/fetch` run with its defaults:
-    the shards running at once share the fetch's budgets (`flows.fetch`, `shard_share`)."""
+    the shards running at once share the fetch's budgets (`flows.fetch`, `shard_budgets`)."""
     from dermflow.ingestion.fetch import FetchOptions
-    from dermflow.ingestion.parallelism import shard_share
+    from dermflow.ingestion.parallelism import shard_budgets
     from flows.fetch import SHARD_PARALLELISM
 
-    return (shard_share(FetchOptions.host_concurrency, SHARD_PARALLELISM),
-            shard_share(FetchOptions.store_workers, SHARD_PARALLELISM, least=2))
+    return shard_budgets(FetchOptions.host_concurrency, FetchOptions.store_workers, SHARD_PARALLELISM)
 
 
 def measure_gets(n_images: int, work: Path, in_flight: int) -> float:

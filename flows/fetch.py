@@ -27,7 +27,7 @@ from dermflow.config import (
     describe_parameters,
 )
 from dermflow.ingestion.fetch import FetchOptions
-from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays, shard_share
+from dermflow.ingestion.parallelism import FETCH_COSTS, IMPORT_COSTS, pool_pays, shard_budgets
 from dermflow.runs import check_run_id
 from tasks.data import (
     fetch_shard,
@@ -65,14 +65,13 @@ def fetch_images(
     manifest. `host_concurrency` and `host_rate_limit` are per host for the whole fetch: each
     of the shards running at once gets its share."""
     check_run_id(run_id)  # an API caller's id becomes the manifest history's key
-    # Each shard running at once gets its share of the store threads (at least 2: one decodes
-    # while another waits on a put) and of the host's politeness.
-    store_workers = shard_share(FetchOptions.store_workers, shard_parallelism, least=2)
+    # Each shard running at once gets its share of the store threads and of the host's politeness.
+    per_shard_concurrency, store_workers = shard_budgets(host_concurrency, FetchOptions.store_workers,
+                                                         shard_parallelism)
     imported_keys, import_summary = (
         import_images(dataset_key, run_id, images, shard_size, shard_parallelism, store_workers)
         if images else ([], None))
     shards = plan_fetch(dataset_key, run_id, shard_size, only_failed=only_failed, parallel=shard_parallelism)
-    per_shard_concurrency = shard_share(host_concurrency, shard_parallelism)
     per_shard_rate = host_rate_limit / shard_parallelism if host_rate_limit else None
     fetched_keys = run_shards(
         [fetch_shard.submit(shard["key"], per_shard_concurrency, per_shard_rate, store_workers) for shard in shards],

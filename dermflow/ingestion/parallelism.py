@@ -1,5 +1,5 @@
 """Threads or processes for the fetch and import shards (the choice `task_runner=auto` makes),
-and each shard's share of the fetch's budgets when several run at once (`shard_share`).
+and each shard's share of the fetch's budgets when several run at once (`shard_budgets`).
 
 Decoding, hashing and putting an image are CPU work. Threads share one interpreter: Pillow and
 NumPy release the GIL for part of it, so a thread runner gets a little over one core (1.3 cores
@@ -85,3 +85,11 @@ def shard_share(total: int, shards_at_once: int, least: int = 1) -> int:
     if shards_at_once < 1:
         raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
     return max(least, math.ceil(total / shards_at_once))
+
+
+def shard_budgets(host_concurrency: int, store_workers: int, shards_at_once: int) -> tuple[int, int]:
+    """One shard's (requests in flight per host, store threads) when `shards_at_once` shards
+    run together: its share of each, with at least 2 store threads (one decodes while another
+    waits on a put)."""
+    return (shard_share(host_concurrency, shards_at_once),
+            shard_share(store_workers, shards_at_once, least=2))

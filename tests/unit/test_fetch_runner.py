@@ -78,6 +78,11 @@ def test_a_shard_gets_its_share_rounded_up(total, shards, least, share):
     assert parallelism.shard_share(total, shards, least=least) == share
 
 
+def test_a_shard_gets_at_least_two_store_threads_but_may_get_one_request():
+    assert parallelism.shard_budgets(16, 16, 4) == (4, 4)
+    assert parallelism.shard_budgets(16, 16, 16) == (1, 2)
+
+
 def test_a_share_among_no_shards_is_refused():
     with pytest.raises(ValueError, match="shards_at_once"):
         parallelism.shard_share(16, 0)
